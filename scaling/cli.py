@@ -1,0 +1,174 @@
+"""The `scaling` command line. Heavy packages (torch, ray) load only in the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header, show_lines=False)
+    for row in rows:
+        table.add_row(*("" if c is None else str(c) for c in row))
+    Console(width=max(100, os.get_terminal_size(0).columns if sys.stdout.isatty() else 160)).print(table)
+
+
+def cmd_run(args) -> int:
+    from studies.runner import run_study
+    from studies.spec import load_study
+
+    study = load_study(args.study)
+    result = run_study(study, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress,
+                       report=not args.no_report, study_file=args.study)
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
+    print(f"study {study.name}: {result.planned} planned, {result.skipped} already in the ledger, "
+          f"{result.ran} run now ({counts}) in {result.seconds:.0f}s")
+    print(f"ledger:  {os.path.join(result.storage, 'ledger')}")
+    if result.report_path:
+        print(f"report:  {result.report_path}")
+        for row in result.fits:
+            if row["ok"]:
+                print(f"fit {row['task']}/{row['variant']}: gap = C d^-alpha, alpha = {row['alpha']:.3g} "
+                      f"[{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}], C = {row['C']:.3g}")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _f(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def cmd_plan(args) -> int:
+    from studies.plan import make_plan
+    from studies.spec import load_study
+
+    study = load_study(args.study)
+    plan = make_plan(study)
+    rows = [[t.key, t.task, t.variant, t.d_osc or "", t.seed, "done" if t.key in plan.done else "to run"] for t in plan.trials]
+    _print_table(["key", "task", "variant", "d_osc", "seed", "state"], rows)
+    print(f"{len(plan.trials)} trials, {len(plan.done)} already in the ledger, {len(plan.todo)} to run; storage {study.storage_uri()}")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from scaling import api
+
+    study = api.open_study(args.study)
+    cells = api.status(study)
+    keys = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
+    rows = [[cell, *(c[k] for k in keys)] for cell, c in sorted(cells.items())]
+    totals = {k: sum(c[k] for c in cells.values()) for k in keys}
+    rows.append(["total", *(totals[k] for k in keys)])
+    _print_table(["cell", *keys], rows)
+    return EXIT_OK
+
+
+def cmd_fits(args) -> int:
+    from scaling import api
+
+    study = api.open_study(args.study)
+    fits = api.fits(study, task=args.task, variant=args.variant, law=args.law)
+    rows = [f.to_row() for f in fits]
+    if args.format == "json":
+        print(json.dumps(rows, indent=1, default=str))
+    elif args.format == "csv":
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(buffer.getvalue(), end="")
+    else:
+        from scaling.report import FIT_HEADER, _fit_table_rows
+
+        _print_table(FIT_HEADER, _fit_table_rows(fits))
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from scaling import api
+
+    out = api.predict(api.open_study(args.study), task=args.task, variant=args.variant, d_osc=args.d_osc)
+    print(json.dumps(out, indent=1))
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from scaling.report import write_report
+
+    written = write_report(args.study)
+    print(f"report:   {written.html_path}\nmarkdown: {written.markdown_path}\nfits:     {written.fits_path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaling", description="Scaling studies of oscillator attention.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    study_help = "a study file (.yaml) or a study's storage directory"
+
+    p = sub.add_parser("run", help="run a study's missing trials on Ray, then fit and report")
+    p.add_argument("study", help="the study file (.yaml)")
+    p.add_argument("--address", help="join a running Ray cluster (e.g. auto or ray://HEAD:10001); default: embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="skip fits and report at the end")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="print the trial table without running anything")
+    p.add_argument("study")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("status", help="per cell: completed / diverged / failed / in progress / pending")
+    p.add_argument("study", help=study_help)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fits", help="the fitted laws with confidence intervals")
+    p.add_argument("study", help=study_help)
+    p.add_argument("--task")
+    p.add_argument("--variant")
+    p.add_argument("--law", choices=["gap_vs_dosc"])
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_fits)
+
+    p = sub.add_parser("predict", help="predict the gap at a new d_osc from the fitted law")
+    p.add_argument("study", help=study_help)
+    p.add_argument("--task", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--d-osc", type=float, required=True)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write report.html, report.md and fits.json beside the ledger")
+    p.add_argument("study", help=study_help)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from scaling.api import StudyNotFound
+
+    try:
+        from studies.spec import StudyError
+    except ImportError:  # pragma: no cover
+        StudyError = ValueError  # type: ignore[misc,assignment]
+    try:
+        return args.func(args)
+    except (StudyError, StudyNotFound) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The study file: load, validate (pydantic, unknown keys rejected), and hold as a frozen StudySpec.
+
+Every error names the field, the bad value and the allowed values, before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FITS = ("gap_vs_dosc",)
+
+
+class StudyError(ValueError):
+    """A study file that cannot run; the message says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_tasks() -> dict:
+    from workers.tasks import TASKS
+
+    return TASKS
+
+
+def _known_variants() -> tuple[dict, frozenset]:
+    from workers.attention import USES_D_OSC, VARIANT_OPTIONS
+
+    return VARIANT_OPTIONS, USES_D_OSC
+
+
+class TaskEntry(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskEntry":
+        tasks = _known_tasks()
+        if self.name not in tasks:
+            raise ValueError(f"unknown task {self.name!r}; allowed: {sorted(tasks)}")
+        tasks[self.name].options(self.options)  # raises naming unknown options
+        return self
+
+
+class VariantEntry(_Strict):
+    name: str
+    d_osc: list[int] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("d_osc")
+    @classmethod
+    def _d_osc(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("d_osc is an empty list; give at least one value >= 2, e.g. [2, 4, 8]")
+        bad = [d for d in value if d < 2]
+        if bad:
+            raise ValueError(f"d_osc values {bad} are < 2; the oscillator sphere S^(d-1) needs d_osc >= 2")
+        if len(set(value)) != len(value):
+            raise ValueError(f"d_osc {value} has repeated values")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "VariantEntry":
+        options, uses_d_osc = _known_variants()
+        if self.name not in options:
+            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}")
+        allowed = set(options[self.name]) - {"d_osc"}
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise ValueError(
+                f"variant {self.name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}"
+            )
+        if "d_osc" in self.options:
+            raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
+        if self.name in uses_d_osc and self.d_osc is None:
+            raise ValueError(f"variant {self.name} needs d_osc: a list of oscillator dimensions, e.g. [2, 4, 8]")
+        if self.name not in uses_d_osc and self.d_osc is not None:
+            raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {sorted(uses_d_osc)} use it)")
+        return self
+
+
+class ModelEntry(_Strict):
+    d_model: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(2, ge=1)
+    d_ff: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    positions: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelEntry":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+class TrainEntry(_Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(100, ge=1)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+
+
+class ResourcesEntry(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+
+
+class WandbEntry(_Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
+    project: str = "oscillator-scaling"
+    entity: str | None = None
+
+
+class TrackingEntry(_Strict):
+    wandb: WandbEntry = Field(default_factory=WandbEntry)
+
+
+class StudySpec(_Strict):
+    name: str
+    description: str = ""
+    storage: str | None = None  # directory or URI; default runs/<name> under the working directory
+    cache: str | None = None  # dataset cache root; default $SCALING_CACHE or ~/.cache/oscillator-scaling
+    tasks: list[TaskEntry]
+    variants: list[VariantEntry]
+    baseline: str = "softmax"
+    model: ModelEntry = Field(default_factory=ModelEntry)
+    seeds: list[int]
+    train: TrainEntry = Field(default_factory=TrainEntry)
+    resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
+    tracking: TrackingEntry = Field(default_factory=TrackingEntry)
+    fits: list[Literal["gap_vs_dosc"]] = Field(default_factory=lambda: ["gap_vs_dosc"])
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"study name {value!r} must be 1-64 letters, digits, '.', '_' or '-' (it names directories and W&B groups)"
+            )
+        return value
+
+    @field_validator("tasks", "variants")
+    @classmethod
+    def _non_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("is empty; list at least one entry")
+        names = [entry.name for entry in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"names repeat: {names}; list each once")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("is empty; give at least one seed, e.g. seeds: [0, 1, 2]")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} has repeated seeds")
+        if any(s < 0 for s in value):
+            raise ValueError(f"{value}: seeds must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline(self) -> "StudySpec":
+        names = [v.name for v in self.variants]
+        if "gap_vs_dosc" in self.fits and self.baseline not in names:
+            raise ValueError(
+                f"baseline={self.baseline!r} is not among the variants {names}; add it to `variants` or set `baseline`"
+            )
+        return self
+
+    # ---- derived ---------------------------------------------------------------------------
+    def storage_uri(self) -> str:
+        from storage.fs import study_storage_uri
+
+        return study_storage_uri(self.name, self.storage)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s); nothing was run:"]
+    for item in error.errors():
+        where = _location(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            parent = item["loc"][:-1]
+            message = f"unknown key; allowed keys here: {', '.join(_allowed_keys(parent))}"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        value = item.get("input")
+        shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  - {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _location(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = StudySpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields) if model else []
+
+
+def parse_study(data: Any, source: str = "study") -> StudySpec:
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: a study file is a YAML mapping (name:, tasks:, variants:, seeds:, ...)")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        raise StudyError(_format_errors(error, source)) from None
+
+
+def load_study(path: str | os.PathLike) -> StudySpec:
+    """Load a study from a YAML file, or from a study's storage directory (its saved study.yaml)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "study.yaml"
+    if not path.exists():
+        raise StudyError(f"{path}: no such study file (give a study .yaml or a study's storage directory)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StudyError(f"{path}: not valid YAML: {error}") from None
+    return parse_study(data, str(path))

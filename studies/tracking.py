@@ -1,0 +1,96 @@
+"""Weights & Biases tracking: one run per trial (id derived from the trial key, so a retried trial
+resumes the same run), grouped by study/cell, plus a study summary run with the fit table.
+
+Offline unless a key is configured: mode `auto` goes online only when WANDB_API_KEY is set. The key
+itself is read by wandb from the environment and never enters a config, the ledger or a report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from storage.records import TrialSpec, stable_hash
+from studies.spec import WandbEntry
+
+_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def resolve_mode(cfg: WandbEntry) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def run_id(study: str, key: str) -> str:
+    """Stable, unique per (study, trial key), within W&B's allowed characters and length."""
+    raw = _ID_BAD.sub("-", f"{study}-{key}")
+    return raw if len(raw) <= 64 else f"{raw[:47]}-{stable_hash(raw, 16)}"
+
+
+def prepare_environment(wandb_dir: str) -> None:
+    """Must run before ray.init so every worker inherits it (else offline files can be copied half-written)."""
+    os.makedirs(wandb_dir, exist_ok=True)
+    os.environ["WANDB_DIR"] = wandb_dir
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def start_trial_run(spec: TrialSpec, cfg: WandbEntry, wandb_dir: str):
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    tags = [spec.task, spec.variant, spec.stage] + ([f"d_osc={spec.d_osc}"] if spec.d_osc else [])
+    return wandb.init(
+        id=run_id(spec.study, spec.key),
+        name=f"{spec.cell}/s{spec.seed}",
+        project=cfg.project,
+        entity=cfg.entity,
+        group=f"{spec.study}/{spec.cell}",
+        job_type=spec.stage,
+        config={**spec.to_dict(), "trial_key": spec.key},
+        tags=tags,
+        dir=wandb_dir,
+        mode=mode,
+        resume="allow",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+    )
+
+
+def finish_trial_run(run, record_summary: dict[str, Any], exit_code: int) -> None:
+    if run is None:
+        return
+    for name, value in record_summary.items():
+        run.summary[name] = value
+    run.finish(exit_code=exit_code)
+
+
+def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows: list[dict[str, Any]], report_path: str | None) -> str | None:
+    """A study-level run holding the fit table (and the report as an artifact file)."""
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(
+        id=run_id(study_name, "summary"),
+        name=f"{study_name}/summary",
+        project=cfg.project,
+        entity=cfg.entity,
+        group=study_name,
+        job_type="summary",
+        dir=wandb_dir,
+        mode=mode,
+        resume="allow",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+    )
+    if fit_rows:
+        columns = sorted({k for row in fit_rows for k in row})
+        run.log({"fits": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in fit_rows])})
+    if report_path and os.path.exists(report_path):
+        run.save(report_path, base_path=os.path.dirname(report_path), policy="now")
+    run.finish()
+    return run.id

@@ -1,0 +1,100 @@
+"""studies: the study file's validation and the plan (grid expansion, stable keys, ledger subtraction)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+from conftest import make_record, tiny_study_dict
+from storage.ledger import Ledger
+from studies.plan import expand, make_plan
+from studies.spec import StudyError, load_study, parse_study
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_is_valid_and_has_15_trials():
+    study = load_study(ROOT / "studies/examples/quickstart.yaml")
+    trials = expand(study)
+    assert len(trials) == 15
+    assert sorted({t.cell for t in trials}) == [
+        "mqar/oscillator/d16", "mqar/oscillator/d2", "mqar/oscillator/d4", "mqar/oscillator/d8", "mqar/softmax"]
+    assert all(t.variant_options.get("d_osc") is None for t in trials if t.variant == "softmax")
+
+
+def test_keys_are_stable_across_loads(tmp_path):
+    a = [t.key for t in expand(parse_study(tiny_study_dict(tmp_path)))]
+    b = [t.key for t in expand(parse_study(tiny_study_dict(tmp_path)))]
+    assert a == b and len(set(a)) == 4
+
+
+def test_plan_subtracts_the_ledger(tmp_path):
+    study = parse_study(tiny_study_dict(tmp_path))
+    trials = expand(study)
+    Ledger(study.storage_uri()).append(make_record(key=trials[0].key))
+    Ledger(study.storage_uri()).append(make_record(key=trials[1].key, status="failed"))
+    plan = make_plan(study)
+    assert plan.done == {trials[0].key}
+    assert [t.key for t in plan.todo] == [t.key for t in trials[1:]]
+
+
+def _error(tmp_path, **overrides) -> str:
+    with pytest.raises(StudyError) as info:
+        parse_study(tiny_study_dict(tmp_path, **overrides), "study.yaml")
+    return str(info.value)
+
+
+def test_unknown_top_level_key_names_allowed_keys(tmp_path):
+    message = _error(tmp_path, epochs=3)
+    assert "epochs: unknown key" in message and "allowed keys here: name, description" in message
+    assert "nothing was run" in message
+
+
+def test_unknown_nested_key(tmp_path):
+    message = _error(tmp_path, train={"stepz": 3})
+    assert "train.stepz: unknown key" in message and "steps" in message
+
+
+def test_unknown_task_and_variant(tmp_path):
+    message = _error(tmp_path, tasks=[{"name": "wikitext3"}], variants=[{"name": "linear"}])
+    assert "tasks[0]: unknown task 'wikitext3'; allowed: ['mqar']" in message
+    assert "variants[0]: unknown variant 'linear'; allowed: ['oscillator', 'softmax']" in message
+
+
+def test_d_osc_below_two(tmp_path):
+    message = _error(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [1, 4]}])
+    assert "variants[1].d_osc" in message and "[1] are < 2" in message
+
+
+def test_empty_seed_list(tmp_path):
+    assert "seeds: is empty; give at least one seed" in _error(tmp_path, seeds=[])
+
+
+def test_missing_d_osc_and_misplaced_options(tmp_path):
+    assert "needs d_osc" in _error(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator"}])
+    assert "remove d_osc" in _error(tmp_path, variants=[{"name": "softmax", "d_osc": [2]}, {"name": "oscillator", "d_osc": [2]}])
+    assert "unknown option(s) ['temperature']" in _error(
+        tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2], "options": {"temperature": 2}}])
+
+
+def test_unknown_task_option(tmp_path):
+    assert "task mqar: unknown option(s) ['pairs']" in _error(tmp_path, tasks=[{"name": "mqar", "options": {"pairs": 3}}])
+
+
+def test_baseline_must_be_a_variant(tmp_path):
+    assert "baseline='softmax' is not among the variants" in _error(tmp_path, variants=[{"name": "oscillator", "d_osc": [2]}])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(StudyError, match="not valid YAML"):
+        load_study(bad)
+    with pytest.raises(StudyError, match="no such study file"):
+        load_study(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(StudyError, match="YAML mapping"):
+        load_study(listy)

@@ -1,0 +1,137 @@
+"""Paper A backbone: embedding + positions, pre-LayerNorm blocks, GELU FFN, dropout, task head.
+
+Legend: B batch, T sequence, D model width, V vocabulary, C classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.attention import build_attention
+
+POSITIONS = ("sinusoidal", "learned", "none")
+HEADS = ("lm", "classify")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.1
+    max_seq_len: int = 128
+    positions: str = "sinusoidal"
+    causal: bool = True
+    head: str = "lm"  # lm: next-token logits at every position; classify: mean-pool then C logits
+    num_classes: int = 0
+    attention: str = "softmax"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}; allowed: {list(POSITIONS)}")
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}; allowed: {list(HEADS)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
+    position = torch.arange(max_len, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table_LD = torch.zeros(max_len, d_model)
+    table_LD[:, 0::2] = torch.sin(position * div)
+    table_LD[:, 1::2] = torch.cos(position * div[: d_model // 2])
+    return table_LD
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = build_attention(
+            cfg.attention,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            max_seq_len=cfg.max_seq_len,
+            causal=cfg.causal,
+            **cfg.attention_options,
+        )
+        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_ff, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, key_padding_BT: torch.Tensor | None) -> torch.Tensor:
+        x_BTD = x_BTD + self.drop(self.attn(self.ln_attn(x_BTD), key_padding_BT))
+        return x_BTD + self.ffn(self.ln_ffn(x_BTD))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_LD = nn.Parameter(torch.randn(cfg.max_seq_len, cfg.d_model) * 0.02)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_LD", sinusoidal_positions(cfg.max_seq_len, cfg.d_model), persistent=False)
+        else:
+            self.pos_LD = None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model)
+        out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
+        self.head = nn.Linear(cfg.d_model, out)  # untied from the embedding, as in paper A
+
+    def forward(self, tokens_BT: torch.Tensor, key_padding_BT: torch.Tensor | None = None) -> torch.Tensor:
+        T = tokens_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x_BTD = self.embed(tokens_BT)
+        if self.pos_LD is not None:
+            x_BTD = x_BTD + self.pos_LD[:T]
+        x_BTD = self.drop(x_BTD)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, key_padding_BT)
+        x_BTD = self.ln_final(x_BTD)
+        if self.cfg.head == "lm":
+            return self.head(x_BTD)  # B T V
+        if key_padding_BT is None:
+            pooled_BD = x_BTD.mean(dim=1)
+        else:
+            keep_BT1 = (~key_padding_BT)[..., None].to(x_BTD.dtype)
+            pooled_BD = (x_BTD * keep_BT1).sum(1) / keep_BT1.sum(1).clamp_min(1.0)
+        return self.head(pooled_BD)  # B C
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, non-embedding): non-embedding leaves out token and learned position tables."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel()
+        if self.cfg.positions == "learned":
+            embedding += self.pos_LD.numel()
+        return total, total - embedding
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: 2 per multiply-accumulate of every matmul, plus attention mixing."""
+        cfg = self.cfg
+        per_layer = 2 * (4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff)
+        per_layer += self.blocks[0].attn.attention_flops_per_token(seq_len, cfg.d_model) if self.blocks else 0
+        head_out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
+        head = 2 * cfg.d_model * head_out if cfg.head == "lm" else 2 * cfg.d_model * head_out / max(seq_len, 1)
+        return cfg.n_layers * per_layer + head

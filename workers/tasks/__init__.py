@@ -1,0 +1,21 @@
+"""Tasks: data preparation (into the shared Arrow cache) and the task's loss and metrics.
+
+A task turns its options into cached splits of fixed-width token arrays and tells the trainer how
+to build the model's input and output ends. Unknown names fail with the list of known ones.
+"""
+
+from __future__ import annotations
+
+from workers.tasks.base import LMTask, PreparedTask, Task
+from workers.tasks.mqar import MQAR
+
+TASKS: dict[str, Task] = {task.name: task for task in (MQAR(),)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "LMTask", "PreparedTask", "get_task"]

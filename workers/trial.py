@@ -1,0 +1,241 @@
+"""Train and evaluate ONE trial: TrialSpec in, TrialRecord out. No Ray, no Optuna, no W&B here, so a
+failing trial can be re-run in a plain Python shell:
+
+    >>> from workers import run_trial
+    >>> record = run_trial(spec, storage_uri="/tmp/study")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from storage import fs as sfs
+from storage.cache import DatasetCache
+from storage.records import TrialRecord, TrialSpec, canonical_json
+from workers.model import ModelConfig, Transformer
+from workers.tasks import get_task
+
+CODE_VERSION = "1"  # bump when a change alters what a trial computes: old ledger keys then re-run
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,
+    "batch_size": 64,
+    "eval_batch_size": 256,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "warmup_steps": 0,
+    "schedule": "cosine",  # cosine | constant
+    "grad_clip": 1.0,
+    "eval_every": 100,
+    "optimizer": "adamw",  # adamw | adam
+}
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class Diverged(Exception):
+    pass
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_train(train: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
+    merged = {**TRAIN_DEFAULTS, **train, **hparams}
+    unknown = set(merged) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"train: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
+    return merged
+
+
+def build_model(spec: TrialSpec, model_fields: dict[str, Any]) -> Transformer:
+    cfg = ModelConfig(**{**spec.model, **model_fields}, attention=spec.variant, attention_options=spec.variant_options)
+    return Transformer(cfg)
+
+
+def learning_rate(step: int, train: dict[str, Any]) -> float:
+    lr, warmup, total = train["lr"], train["warmup_steps"], train["steps"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if train["schedule"] == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Checkpoints:
+    """Checkpoints under `<storage>/checkpoints/<trial key>/`, so a retried trial resumes anywhere."""
+
+    def __init__(self, storage_uri: str, key: str) -> None:
+        self.fs, root = sfs.resolve(storage_uri)
+        self.path = sfs.join(root, "checkpoints", key, "last.pt")
+
+    def load(self) -> dict[str, Any] | None:
+        if not sfs.exists(self.fs, self.path):
+            return None
+        return torch.load(io.BytesIO(sfs.read_bytes(self.fs, self.path)), weights_only=False)
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        sfs.write_bytes_atomic(self.fs, self.path, buffer.getvalue())
+
+    def remove(self) -> None:
+        directory = self.path.rsplit("/", 1)[0]
+        if sfs.exists(self.fs, directory):
+            self.fs.delete_dir(directory)
+
+
+def run_trial(
+    spec: TrialSpec,
+    *,
+    storage_uri: str,
+    cache_uri: str | None = None,
+    report: Reporter | None = None,
+    num_threads: int | None = None,
+    wandb_run_id: str | None = None,
+    keep_checkpoint: bool = False,
+) -> TrialRecord:
+    """Train, evaluate, and return the ledger record. Never raises for a failing trial: the
+    exception becomes a `failed` record (with traceback) so the study goes on."""
+    started, t0 = now_iso(), time.perf_counter()
+    state: dict[str, Any] = {"params": (0, 0), "flops": 0.0, "step": 0, "tokens": 0}
+    try:
+        return _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep_checkpoint, started, t0, state)
+    except Exception as exc:  # noqa: BLE001 -- a failure is data
+        return _record(
+            spec, state, "failed", None, {}, None, started, t0, wandb_run_id,
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}",
+        )
+
+
+def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep_checkpoint, started, t0, state):
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    train = resolve_train(spec.train, spec.hparams)
+    task = get_task(spec.task)
+    prepared = task.prepare(spec.task_options, DatasetCache(cache_uri))
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    model = build_model(spec, task.model_fields(prepared))
+    seq_len = task.tokens_per_example(prepared)
+    state["params"] = model.param_counts()
+    flops_per_step = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"]  # fwd + bwd
+
+    opt_cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    sampler = torch.Generator().manual_seed(10_000 + spec.seed)
+    best: dict[str, Any] = {"value": None, "step": None, "state": None, "metrics": {}}
+    history: list[dict[str, float]] = []
+    checkpoints = Checkpoints(storage_uri, spec.key)
+    start_step = 0
+    resumed = checkpoints.load()
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        sampler.set_state(resumed["sampler"])
+        torch.set_rng_state(resumed["torch_rng"])
+        best, history, start_step = resumed["best"], resumed["history"], resumed["step"]
+
+    train_split, val_split = prepared.arrays["train"], prepared.arrays["val"]
+    n_train = len(next(iter(train_split.values())))
+    sign = 1 if task.lower_is_better else -1
+    status = "completed"
+    for step in range(start_step, train["steps"]):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, train)
+        index = torch.randint(0, n_train, (train["batch_size"],), generator=sampler).numpy()
+        loss = task.loss(model, task.batch(train_split, index))
+        if not torch.isfinite(loss):
+            status = "diverged"
+            state["step"] = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+        optimizer.step()
+        state.update(step=step + 1, tokens=(step + 1) * train["batch_size"] * seq_len, flops=(step + 1) * flops_per_step)
+
+        last = step + 1 == train["steps"]
+        if (step + 1) % train["eval_every"] == 0 or last:
+            model.eval()
+            metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
+            value = metrics[task.metric]
+            if not math.isfinite(value):
+                status = "diverged"
+                break
+            if best["value"] is None or sign * value < sign * best["value"]:
+                best = {
+                    "value": value,
+                    "step": step + 1,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "metrics": metrics,
+                }
+            point = {"step": step + 1, "train_loss": loss.item(), "lr": learning_rate(step, train), **metrics}
+            history.append(point)
+            if not last:  # before reporting: a trial killed while reporting resumes from here
+                checkpoints.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+                    "best": best, "history": history, "step": step + 1,
+                })
+            if report:
+                report({**point, f"best_{task.metric}": best["value"], "tokens": state["tokens"]})
+
+    metrics = dict(best["metrics"])
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        model.eval()
+        if "test" in prepared.arrays:
+            metrics.update(task.evaluate(model, prepared.arrays["test"], train["eval_batch_size"], "test"))
+    metrics["history"] = history
+    metrics["data_fingerprint"] = prepared.fingerprint
+    if not keep_checkpoint:
+        checkpoints.remove()
+    return _record(spec, state, status, best["value"], metrics, best["step"], started, t0, wandb_run_id, task.metric)
+
+
+def _record(spec, state, status, value, metrics, best_step, started, t0, wandb_run_id, metric_name="", error=None):
+    total, non_embedding = state["params"]
+    return TrialRecord(
+        key=spec.key,
+        study=spec.study,
+        cell=spec.cell,
+        task=spec.task,
+        variant=spec.variant,
+        d_osc=spec.d_osc,
+        target_params=spec.target_params,
+        params_total=int(total),
+        params_non_embedding=int(non_embedding),
+        seed=spec.seed,
+        stage=spec.stage,
+        hparams_json=canonical_json(spec.hparams),
+        spec_json=canonical_json(spec.to_dict()),
+        status=status,
+        metric_name=metric_name,
+        metric_value=None if value is None else float(value),
+        metrics_json=json.dumps(metrics),
+        best_step=best_step,
+        steps=int(state["step"]),
+        tokens_seen=int(state["tokens"]),
+        flops=float(state["flops"]),
+        wall_seconds=time.perf_counter() - t0,
+        started_at=started,
+        finished_at=now_iso(),
+        wandb_run_id=wandb_run_id,
+        host=socket.gethostname(),
+        error=error,
+    )
