@@ -15,7 +15,7 @@ from torch import nn
 from workers.attention import build_attention
 
 POSITIONS = ("sinusoidal", "learned", "none")
-HEADS = ("lm", "classify")
+HEADS = ("lm", "classify", "token")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,11 @@ class ModelConfig:
     max_seq_len: int = 128
     positions: str = "sinusoidal"
     causal: bool = True
-    head: str = "lm"  # lm: next-token logits at every position; classify: mean-pool then C logits
+    # lm: next-token logits at every position; classify: mean-pool over non-padding positions, then C
+    # logits; token: C logits read at one given position per example (e.g. SVA's verb)
+    head: str = "lm"
     num_classes: int = 0
+    input_dim: int | None = None  # None: token ids through an embedding; int: feature vectors through Linear
     attention: str = "softmax"
     attention_options: dict[str, Any] = field(default_factory=dict)
 
@@ -86,7 +89,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.input_dim is None:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        else:  # continuous features (e.g. log-mel frames): Linear(input_dim -> d_model)
+            self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
         if cfg.positions == "learned":
             self.pos_LD = nn.Parameter(torch.randn(cfg.max_seq_len, cfg.d_model) * 0.02)
         elif cfg.positions == "sinusoidal":
@@ -99,7 +105,13 @@ class Transformer(nn.Module):
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.d_model, out)  # untied from the embedding, as in paper A
 
-    def forward(self, tokens_BT: torch.Tensor, key_padding_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        key_padding_BT: torch.Tensor | None = None,
+        positions_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens_BT: ids (B, T), or features (B, T, input_dim). positions_B: for the `token` head."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -112,6 +124,10 @@ class Transformer(nn.Module):
         x_BTD = self.ln_final(x_BTD)
         if self.cfg.head == "lm":
             return self.head(x_BTD)  # B T V
+        if self.cfg.head == "token":
+            if positions_B is None:
+                raise ValueError("the `token` head needs positions_B: the position to read per example")
+            return self.head(x_BTD[torch.arange(x_BTD.shape[0], device=x_BTD.device), positions_B])  # B C
         if key_padding_BT is None:
             pooled_BD = x_BTD.mean(dim=1)
         else:
@@ -122,7 +138,7 @@ class Transformer(nn.Module):
     def param_counts(self) -> tuple[int, int]:
         """(total, non-embedding): non-embedding leaves out token and learned position tables."""
         total = sum(p.numel() for p in self.parameters())
-        embedding = self.embed.weight.numel()
+        embedding = self.embed.weight.numel() if self.cfg.input_dim is None else 0
         if self.cfg.positions == "learned":
             embedding += self.pos_LD.numel()
         return total, total - embedding
@@ -134,4 +150,5 @@ class Transformer(nn.Module):
         per_layer += self.blocks[0].attn.attention_flops_per_token(seq_len, cfg.d_model) if self.blocks else 0
         head_out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         head = 2 * cfg.d_model * head_out if cfg.head == "lm" else 2 * cfg.d_model * head_out / max(seq_len, 1)
-        return cfg.n_layers * per_layer + head
+        read_in = 2 * cfg.input_dim * cfg.d_model if cfg.input_dim else 0
+        return cfg.n_layers * per_layer + head + read_in
