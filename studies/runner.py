@@ -127,13 +127,16 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 class _Progress:
-    """Driver-side progress bar fed by Tune's callbacks: done, running, failed, ETA."""
+    """Driver-side progress fed by Tune's callbacks: done, running, failed, ETA. A live bar on a
+    terminal; one plain line per finished trial otherwise (CI logs, `kubectl logs`)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        self.total, self.done, self.running, self.failed = total, 0, 0, 0
         self.enabled = enabled and total > 0
-        self.running = self.failed = 0
+        self.live = self.enabled and sys.stdout.isatty()
+        self.t0 = time.perf_counter()
         self.progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),
@@ -142,13 +145,18 @@ class _Progress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            disable=not self.enabled,
-            transient=False,
+            disable=not self.live,
         )
         self.task = self.progress.add_task("trials", total=total, state="")
 
-    def update(self, advance: int = 0) -> None:
-        self.progress.update(self.task, advance=advance, state=f"running {self.running}  failed {self.failed}")
+    def update(self, advance: int = 0, label: str = "") -> None:
+        self.done += advance
+        state = f"running {self.running}  failed {self.failed}"
+        self.progress.update(self.task, advance=advance, state=state)
+        if advance and self.enabled and not self.live:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"[{self.done}/{self.total}] {label}  {state}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
 
     def callback(self) -> "ProgressCallback":
         _PROGRESS[id(self)] = self
@@ -175,20 +183,21 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
-            bar.update(advance=1)
+            bar.update(advance=1, label=f"{_trial_dirname(trial)} done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
             bar.failed += 1
-            bar.update(advance=1)
+            bar.update(advance=1, label=f"{_trial_dirname(trial)} FAILED")
 
 
-def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
+def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> bool:
+    """Connect to (or start) Ray; True when this call started it, so the caller shuts it down."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
@@ -200,6 +209,7 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
             logging_level=logging.WARNING,
             runtime_env=runtime_env,
         )
+    return True
 
 
 def _trial_dirname(trial) -> str:
@@ -210,7 +220,8 @@ def run_trials(study: StudySpec, trials: list[TrialSpec], paths: dict[str, str],
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking.prepare_environment(paths["wandb"])
     env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
-    _init_ray(address, num_cpus, env_vars)
+    started = _init_ray(address, num_cpus, env_vars)
+    import ray
     from ray import tune
 
     res = study.resources
@@ -239,9 +250,14 @@ def run_trials(study: StudySpec, trials: list[TrialSpec], paths: dict[str, str],
             callbacks=[bar.callback()],
         ),
     )
-    with bar.progress:
-        bar.update()
-        tuner.fit()
+    try:
+        with bar.progress:
+            bar.update()
+            tuner.fit()
+    finally:
+        _PROGRESS.pop(id(bar), None)
+        if started:
+            ray.shutdown()
 
 
 def run_study(

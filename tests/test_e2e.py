@@ -1,0 +1,79 @@
+"""End to end on embedded local Ray: a 4-trial study file -> ledger -> fit -> report; re-runs are idempotent."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+import yaml
+
+from conftest import tiny_study_dict
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def study_file(tmp_path) -> pathlib.Path:
+    data = tiny_study_dict(tmp_path)
+    data["train"] = {**data["train"], "steps": 60, "eval_every": 30}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, capsys):
+    from scaling import api
+    from scaling.cli import main
+    from storage.ledger import Ledger
+    from studies.runner import run_study
+    from studies.spec import load_study
+
+    study = load_study(study_file)
+    result = run_study(study, num_cpus=2, study_file=str(study_file))
+    assert result.ok, result.counts
+    assert (result.planned, result.skipped, result.ran) == (4, 0, 4)
+    assert result.counts["completed"] == 4
+
+    storage = pathlib.Path(study.storage_uri())
+    rows = Ledger(str(storage)).rows()
+    assert sorted(r["cell"] for r in rows) == [
+        "mqar/oscillator/d2", "mqar/oscillator/d4", "mqar/oscillator/d8", "mqar/softmax"]
+    assert all(r["status"] == "completed" and math.isfinite(r["metric_value"]) for r in rows)
+    assert all(r["metric_name"] == "val_loss" and r["params_total"] > 0 and r["steps"] == 60 for r in rows)
+    assert all(r["wandb_run_id"] and r["wandb_run_id"].startswith("tiny-mqar-") for r in rows)
+
+    # the fit is the one the ledger implies: gap(d) = oscillator(d) - softmax (one seed, paired)
+    base = next(r["metric_value"] for r in rows if r["variant"] == "softmax")
+    (fit,) = api.fits(api.open_study(str(storage)))
+    expected = {r["d_osc"]: r["metric_value"] - base for r in rows if r["variant"] == "oscillator"}
+    assert {p["d_osc"]: p["gap_mean"] for p in fit.points} == pytest.approx(expected)
+    assert fit.law == "gap_vs_dosc" and fit.task == "mqar"
+
+    report = pathlib.Path(result.report_path)
+    html = report.read_text()
+    assert report.name == "report.html" and "gap_vs_dosc" in html and "mqar/oscillator/d8" in html
+    assert (storage / "report.md").exists() and json.loads((storage / "fits.json").read_text())
+    assert len(json.loads((storage / "plan.json").read_text())) == 4
+    offline_runs = list((storage / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) >= 4  # one per trial, plus the study summary run
+
+    # finished study: nothing runs again
+    again = run_study(study, num_cpus=2, progress=False)
+    assert (again.skipped, again.ran) == (4, 0)
+
+    # interrupted study (a record lost): only that trial runs
+    lost = next(storage.glob("ledger/mqar-oscillator-d4-*.parquet"))
+    lost.unlink()
+    resumed = run_study(study, num_cpus=2, progress=False)
+    assert (resumed.skipped, resumed.ran) == (3, 1)
+    assert len(Ledger(str(storage)).rows()) == 4
+
+    # the CLI reads the same study from its storage directory
+    capsys.readouterr()
+    assert main(["status", str(storage)]) == 0
+    out = capsys.readouterr().out
+    assert "mqar/oscillator/d4" in out and "total" in out
+    assert main(["fits", str(study_file), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["law"] == "gap_vs_dosc"
