@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from storage.cache import fingerprint
 from storage.ledger import Ledger
@@ -17,7 +17,8 @@ def expand(study: StudySpec) -> list[TrialSpec]:
     from workers.tasks import get_task
 
     model = study.model.model_dump()
-    train = study.train.model_dump()
+    # unset optional fields stay out of the key, so adding an option later keeps old keys valid
+    train = {k: v for k, v in study.train.model_dump().items() if v is not None}
     trials = []
     for task_entry in study.tasks:
         task = get_task(task_entry.name)
@@ -50,16 +51,38 @@ def expand(study: StudySpec) -> list[TrialSpec]:
 
 @dataclass(frozen=True)
 class Plan:
-    trials: list[TrialSpec]
+    """Grid trials known in advance, plus per-cell searches whose trials Optuna picks as it goes."""
+
+    trials: list[TrialSpec]  # every trial whose key is known now (all of them without a search)
     done: set[str]
+    search_cells: list[TrialSpec] = field(default_factory=list)  # one template per searched cell
+    search_trials: int = 0  # per cell: search trials x search seeds
+    replicate_seeds: list[int] = field(default_factory=list)
 
     @property
     def todo(self) -> list[TrialSpec]:
         return [t for t in self.trials if t.key not in self.done]
 
+    @property
+    def planned(self) -> int:
+        return len(self.trials) + len(self.search_cells) * (self.search_trials + len(self.replicate_seeds))
+
+    def stage_counts(self) -> dict[str, int]:
+        if not self.search_cells:
+            return {"grid": len(self.trials)}
+        return {
+            "search": len(self.search_cells) * self.search_trials,
+            "replicate": len(self.search_cells) * len(self.replicate_seeds),
+        }
+
 
 def make_plan(study: StudySpec) -> Plan:
     trials = expand(study)
-    wanted = {t.key for t in trials}
-    done = Ledger(study.storage_uri()).keys() & wanted
-    return Plan(trials, done)
+    ledger_keys = Ledger(study.storage_uri()).keys()
+    if study.search is None:
+        return Plan(trials, ledger_keys & {t.key for t in trials})
+    first = study.search.seeds[0]
+    templates = [replace(t, stage="search") for t in trials if t.seed == first]
+    replicate_seeds = [s for s in study.seeds if s not in study.search.seeds]
+    search_trials = study.search.trials_per_cell * len(study.search.seeds)
+    return Plan([], set(), templates, search_trials, replicate_seeds)

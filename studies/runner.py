@@ -25,6 +25,7 @@ from storage.ledger import Ledger
 from storage.records import TrialSpec
 from studies import tracking
 from studies.plan import Plan, make_plan
+from studies.search import OBJECTIVE, StudySearcher
 from studies.spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,23 @@ def save_study_file(study: StudySpec, paths: dict[str, str]) -> None:
     sfs.write_bytes_atomic(fs, path, resolved.to_yaml().encode())
 
 
-def save_plan(plan: Plan, paths: dict[str, str]) -> None:
-    """The planned trials beside the ledger, so status needs neither torch nor the study's code."""
-    fs, path = sfs.resolve(sfs.join(paths["storage"], "plan.json"))
+def plan_rows(plan: Plan) -> list[dict[str, Any]]:
+    """Every planned trial; a searched cell's trials are slots (key None) until Optuna picks them."""
     rows = [
         {"key": t.key, "cell": t.cell, "task": t.task, "variant": t.variant, "d_osc": t.d_osc, "seed": t.seed, "stage": t.stage}
         for t in plan.trials
     ]
-    sfs.write_bytes_atomic(fs, path, json.dumps(rows, indent=1).encode())
+    for t in plan.search_cells:
+        base = {"key": None, "cell": t.cell, "task": t.task, "variant": t.variant, "d_osc": t.d_osc}
+        rows += [{**base, "seed": None, "stage": "search"} for _ in range(plan.search_trials)]
+        rows += [{**base, "seed": seed, "stage": "replicate"} for seed in plan.replicate_seeds]
+    return rows
+
+
+def save_plan(plan: Plan, paths: dict[str, str]) -> None:
+    """The planned trials beside the ledger, so status needs neither torch nor the study's code."""
+    fs, path = sfs.resolve(sfs.join(paths["storage"], "plan.json"))
+    sfs.write_bytes_atomic(fs, path, json.dumps(plan_rows(plan), indent=1).encode())
 
 
 def prepare_data(study: StudySpec) -> None:
@@ -90,29 +100,38 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     from studies.spec import WandbEntry
     from workers import run_trial
+    from workers.tasks import get_task
 
     spec = TrialSpec.from_dict(config["trial"])
     ledger = Ledger(ctx["storage"])
+    sign = 1 if get_task(spec.task).lower_is_better else -1
     if spec.key in ledger.keys():  # a retry after the record was written
-        tune.report({"status_code": 0, "trial_key": spec.key})
+        tune.report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1})
         return
     wandb_cfg = WandbEntry(**ctx["wandb"])
     run = tracking.start_trial_run(spec, wandb_cfg, ctx["wandb_dir"])
 
     def report(metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
+        if best is not None:
+            scalars[OBJECTIVE] = sign * best  # lower is better, for Tune's schedulers
         if run is not None:
             run.log(scalars, step=int(scalars.get("step", 0)))
         tune.report(scalars)
 
-    record = run_trial(
-        spec,
-        storage_uri=ctx["storage"],
-        cache_uri=ctx["cache"],
-        report=report,
-        num_threads=ctx["threads"],
-        wandb_run_id=run.id if run is not None else None,
-    )
+    try:
+        record = run_trial(
+            spec,
+            storage_uri=ctx["storage"],
+            cache_uri=ctx["cache"],
+            report=report,
+            num_threads=ctx["threads"],
+            wandb_run_id=run.id if run is not None else None,
+        )
+    except BaseException:  # Tune stops a trial (ASHA) by raising SystemExit inside tune.report
+        tracking.finish_trial_run(run, {"status": "pruned"}, exit_code=0)
+        raise
     ledger.append(record)
     summary = {
         "status": record.status,
@@ -123,7 +142,8 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tracking.finish_trial_run(run, summary, exit_code=1 if record.status == "failed" else 0)
     if record.status == "failed":  # Tune retries it up to resources.max_failures
         raise RuntimeError(f"trial {spec.key} failed:\n{record.error}")
-    tune.report({"status_code": 0, "trial_key": spec.key})
+    value = record.metric_value if record.metric_value is not None else float("nan")
+    tune.report({OBJECTIVE: sign * value, "trial_key": spec.key, "record_written": 1})
 
 
 class _Progress:
@@ -216,7 +236,26 @@ def _trial_dirname(trial) -> str:
     return TrialSpec.from_dict(trial.config["trial"]).key
 
 
-def run_trials(study: StudySpec, trials: list[TrialSpec], paths: dict[str, str], *, address, num_cpus, progress: bool) -> None:
+def _scheduler(study: StudySpec):
+    """ASHA for search trials only: replicate and grid trials always run to the end."""
+    if study.search is None or study.search.asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class SearchOnlyASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            if trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    asha = study.search.asha
+    # max_t past the last step: ASHA stops trials that reach max_t, which would cut off the final
+    # evaluation and the ledger write of a trial that ran to the end
+    return SearchOnlyASHA(time_attr="step", metric=OBJECTIVE, mode="min", max_t=study.train.steps + 1,
+                          grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor)
+
+
+def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, num_cpus, progress: bool) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking.prepare_environment(paths["wandb"])
     env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
@@ -232,15 +271,23 @@ def run_trials(study: StudySpec, trials: list[TrialSpec], paths: dict[str, str],
         "wandb_dir": paths["wandb"],
         "threads": max(1, math.floor(res.cpus_per_trial)),
     }
-    bar = _Progress(len(trials), progress)
+    searcher = StudySearcher(study, plan.todo, plan.search_cells)
+    total = len(plan.todo) + sum(
+        max(0, plan.search_trials + len(plan.replicate_seeds) - _cell_done(study, c)) for c in plan.search_cells
+    )
+    bar = _Progress(total, progress)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, ctx=ctx), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
     )
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=res.max_concurrent_trials, reuse_actors=True, trial_dirname_creator=_trial_dirname
+            search_alg=searcher,
+            scheduler=_scheduler(study),
+            num_samples=-1,
+            max_concurrent_trials=res.max_concurrent_trials or max(1, int((num_cpus or os.cpu_count() or 1) // res.cpus_per_trial)),
+            reuse_actors=True,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -260,6 +307,11 @@ def run_trials(study: StudySpec, trials: list[TrialSpec], paths: dict[str, str],
             ray.shutdown()
 
 
+def _cell_done(study: StudySpec, template: TrialSpec) -> int:
+    rows = Ledger(study.storage_uri()).rows()
+    return sum(1 for r in rows if r["cell"] == template.cell and r["status"] != "failed")
+
+
 def run_study(
     study: StudySpec,
     *,
@@ -275,10 +327,12 @@ def run_study(
     plan: Plan = make_plan(study)
     save_plan(plan, paths)
     todo = plan.todo
-    if todo:
+    before = len(Ledger(paths["storage"]).keys())
+    if todo or plan.search_cells:
         prepare_data(study)
-        run_trials(study, todo, paths, address=address, num_cpus=num_cpus, progress=progress)
-    result = RunResult(paths["storage"], len(plan.trials), len(plan.done), len(todo))
+        run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress)
+    ran = len(Ledger(paths["storage"]).keys()) - before if plan.search_cells else len(todo)
+    result = RunResult(paths["storage"], plan.planned, len(plan.done) if not plan.search_cells else before, ran)
     result.counts = trial_counts(study, plan)
     if report:
         from scaling.report import write_report
@@ -298,18 +352,26 @@ def run_study(
 
 
 def trial_counts(study: StudySpec, plan: Plan | None = None) -> dict[str, int]:
-    """done/diverged/... per status for the planned trials, plus `failed` (crashed, no finished
-    record yet) and `missing` (never finished)."""
+    """Finished trials per status (completed, diverged, pruned), plus `failed` (crashed, with no
+    finished record yet) and `missing` (never finished), over the planned trials of each cell."""
     plan = plan or make_plan(study)
-    wanted = {t.key for t in plan.trials}
-    rows = Ledger(study.storage_uri()).rows()
+    expected: dict[str, int] = {}
+    for row in plan_rows(plan):
+        expected[row["cell"]] = expected.get(row["cell"], 0) + 1
+    known = {t.key for t in plan.trials}
+    searched = {t.cell for t in plan.search_cells}
     counts: dict[str, int] = {}
-    finished = set()
-    for row in rows:
-        if row["key"] in wanted and row["status"] != "failed":
-            finished.add(row["key"])
+    finished: dict[str, set[str]] = {}
+    failed: dict[str, set[str]] = {}
+    for row in Ledger(study.storage_uri()).rows():
+        if row["key"] not in known and row["cell"] not in searched:
+            continue  # a trial of an earlier version of the study
+        if row["status"] == "failed":
+            failed.setdefault(row["cell"], set()).add(row["key"])
+        elif row["key"] not in finished.setdefault(row["cell"], set()):
+            finished[row["cell"]].add(row["key"])
             counts[row["status"]] = counts.get(row["status"], 0) + 1
-    failed_keys = {row["key"] for row in rows if row["status"] == "failed" and row["key"] in wanted} - finished
-    counts["failed"] = len(failed_keys)
-    counts["missing"] = len(wanted) - len(finished) - len(failed_keys)
+    counts["failed"] = sum(len(keys - finished.get(cell, set())) for cell, keys in failed.items())
+    counts["missing"] = sum(max(0, n - len(finished.get(cell, set()))) for cell, n in expected.items()) - counts["failed"]
+    counts["missing"] = max(0, counts["missing"])
     return counts

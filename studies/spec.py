@@ -105,7 +105,10 @@ class ModelEntry(_Strict):
 
 
 class TrainEntry(_Strict):
-    steps: int = Field(1000, ge=1)
+    # the budget: exactly one of steps, epochs or tokens (default: 1000 steps)
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    tokens: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -115,6 +118,91 @@ class TrainEntry(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     eval_every: int = Field(100, ge=1)
     optimizer: Literal["adamw", "adam"] = "adamw"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainEntry":
+        given = [name for name in ("steps", "epochs", "tokens") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one training budget, not {given}: steps, epochs or tokens")
+        if not given:
+            object.__setattr__(self, "steps", 1000)
+        return self
+
+
+SEARCHABLE = ("lr", "weight_decay", "warmup_steps", "batch_size", "grad_clip", "schedule", "optimizer")
+
+
+class Distribution(_Strict):
+    type: Literal["loguniform", "uniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distribution":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical distribution needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical distribution takes `choices`, not low/high")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} distribution needs `low` and `high`")
+        if not self.low < self.high:
+            raise ValueError(f"low={self.low} must be < high={self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        if self.choices is not None:
+            raise ValueError(f"`choices` belongs to categorical distributions, not {self.type}")
+        return self
+
+    def grid_values(self) -> list[Any]:
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int" and self.step:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step)))
+        raise ValueError("the grid sampler needs categorical choices (or int with a step) for every parameter")
+
+
+class AshaEntry(_Strict):
+    grace_steps: int = Field(100, ge=1)  # no trial is stopped before this many steps
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class SearchEntry(_Strict):
+    sampler: Literal["tpe", "grid", "random"] = "tpe"
+    sampler_seed: int = 0
+    trials_per_cell: int | None = Field(None, ge=1)  # grid: default = the grid's size
+    seeds: list[int] | None = None  # seeds used for the search (default: the study's first seed)
+    space: dict[str, Distribution]
+    storage: str | None = None  # Optuna RDB URL; default: a journal file under the study's storage
+    asha: AshaEntry | None = None
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
+        if not value:
+            raise ValueError("is empty; name at least one hyperparameter to search, e.g. lr")
+        unknown = set(value) - set(SEARCHABLE)
+        if unknown:
+            raise ValueError(f"cannot search {sorted(unknown)}; searchable: {list(SEARCHABLE)}")
+        return value
+
+    @model_validator(mode="after")
+    def _sampler(self) -> "SearchEntry":
+        if self.sampler == "grid":
+            size = 1
+            for name, dist in self.space.items():
+                try:
+                    size *= len(dist.grid_values())
+                except ValueError as error:
+                    raise ValueError(f"space.{name}: {error}") from None
+            if self.trials_per_cell is None:
+                object.__setattr__(self, "trials_per_cell", size)
+        elif self.trials_per_cell is None:
+            raise ValueError(f"sampler {self.sampler!r} needs trials_per_cell (the search trials per cell)")
+        return self
 
 
 class ResourcesEntry(_Strict):
@@ -145,6 +233,7 @@ class StudySpec(_Strict):
     model: ModelEntry = Field(default_factory=ModelEntry)
     seeds: list[int]
     train: TrainEntry = Field(default_factory=TrainEntry)
+    search: SearchEntry | None = None  # optional per-cell Optuna search, then replicate seeds at the best
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
     fits: list[Literal["gap_vs_dosc"]] = Field(default_factory=lambda: ["gap_vs_dosc"])
@@ -178,6 +267,19 @@ class StudySpec(_Strict):
         if any(s < 0 for s in value):
             raise ValueError(f"{value}: seeds must be >= 0")
         return value
+
+    @model_validator(mode="after")
+    def _search_seeds(self) -> "StudySpec":
+        if self.search is None:
+            return self
+        if self.search.seeds is None:
+            object.__setattr__(self.search, "seeds", [self.seeds[0]])
+        stray = sorted(set(self.search.seeds) - set(self.seeds))
+        if stray:
+            raise ValueError(f"search.seeds {stray} are not among seeds {self.seeds}; search seeds must be study seeds")
+        if self.search.asha and self.train.steps is None:
+            raise ValueError("search.asha needs the budget in train.steps (its rungs are in steps)")
+        return self
 
     @model_validator(mode="after")
     def _baseline(self) -> "StudySpec":

@@ -28,7 +28,10 @@ from workers.tasks import get_task
 CODE_VERSION = "1"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
 TRAIN_DEFAULTS: dict[str, Any] = {
+    # budget: `steps`, or `epochs` / `tokens` converted to steps once the data is known
     "steps": 1000,
+    "epochs": None,
+    "tokens": None,
     "batch_size": 64,
     "eval_batch_size": 256,
     "lr": 1e-3,
@@ -57,6 +60,17 @@ def resolve_train(train: dict[str, Any], hparams: dict[str, Any]) -> dict[str, A
     if unknown:
         raise ValueError(f"train: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
     return merged
+
+
+def resolve_budget(train: dict[str, Any], n_train: int, seq_len: int) -> dict[str, Any]:
+    """Steps from the one budget given: steps, epochs over the train split, or tokens seen."""
+    if train.get("epochs") is not None:
+        steps = math.ceil(train["epochs"] * n_train / train["batch_size"])
+    elif train.get("tokens") is not None:
+        steps = math.ceil(train["tokens"] / (train["batch_size"] * seq_len))
+    else:
+        steps = train["steps"]
+    return {**train, "steps": max(1, int(steps))}
 
 
 def build_model(spec: TrialSpec, model_fields: dict[str, Any]) -> Transformer:
@@ -130,6 +144,7 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     np.random.seed(spec.seed)
     model = build_model(spec, task.model_fields(prepared))
     seq_len = task.tokens_per_example(prepared)
+    train = resolve_budget(train, len(next(iter(prepared.arrays["train"].values()))), seq_len)
     state["params"] = model.param_counts()
     flops_per_step = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"]  # fwd + bwd
 
