@@ -98,3 +98,58 @@ def test_bad_yaml_and_missing_file(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(StudyError, match="YAML mapping"):
         load_study(listy)
+
+
+GOOD = """
+name: ok
+tasks: [{name: mqar}]
+variants: [{name: softmax}, {name: oscillator, d_osc: [2, 4]}]
+seeds: [0, 1]
+"""
+
+MALFORMED = [
+    ("name: ok\ntasks: [{name: mqar}\n", "not valid YAML"),
+    ("- just\n- a list\n", "YAML mapping"),
+    (GOOD + "epochs: 3\n", "epochs: unknown key"),
+    (GOOD.replace("name: ok", "name: ../escape"), "study name '../escape'"),
+    (GOOD.replace("name: ok\n", ""), "name: required field is missing"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: []"), "seeds: is empty"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: [0, 0]"), "repeated seeds"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: zero"), "seeds"),
+    (GOOD.replace("{name: mqar}", "{name: wikitext103}"), "unknown task 'wikitext103'"),
+    (GOOD.replace("{name: softmax}", "{name: performer}"), "unknown variant 'performer'"),
+    (GOOD.replace("d_osc: [2, 4]", "d_osc: [1, 4]"), "d_osc values [1] are < 2"),
+    (GOOD.replace("d_osc: [2, 4]", "d_osc: []"), "d_osc is an empty list"),
+    (GOOD.replace("d_osc: [2, 4]", "d_osc: [two]"), "d_osc"),
+    (GOOD + "model: {d_model: 30, n_heads: 4}\n", "not divisible by n_heads"),
+    (GOOD + "model: {d_model: 4}\n", "model.d_model"),
+    (GOOD + "train: {steps: 100, epochs: 2}\n", "give one training budget"),
+    (GOOD + "train: {lr: -1}\n", "train.lr"),
+    (GOOD + "resources: {cpus_per_trial: 0}\n", "resources.cpus_per_trial"),
+    (GOOD + "search: {sampler: tpe, space: {lr: {type: loguniform, low: 0.01, high: 0.001}}, trials_per_cell: 3}\n",
+     "low=0.01 must be < high=0.001"),
+    (GOOD + "search: {sampler: tpe, space: {lr: {type: loguniform, low: 0.0001, high: 0.01}}}\n", "needs trials_per_cell"),
+    (GOOD + "search: {sampler: grid, space: {lr: {type: loguniform, low: 0.0001, high: 0.01}}}\n", "grid sampler needs"),
+    (GOOD + "search: {seeds: [7], trials_per_cell: 2, space: {lr: {type: uniform, low: 0.001, high: 0.01}}}\n",
+     "search.seeds [7] are not among seeds"),
+    (GOOD + "search: {trials_per_cell: 2, space: {dropout: {type: uniform, low: 0.0, high: 0.5}}}\n", "cannot search ['dropout']"),
+    (GOOD + "fits: [loss_vs_flops]\n", "fits[0]"),
+    (GOOD + "tracking: {wandb: {mode: sometimes}}\n", "tracking.wandb.mode"),
+]
+
+
+@pytest.mark.parametrize("text,expected", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
+def test_malformed_study_rejected_before_any_compute(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    assert expected in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_good_study_parses(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    study = load_study(path)
+    assert study.train.steps == 1000 and len(expand(study)) == 6
