@@ -86,3 +86,64 @@ def make_plan(study: StudySpec) -> Plan:
     replicate_seeds = [s for s in study.seeds if s not in study.search.seeds]
     search_trials = study.search.trials_per_cell * len(study.search.seeds)
     return Plan([], set(), templates, search_trials, replicate_seeds)
+
+
+@dataclass(frozen=True)
+class CellCost:
+    cell: str
+    trials: int
+    params_total: int | None
+    params_non_embedding: int | None
+    flops_per_trial: float | None  # training FLOPs (forward + backward) of one trial
+    seconds_per_trial: float | None  # estimated from finished trials' measured FLOP rate
+    note: str = ""
+
+
+def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
+    """Parameters, training FLOPs and an estimated wall time per cell, running no trial.
+
+    The data are prepared (cached) if needed: counts depend on the vocabulary. The time estimate
+    divides FLOPs by the FLOP rate measured in this study's finished trials (same variant first)."""
+    from storage.cache import DatasetCache
+    from workers.tasks import get_task
+    from workers.trial import build_model, resolve_budget, resolve_train
+
+    per_cell: dict[str, list[TrialSpec]] = {}
+    for spec in plan.trials + plan.search_cells:
+        per_cell.setdefault(spec.cell, []).append(spec)
+    n_per_cell = {cell: len(specs) for cell, specs in per_cell.items()}
+    for spec in plan.search_cells:
+        n_per_cell[spec.cell] = plan.search_trials + len(plan.replicate_seeds)
+    rates = _flop_rates(study)
+    cache = DatasetCache(study.cache)
+    out = []
+    for cell, specs in per_cell.items():
+        spec = specs[0]
+        task = get_task(spec.task)
+        try:
+            prepared = task.prepare(spec.task_options, cache)
+        except Exception as error:  # noqa: BLE001 -- a missing source is reported, not fatal here
+            out.append(CellCost(cell, n_per_cell[cell], None, None, None, None, f"data not available: {error}"))
+            continue
+        model = build_model(spec, task.model_fields(prepared))
+        seq_len = task.tokens_per_example(prepared)
+        n_train = len(next(iter(prepared.arrays["train"].values())))
+        train = resolve_budget(resolve_train(spec.train, spec.hparams), n_train, seq_len)
+        flops = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"] * train["steps"]
+        rate = rates.get(spec.variant) or rates.get("*")
+        total, non_embedding = model.param_counts()
+        out.append(CellCost(cell, n_per_cell[cell], total, non_embedding, flops, flops / rate if rate else None))
+    return out
+
+
+def _flop_rates(study: StudySpec) -> dict[str, float]:
+    """Measured training FLOP/s per variant (and '*' for all) from this study's completed trials."""
+    import statistics
+
+    rows = [r for r in Ledger(study.storage_uri()).rows() if r["status"] == "completed" and r["wall_seconds"] > 0 and r["flops"] > 0]
+    rates: dict[str, list[float]] = {}
+    for row in rows:
+        rate = row["flops"] / row["wall_seconds"]
+        rates.setdefault(row["variant"], []).append(rate)
+        rates.setdefault("*", []).append(rate)
+    return {k: statistics.median(v) for k, v in rates.items()}
