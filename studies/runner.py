@@ -39,12 +39,13 @@ class RunResult:
     ran: int
     counts: dict[str, int] = field(default_factory=dict)
     report_path: str | None = None
+    report_error: str | None = None
     fits: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.counts.get("failed", 0) == 0 and self.counts.get("missing", 0) == 0
+        return not self.report_error and self.counts.get("failed", 0) == 0 and self.counts.get("missing", 0) == 0
 
 
 def study_paths(study: StudySpec) -> dict[str, str]:
@@ -220,6 +221,8 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         return False
     runtime_env = {"env_vars": env_vars}
     if address:
+        # inside a Ray Job the job's runtime env (its env vars, working dir) is merged with ours
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(
@@ -337,9 +340,16 @@ def run_study(
     if report:
         from scaling.report import write_report
 
-        written = write_report(paths["storage"])
-        result.report_path, result.fits = written.html_path, written.fit_rows
-        tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path)
+        try:
+            written = write_report(paths["storage"])
+        except Exception as error:  # noqa: BLE001 -- the trials are safe in the ledger; say how to retry
+            log.exception("report failed")
+            print(f"the trials are in the ledger, but the report failed: {type(error).__name__}: {error}\n"
+                  f"  retry with: scaling report {shlex.quote(paths['storage'])}", file=sys.stderr)
+            result.report_error = f"{type(error).__name__}: {error}"
+        else:
+            result.report_path, result.fits = written.html_path, written.fit_rows
+            tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path)
     result.seconds = time.perf_counter() - t0
     if not result.ok:
         target = study_file or paths["storage"]
