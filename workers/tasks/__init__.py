@@ -7,9 +7,17 @@ to build the model's input and output ends. Unknown names fail with the list of 
 from __future__ import annotations
 
 from workers.tasks.base import LMTask, PreparedTask, Task
+from workers.tasks.codeparrot import CodeParrot
+from workers.tasks.enwik8 import Enwik8
+from workers.tasks.kws import KWS
 from workers.tasks.mqar import MQAR
+from workers.tasks.sva import SVA
+from workers.tasks.tinystories import TinyStories
+from workers.tasks.wikitext2 import WikiText2
 
-TASKS: dict[str, Task] = {task.name: task for task in (MQAR(),)}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (MQAR(), KWS(), SVA(), WikiText2(), TinyStories(), Enwik8(), CodeParrot())
+}
 
 
 def get_task(name: str) -> Task:

@@ -15,9 +15,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from storage.cache import CachedDataset, DatasetCache
+from storage.cache import CacheCorrupt, CachedDataset, DatasetCache
+from storage.prep.sources import SourceUnavailable
 
 IGNORE = -100
+SPLITS = ("train", "val", "test")
+EVAL_LOGITS_BUDGET = 1 << 24  # logits per forward pass in LM evaluation (64 MB of float32)
 
 
 @dataclass
@@ -29,16 +32,20 @@ class PreparedTask:
     meta: dict[str, Any]
 
 
+def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column as numpy, zero-copy where Arrow allows (one chunk, no nulls: memory-mapped files
+    stay shared between workers); a fixed-size list column becomes (N, width)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        values = column.flatten()  # respects the array's offset; zero-copy
+        return values.to_numpy(zero_copy_only=values.null_count == 0).reshape(-1, width)
+    return column.to_numpy(zero_copy_only=column.null_count == 0 and not pa.types.is_boolean(column.type))
+
+
 def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    out = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type):
-            width = column.type.list_size
-            out[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-        else:
-            out[name] = column.to_numpy(zero_copy_only=False)
-    return out
+    return {name: column_to_numpy(table.column(name)) for name in table.column_names}
 
 
 def fixed_width_table(**columns: np.ndarray) -> pa.Table:
@@ -65,16 +72,46 @@ class Task:
         return {**self.DEFAULTS, **given}
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
+        """What the cached data depends on (hashed into the cache fingerprint and the trial key)."""
+        return {"task": self.name, "options": options}
+
+    def request(self, options: dict[str, Any]) -> dict[str, Any]:
+        """What was asked for (options as given): how a machine without the source finds the entry."""
         return {"task": self.name, "options": options}
 
     def build(self, options: dict[str, Any]) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         raise NotImplementedError
 
+    def entry(self, options: dict[str, Any], cache: DatasetCache) -> CachedDataset:
+        """The cache entry for these options, built if needed. A machine that cannot see a local
+        source (a worker without the dataset mounted) opens the entry built for the same request."""
+        options = self.options(options)
+        request = self.request(options)
+        try:
+            identity = self.identity(options)
+        except SourceUnavailable as missing:
+            try:
+                found = cache.open_request(self.name, request)
+            except CacheCorrupt as error:
+                raise SourceUnavailable(f"{error}; only a machine with the source can rebuild it: {missing}") from error
+            if found is None:
+                raise
+            return found
+        return cache.get_or_build(self.name, identity, lambda: self.build(options), request=request)
+
     def prepare(self, options: dict[str, Any], cache: DatasetCache) -> PreparedTask:
         options = self.options(options)
-        entry: CachedDataset = cache.get_or_build(self.name, self.identity(options), lambda: self.build(options))
-        arrays = {split: table_to_arrays(table) for split, table in entry.tables.items()}
-        return PreparedTask(entry.fingerprint, arrays, entry.meta)
+        entry = self.entry(options, cache)
+        return PreparedTask(entry.fingerprint, self.arrays(entry, options), entry.meta)
+
+    def arrays(self, entry: CachedDataset, options: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+        """The splits the trainer reads (train / val / test) as numpy arrays; other tables (a
+        vocabulary) stay in the entry."""
+        return {split: table_to_arrays(entry.tables[split]) for split in SPLITS if split in entry.tables}
+
+    def failed(self, metrics: dict[str, float], prefix: str = "val") -> bool:
+        """The task's own failure criterion on evaluation metrics (default: none)."""
+        return False
 
     def model_fields(self, prepared: PreparedTask) -> dict[str, Any]:
         """ModelConfig fields fixed by the data (vocabulary, length, head)."""
@@ -113,22 +150,46 @@ class LMTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, split, batch_size, prefix):
+        nll, correct, tokens = self.scored_sums(model, split, batch_size)
+        return lm_metrics(nll, correct, tokens, prefix)
+
+    @torch.no_grad()
+    def scored_sums(self, model, split, batch_size) -> tuple[float, int, int]:
+        """(summed next-token NLL in nats, correct argmax predictions, scored tokens) over a split.
+        Forward passes are cut so that one holds at most EVAL_LOGITS_BUDGET logits."""
         total_loss, total_correct, total_tokens = 0.0, 0, 0
-        n = len(split["input_ids"])
+        n = len(next(iter(split.values())))
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", 0) or 1
         for start in range(0, n, batch_size):
             batch = self.batch(split, np.arange(start, min(start + batch_size, n)))
-            logits_BTV = model(batch["input_ids"])
-            labels_BT = batch["labels"]
-            scored_BT = labels_BT != IGNORE
-            total_loss += F.cross_entropy(
-                logits_BTV.flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE, reduction="sum"
-            ).item()
-            total_correct += ((logits_BTV.argmax(-1) == labels_BT) & scored_BT).sum().item()
-            total_tokens += scored_BT.sum().item()
-        loss = total_loss / max(total_tokens, 1)
-        return {
-            f"{prefix}_loss": loss,
-            f"{prefix}_ppl": math.exp(min(loss, 50.0)),
-            f"{prefix}_accuracy": total_correct / max(total_tokens, 1),
-            f"{prefix}_tokens": float(total_tokens),
-        }
+            rows = max(1, EVAL_LOGITS_BUDGET // max(1, batch["input_ids"].shape[1] * vocab))
+            for sub in range(0, batch["input_ids"].shape[0], rows):
+                logits_BTV = model(batch["input_ids"][sub : sub + rows])
+                labels_BT = batch["labels"][sub : sub + rows]
+                scored_BT = labels_BT != IGNORE
+                total_loss += F.cross_entropy(
+                    logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE, reduction="sum"
+                ).item()
+                total_correct += ((logits_BTV.argmax(-1) == labels_BT) & scored_BT).sum().item()
+                total_tokens += scored_BT.sum().item()
+        return total_loss, total_correct, total_tokens
+
+
+def lm_metrics(nll: float, correct: int, tokens: int, prefix: str) -> dict[str, float]:
+    loss = nll / max(tokens, 1)
+    return {
+        f"{prefix}_loss": loss,
+        f"{prefix}_ppl": perplexity(nll, tokens),
+        f"{prefix}_accuracy": correct / max(tokens, 1),
+        f"{prefix}_tokens": float(tokens),
+    }
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(mean NLL in nats) over the scored tokens (capped at exp(50) so a diverged model stays finite)."""
+    return math.exp(min(nll / max(tokens, 1), 50.0))
+
+
+def bits_per_unit(nll: float, units: int) -> float:
+    """Mean NLL in bits: bits per character / per byte when each scored token is one byte."""
+    return nll / max(units, 1) / math.log(2)

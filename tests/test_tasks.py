@@ -1,0 +1,552 @@
+"""The six real tasks on tiny data written in each source's real format (no network, no ../shared):
+paper A tokenisation and chunking checked by hand, byte splits, SVA generator and encoding, log-mel
+features, metrics on hand-computed examples, offline errors, source fingerprints, the cache CLI,
+and one short trial per task through run_trial."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sysconfig
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_spec
+from storage.cache import DatasetCache, fingerprint
+from storage.prep import bytestream, sva as sva_prep, text
+from storage.prep.sources import SourceUnavailable, iter_documents
+from workers import run_trial
+from workers.tasks import TASKS, get_task
+from workers.tasks.base import IGNORE, bits_per_unit, perplexity
+from workers.tasks.lm import eval_windows
+from workers.tasks.sva import grouped_accuracy
+
+REAL_TASKS = ("kws", "sva", "wikitext2", "tinystories", "enwik8", "codeparrot")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALING_DIGEST_MEMO", str(tmp_path / "digests.json"))
+    monkeypatch.setenv("SCALING_DOWNLOADS", str(tmp_path / "downloads"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return DatasetCache(str(tmp_path / "cache"))
+
+
+class Uniform(torch.nn.Module):
+    """A model that predicts the uniform distribution: perplexity = V, bits per byte = log2 V."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, tokens_BT, key_padding_BT=None, positions_B=None):
+        return torch.zeros(*tokens_BT.shape[:2], self.vocab)
+
+
+# ---- source files in the real formats ---------------------------------------------------------------
+
+
+def write_wikitext(root):
+    """The tokenised v1 layout: leading spaces, ' ' separator lines, headings, ' @-@ ', '<unk>'."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wiki.train.tokens").write_text(" \n = Valkyria = \n \n The game 's art , by Hino , began in 2010 . \n")
+    (root / "wiki.valid.tokens").write_text(" \n = Valkyria = \n")
+    (root / "wiki.test.tokens").write_text(" the end \n")
+    return root
+
+
+def write_tinystories(path, stories):
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+def write_tree(root, files: dict[str, bytes]):
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def write_speech_commands(root, rate=16_000):
+    """Two words as pure tones in the Speech Commands v0.02 layout: 4 train speakers, 1 val, 1 test;
+    plus a clip at 8 kHz, a 0.5 s clip and a stereo clip (resampled / padded / averaged)."""
+    import soundfile
+
+    tones = {"yes": 440.0, "no": 1500.0}
+    t = np.arange(rate) / rate
+    speakers = ["aaaa0001", "aaaa0002", "aaaa0003", "aaaa0004", "bbbb0001", "cccc0001"]
+    for word, freq in tones.items():
+        (root / word).mkdir(parents=True, exist_ok=True)
+        for k, speaker in enumerate(speakers):
+            wave = 0.3 * np.sin(2 * np.pi * freq * t + k)
+            soundfile.write(root / word / f"{speaker}_nohash_0.wav", wave, rate, subtype="PCM_16")
+        t8 = np.arange(8000) / 8000
+        soundfile.write(root / word / "dddd0001_nohash_0.wav", 0.3 * np.sin(2 * np.pi * freq * t8), 8000, subtype="PCM_16")
+        soundfile.write(root / word / "dddd0002_nohash_0.wav", 0.3 * np.sin(2 * np.pi * freq * t[:8000]), rate, subtype="PCM_16")
+        stereo = np.stack([0.3 * np.sin(2 * np.pi * freq * t), 0.1 * np.sin(2 * np.pi * freq * t)], axis=1)
+        soundfile.write(root / word / "dddd0003_nohash_0.wav", stereo, rate, subtype="PCM_16")
+    (root / "_background_noise_").mkdir(exist_ok=True)
+    soundfile.write(root / "_background_noise_" / "white_noise.wav", np.zeros(rate), rate, subtype="PCM_16")
+    (root / "validation_list.txt").write_text("no/bbbb0001_nohash_0.wav\nyes/bbbb0001_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("no/cccc0001_nohash_0.wav\nyes/cccc0001_nohash_0.wav\n")
+    return root
+
+
+# ---- registry and options ----------------------------------------------------------------------------
+
+
+def test_all_tasks_are_registered_with_complete_defaults():
+    assert set(REAL_TASKS) | {"mqar"} == set(TASKS)
+    for name in REAL_TASKS:
+        task = get_task(name)
+        assert task.name == name and task.DEFAULTS
+        assert task.metric.startswith("val_")
+        with pytest.raises(ValueError, match="allowed"):
+            task.options({"no_such_option": 1})
+    assert get_task("enwik8").metric == "val_bpc" and get_task("codeparrot").metric == "val_bpb"
+    assert get_task("wikitext2").metric == get_task("tinystories").metric == "val_ppl"
+    assert not get_task("kws").lower_is_better and not get_task("sva").lower_is_better
+
+
+# ---- paper A tokenisation, by hand -------------------------------------------------------------------
+
+
+def test_wikitext_tokens_split_punctuation_and_lowercase():
+    assert text.wikitext_tokens(" = Homarus gammarus = \n") == ["=", "homarus", "gammarus", "="]
+    assert text.wikitext_tokens('It\'s (big), "ok"! 3 @,@ 000') == [
+        "it", "'", "s", "(", "big", ")", ",", '"', "ok", '"', "!", "3", "@", ",", "@", "000"]
+
+
+def test_tinystories_tokens_turn_punctuation_into_spaces():
+    assert text.tinystories_tokens("Tom's cat, \u201cWow!\u201d said-he.") == ["tom", "s", "cat", "\u201cwow", "\u201d", "said", "he"]
+
+
+def test_vocab_keeps_the_most_frequent_then_first_seen():
+    vocab = text.build_vocab(["b a", "c a", "b d"], str.split, 6, text.WT2_SPECIALS)
+    assert vocab == ["<PAD>", "<BOS>", "<EOS>", "<UNK>", "b", "a"]  # b and a twice; b seen first
+    with pytest.raises(ValueError, match="special"):
+        text.build_vocab(["a"], str.split, 4, text.WT2_SPECIALS)
+
+
+def test_bookend_chunks_match_paper_a():
+    ids = np.arange(10, 20, dtype=np.uint16)  # 10 tokens, pieces of 4
+    chunks = text.bookend_chunks(ids, seq_len=6)
+    assert chunks.tolist() == [[1, 10, 11, 12, 13, 2], [1, 14, 15, 16, 17, 2], [1, 18, 19, 2, 0, 0]]
+    assert text.bookend_chunks(ids[:9], seq_len=6).shape[0] == 2  # a one-token tail is dropped
+
+
+def test_wikitext2_builds_the_hand_computed_chunks(tmp_path, cache):
+    task = get_task("wikitext2")
+    prepared = task.prepare({"data_dir": str(write_wikitext(tmp_path / "wt2")), "vocab_size": 8, "seq_len": 6}, cache)
+    entry = task.entry({"data_dir": str(tmp_path / "wt2"), "vocab_size": 8, "seq_len": 6}, cache)
+    assert entry["vocab"].column("token").to_pylist() == ["<PAD>", "<BOS>", "<EOS>", "<UNK>", "=", ",", "valkyria", "the"]
+    # train: = valkyria = the game ' s art , by hino , began in 2010 .
+    assert prepared.arrays["train"]["tokens"].tolist() == [
+        [1, 4, 6, 4, 7, 2], [1, 3, 3, 3, 3, 2], [1, 5, 3, 3, 5, 2], [1, 3, 3, 3, 3, 2]]
+    assert prepared.arrays["val"]["tokens"].tolist() == [[1, 4, 6, 4, 2, 0]]
+    assert prepared.arrays["test"]["tokens"].tolist() == [[1, 7, 3, 2, 0, 0]]
+    assert prepared.arrays["train"]["tokens"].dtype == np.uint16
+    assert task.model_fields(prepared) == {"vocab_size": 8, "max_seq_len": 5, "head": "lm", "causal": True}
+    assert task.tokens_per_example(prepared) == 5
+    batch = task.batch(prepared.arrays["val"], np.array([0]))
+    assert batch["input_ids"].tolist() == [[1, 4, 6, 4, 2]]
+    assert batch["labels"].tolist() == [[4, 6, 4, 2, IGNORE]]  # PAD target not scored; EOS is
+
+
+def test_tinystories_stories_and_chunks(tmp_path, cache):
+    train = write_tinystories(tmp_path / "train.txt", ["Once upon a time, Tom's cat sat.", "The dog ran!"])
+    val = write_tinystories(tmp_path / "valid.txt", ["Once the cat ran.\nThe end."])
+    options = {"train_file": str(train), "val_file": str(val), "vocab_size": 10, "seq_len": 6, "min_chunk_tokens": 5}
+    task = get_task("tinystories")
+    prepared = task.prepare(options, cache)
+    vocab = task.entry(options, cache)["vocab"].column("token").to_pylist()
+    assert vocab == ["<pad>", "<bos>", "<eos>", "<unk>", "once", "upon", "a", "time", "tom", "s"]
+    # story 1: BOS once upon a time tom s cat sat EOS -> [1 4 5 6 7 8] + [9 3 3 2] (4 tokens: dropped)
+    # story 2: BOS the dog ran EOS -> [1 3 3 3 2] (5 tokens: kept)
+    assert prepared.arrays["train"]["tokens"].tolist() == [[1, 4, 5, 6, 7, 8], [1, 3, 3, 3, 2, 0]]
+    # val: BOS once the cat ran the end EOS -> [1 4 3 3 3 3] + [3 2] (dropped)
+    assert prepared.arrays["val"]["tokens"].tolist() == [[1, 4, 3, 3, 3, 3]]
+    assert "test" not in prepared.arrays  # TinyStories has no test split
+    assert task.model_fields(prepared)["vocab_size"] == 10
+
+
+def test_iter_documents_streams_across_chunk_boundaries(tmp_path):
+    stories = [f"story {i} " + "x" * (i * 7 % 23) for i in range(200)]
+    path = write_tinystories(tmp_path / "s.txt", stories)
+    got = [d.strip() for d in iter_documents(str(path), "<|endoftext|>", chunk_chars=17)]  # separators cut in two
+    assert got == [s.strip() for s in stories]
+
+
+def test_tinystories_without_its_separator_says_which_option_to_set(tmp_path, cache):
+    path = tmp_path / "blank_lines.txt"
+    path.write_text("\n\n".join(f"Once upon a time there was story number {i}." for i in range(4000)))
+    with pytest.raises(ValueError, match="separator"):
+        get_task("tinystories").prepare({"train_file": str(path), "val_fraction": 0.1}, cache)
+    prepared = get_task("tinystories").prepare({"train_file": str(path), "val_fraction": 0.1, "separator": "\n\n"}, cache)
+    n_train, n_val = (len(prepared.arrays[s]["tokens"]) for s in ("train", "val"))
+    assert n_train + n_val == 4000 and 250 < n_val < 550  # ~10% held out, by a hash of each story
+
+
+# ---- byte streams ------------------------------------------------------------------------------------
+
+
+def test_enwik8_split_is_standard_or_proportional():
+    assert bytestream.proportional_split(100_000_000, bytestream.ENWIK8_SPLIT) == [
+        (0, 90_000_000), (90_000_000, 95_000_000), (95_000_000, 100_000_000)]
+    assert bytestream.proportional_split(4_000_000, bytestream.ENWIK8_SPLIT) == [
+        (0, 3_600_000), (3_600_000, 3_800_000), (3_800_000, 4_000_000)]
+    assert bytestream.proportional_split(1001, [9000, 500, 500]) == [(0, 901), (901, 951), (951, 1001)]
+    assert bytestream.proportional_split(1001, [90, 5, 5]) == [(0, 90), (90, 95), (95, 100)]  # sizes that fit: as given
+
+
+def test_enwik8_from_raw_or_zip(tmp_path, cache):
+    data = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    (tmp_path / "enwik8").write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as archive:
+        archive.write(tmp_path / "enwik8", "enwik8")
+    task = get_task("enwik8")
+    raw = task.prepare({"data_file": str(tmp_path / "enwik8"), "seq_len": 16}, cache)
+    zipped = task.prepare({"data_file": str(tmp_path / "enwik8.zip"), "seq_len": 16}, cache)
+    stream = lambda p, s: bytes(np.concatenate([p.arrays[s]["windows"][0], p.arrays[s]["windows"][1:, 1:].ravel()]))
+    for prepared in (raw, zipped):
+        assert stream(prepared, "val") == data[18_000 : 18_000 + 1 + len(prepared.arrays["val"]["windows"]) * 16]
+        assert bytes(prepared.arrays["train"]["windows"][5]) == data[5:22]  # a window at every offset
+        assert prepared.arrays["train"]["windows"].shape == (18_000 - 16, 17)
+    assert task.model_fields(raw) == {"vocab_size": 256, "max_seq_len": 16, "head": "lm", "causal": True}
+    head = task.prepare({"data_file": str(tmp_path / "enwik8"), "max_bytes": 2000, "seq_len": 16}, cache)
+    assert head.meta["splits"]["train"]["bytes"] == 1800 and head.fingerprint != raw.fingerprint
+    # seq_len is a read-time view: the same cache entry serves every context length
+    assert task.prepare({"data_file": str(tmp_path / "enwik8"), "seq_len": 64}, cache).fingerprint == raw.fingerprint
+
+
+def test_eval_windows_score_each_byte_once():
+    stream = np.arange(103, dtype=np.uint8)
+    windows = eval_windows(stream, 10)
+    assert windows.shape == (10, 11)
+    targets = np.concatenate([w[1:] for w in windows])
+    np.testing.assert_array_equal(targets, stream[1:101])
+    assert eval_windows(stream, 10, max_tokens=30).shape == (3, 11)
+
+
+def test_codeparrot_assigns_whole_documents_by_content(tmp_path, cache):
+    files = {f"pkg/mod_{i:03d}.py": f"def f{i}():\n    return {i * i}\n".encode() * (1 + i % 5) for i in range(300)}
+    files["pkg/blob.py"] = b"\x00\x01binary"
+    files["pkg/notes.txt"] = b"not python"
+    files["pkg/latin1.py"] = "caf\xe9".encode("latin-1")
+    write_tree(tmp_path / "a", files)
+    task = get_task("codeparrot")
+    options = {"data_dir": str(tmp_path / "a"), "split_bytes": [800, 100, 100], "seq_len": 8}
+    prepared = task.prepare(options, cache)
+    entry = task.entry(options, cache)
+    docs = {s: [bytes(d) for d in bytes(np.asarray(entry[s].column("bytes"))).split(b"\0") if d] for s in ("train", "val", "test")}
+    python = {v for k, v in files.items() if k.endswith(".py") and k not in ("pkg/blob.py", "pkg/latin1.py")}
+    assert entry.meta["skipped_binary"] == 2  # NUL bytes, not UTF-8; notes.txt is not a .py
+    for split, budget in zip(("train", "val", "test"), (800, 100, 100)):
+        assert len(np.asarray(entry[split].column("bytes"))) <= budget
+        assert all(d in python for d in docs[split][:-1])  # only the last document may be cut at the budget
+    assert not set(docs["train"][:-1]) & set(docs["val"][:-1])
+    assert prepared.arrays["train"]["windows"].shape[1] == 9
+    # the assignment follows the content, not the file names or order
+    renamed = {f"other/{999 - i:03d}_x.py": v for i, (k, v) in enumerate(sorted(files.items())) if k.endswith(".py")}
+    write_tree(tmp_path / "b", renamed)  # other names, reversed order
+    again = task.entry({**options, "data_dir": str(tmp_path / "b"), "split_bytes": [10**6, 10**6, 10**6]}, cache)
+    full = task.entry({**options, "split_bytes": [10**6, 10**6, 10**6]}, cache)
+    for split in ("train", "val", "test"):
+        a = set(bytes(np.asarray(full[split].column("bytes"))).split(b"\0")) - {b""}
+        b = set(bytes(np.asarray(again[split].column("bytes"))).split(b"\0")) - {b""}
+        assert a == b
+    assert sum(len(set(bytes(np.asarray(full[s].column("bytes"))).split(b"\0")) - {b""}) for s in ("train", "val", "test")) == len(python)
+
+
+def test_codeparrot_on_a_standard_library_package(cache):
+    root = os.path.join(sysconfig.get_paths()["stdlib"], "email")
+    options = {"data_dir": root, "split_bytes": [200_000, 20_000, 20_000], "seq_len": 64}
+    prepared = get_task("codeparrot").prepare(options, cache)
+    splits = prepared.meta["splits"]
+    assert splits["train"]["bytes"] == 200_000  # 29 files, 378 kB: train fills its budget
+    assert all(0 < splits[s]["bytes"] <= 20_000 and splits[s]["documents"] > 0 for s in ("val", "test"))
+    assert prepared.arrays["val"]["windows"].shape[1] == 65
+
+
+# ---- SVA ---------------------------------------------------------------------------------------------
+
+
+def test_sva_generator_reproduces_paper_a_files():
+    for split in ("val", "test", "train"):
+        records = sva_prep.generate(sva_prep.PAPER_SIZES[split], sva_prep.PAPER_SEEDS[split])
+        assert hashlib.sha256(sva_prep.to_jsonl(records).encode()).hexdigest() == sva_prep.PAPER_SHA256[split]
+    val = sva_prep.generate(4000, 1)
+    assert sum(r["label"] for r in val) == 2049 and sum(r["has_distractor"] for r in val) == 2334
+    assert sum(sva_prep.kind_of(r) == sva_prep.HARD for r in val) == 1153  # the paper's val file
+    assert len(sva_prep.VOCAB) == 169
+
+
+def test_sva_encoding_and_local_files(tmp_path, cache):
+    records = [
+        {"tokens": ["the", "cat", "sits", "."], "label": 1, "subject_idx": 1, "verb_idx": 2, "distractor_idx": None,
+         "has_distractor": False, "distractor_agrees": None},
+        {"tokens": ["the", "cats", "near", "the", "dog", "sits", "."], "label": 0, "subject_idx": 1, "verb_idx": 5,
+         "distractor_idx": 4, "has_distractor": True, "distractor_agrees": False},
+        {"tokens": ["the", "zebra", "sits", "."], "label": 1, "subject_idx": 1, "verb_idx": 2, "distractor_idx": None,
+         "has_distractor": False, "distractor_agrees": None},
+    ]
+    table, unknown = sva_prep.encode(records)
+    w = sva_prep.WORD_ID
+    assert table.column("tokens").to_pylist()[1] == [1, w["the"], w["cats"], w["near"], w["the"], w["dog"], w["sits"], w["."], 2]
+    assert table.column("tokens").to_pylist()[0] == [1, w["the"], w["cat"], w["sits"], w["."], 2, 0, 0, 0]
+    assert table.column("verb_pos").to_pylist() == [3, 6, 3] and table.column("kind").to_pylist() == [0, 2, 0]
+    assert unknown == 1  # "zebra" -> UNK
+    for split in ("train", "val", "test"):
+        (tmp_path / f"sva_{split}.jsonl").write_text(sva_prep.to_jsonl(records))
+    prepared = get_task("sva").prepare({"data_dir": str(tmp_path)}, cache)
+    assert prepared.arrays["val"]["tokens"].shape == (3, 9)
+    batch = get_task("sva").batch(prepared.arrays["val"], np.array([0, 1]))
+    assert batch["key_padding"][0].tolist() == [False] * 6 + [True] * 3
+    assert batch["verb_pos"].tolist() == [3, 6] and batch["labels"].dtype == torch.float32
+    assert get_task("sva").model_fields(prepared) == {"vocab_size": 169, "max_seq_len": 9, "head": "token",
+                                                      "num_classes": 1, "causal": False}
+
+
+def test_sva_generator_and_a_copy_of_its_files_share_a_fingerprint(tmp_path):
+    task = get_task("sva")
+    for split in ("train", "val", "test"):
+        records = sva_prep.generate(sva_prep.PAPER_SIZES[split], sva_prep.PAPER_SEEDS[split])
+        (tmp_path / f"sva_{split}.jsonl").write_text(sva_prep.to_jsonl(records))
+    generated = fingerprint(task.identity(task.options({})))
+    assert fingerprint(task.identity(task.options({"data_dir": str(tmp_path)}))) == generated
+    assert fingerprint(task.identity(task.options({"generator_seeds": [0, 1, 3]}))) != generated
+    assert fingerprint(task.identity(task.options({"train_examples": 1000}))) != generated
+
+
+# ---- KWS ---------------------------------------------------------------------------------------------
+
+
+def test_kws_features_from_a_speech_commands_layout(tmp_path, cache):
+    import soundfile
+    import torchaudio.transforms as T
+
+    root = write_speech_commands(tmp_path / "sc")
+    task = get_task("kws")
+    options = {"data_dir": str(root), "words": ["yes", "no"]}
+    prepared = task.prepare(options, cache)
+    meta = prepared.meta
+    assert {s: meta["splits"][s]["clips"] for s in ("train", "val", "test")} == {"train": 14, "val": 2, "test": 2}
+    train = prepared.arrays["train"]["features"]
+    assert train.shape == (14, 49, 40) and train.dtype == np.float32
+    flat = train.reshape(-1, 40).astype(np.float64)
+    np.testing.assert_allclose(flat.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0, ddof=1)[np.array(meta["std"]) > 1e-5], 1, atol=1e-3)
+    # one clip against torchaudio applied directly (paper A's per-clip recipe)
+    wave, rate = soundfile.read(root / "no" / "bbbb0001_nohash_0.wav", dtype="float32")
+    reference = T.AmplitudeToDB()(T.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=320, n_mels=40)(
+        torch.from_numpy(wave)[None])).squeeze(0).T[:49].numpy()
+    expected = (reference - np.array(meta["mean"])) / np.array(meta["std"])
+    assert prepared.arrays["val"]["label"].tolist() == [0, 1]  # yes, no: the validation list's clips
+    np.testing.assert_allclose(prepared.arrays["val"]["features"][1], expected, rtol=1e-4, atol=1e-3)
+    assert task.model_fields(prepared) == {"vocab_size": 0, "input_dim": 40, "max_seq_len": 49, "head": "classify",
+                                           "num_classes": 2, "causal": False}
+    batch = task.batch(prepared.arrays["train"], np.array([0, 3]))
+    assert batch["features"].shape == (2, 49, 40) and batch["labels"].dtype == torch.int64
+    few = task.prepare({**options, "max_clips_per_word": 2}, cache)
+    assert few.meta["splits"]["train"]["per_word"] == {"yes": 2, "no": 2} and few.fingerprint != prepared.fingerprint
+
+
+# ---- metrics, by hand ----------------------------------------------------------------------------------
+
+
+def test_metric_formulas():
+    assert perplexity(3 * math.log(5), 3) == pytest.approx(5.0)
+    assert bits_per_unit(10 * 8 * math.log(2), 10) == pytest.approx(8.0)
+    accuracy = grouped_accuracy(np.array([1, 0, 1, 1, 0, 1.0]), np.array([0, 0, 1, 2, 2, 2]))
+    assert accuracy == pytest.approx({"all": 4 / 6, "simple": 0.5, "easy": 1.0, "hard": 2 / 3})
+
+
+def test_perplexity_ignores_pad(tmp_path, cache):
+    task = get_task("wikitext2")
+    prepared = task.prepare({"data_dir": str(write_wikitext(tmp_path / "wt2")), "vocab_size": 8, "seq_len": 6}, cache)
+    metrics = task.evaluate(Uniform(8), prepared.arrays["val"], 4, "val")
+    assert metrics["val_ppl"] == pytest.approx(8.0) and metrics["val_tokens"] == 4  # 4 of 5 targets: 1 PAD
+
+    class Knows(torch.nn.Module):  # p(target) = 1/2 at every scored position, uniform elsewhere
+        def forward(self, tokens_BT, key_padding_BT=None, positions_B=None):
+            logits = torch.zeros(*tokens_BT.shape, 8)
+            targets = torch.tensor([[4, 6, 4, 2, 0]])
+            logits.scatter_(2, targets[..., None], math.log(7.0))  # 7 / (7 + 7) = 1/2
+            return logits
+
+    assert task.evaluate(Knows(), prepared.arrays["val"], 4, "val")["val_ppl"] == pytest.approx(2.0)
+
+
+def test_bits_per_character_of_a_uniform_model(tmp_path, cache):
+    (tmp_path / "enwik8").write_bytes(bytes(range(256)) * 40)
+    task = get_task("enwik8")
+    prepared = task.prepare({"data_file": str(tmp_path / "enwik8"), "seq_len": 16}, cache)
+    metrics = task.evaluate(Uniform(256), prepared.arrays["val"], 7, "val")
+    assert metrics["val_bpc"] == pytest.approx(8.0) and metrics["val_ppl"] == pytest.approx(256.0)
+    assert metrics["val_tokens"] == len(prepared.arrays["val"]["windows"]) * 16
+
+
+def test_sva_accuracy_splits_and_failure(tmp_path, cache):
+    task = get_task("sva")
+    prepared = task.prepare({"train_examples": 50, "val_examples": 400, "test_examples": 50}, cache)
+    val = prepared.arrays["val"]
+
+    class Oracle(torch.nn.Module):  # right on every example except the first `wrong` hard ones
+        def __init__(self, wrong):
+            super().__init__()
+            hard = np.flatnonzero(val["kind"] == 2)[:wrong]
+            self.sign = torch.ones(len(val["label"]))
+            self.sign[torch.from_numpy(hard)] = -1
+            self.seen = 0
+
+        def forward(self, tokens_BT, key_padding_BT=None, positions_B=None):
+            B = tokens_BT.shape[0]
+            labels = torch.from_numpy(val["label"][self.seen : self.seen + B].astype(np.float32))
+            sign = self.sign[self.seen : self.seen + B]
+            self.seen += B
+            return ((labels * 2 - 1) * sign)[:, None]
+
+    n_hard = int((val["kind"] == 2).sum())
+    wrong = math.ceil(0.2 * n_hard)
+    metrics = task.evaluate(Oracle(wrong), val, 64, "val")
+    assert metrics["val_accuracy_simple"] == 1.0 and metrics["val_accuracy_easy"] == 1.0
+    assert metrics["val_accuracy_hard"] == pytest.approx(1 - wrong / n_hard)
+    assert metrics["val_accuracy"] == pytest.approx(1 - wrong / 400)
+    assert metrics["val_failed"] == 1.0 and task.failed(metrics)
+    assert task.evaluate(Oracle(0), val, 64, "val")["val_failed"] == 0.0
+    assert not task.failed({"val_accuracy_hard": 0.85}) and task.failed({"val_accuracy_hard": 0.8499})
+
+
+# ---- offline sources, missing paths, fingerprints of local sources ----------------------------------------
+
+
+@pytest.mark.parametrize("name, option", [("wikitext2", "data_dir"), ("tinystories", "train_file"),
+                                          ("enwik8", "data_file"), ("codeparrot", "data_dir"), ("kws", "data_dir")])
+def test_offline_without_local_source_names_the_option(name, option, cache, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("an offline build touched the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    t0 = time.perf_counter()
+    with pytest.raises(SourceUnavailable) as error:
+        get_task(name).prepare({}, cache)
+    assert time.perf_counter() - t0 < 5
+    message = str(error.value)
+    assert f"`{option}`" in message and "offline" in message and f"scaling cache build {name} --option {option}=" in message
+    assert cache.entries() == []
+
+
+def test_missing_local_paths_are_named(tmp_path, cache):
+    with pytest.raises(SourceUnavailable, match=r"option `data_dir`='/no/such/dir': no such dir"):
+        get_task("kws").prepare({"data_dir": "/no/such/dir"}, cache)
+    (tmp_path / "wt2").mkdir()
+    (tmp_path / "wt2" / "valid.txt").write_text(" a \n")
+    with pytest.raises(SourceUnavailable, match="no train split .* set the task option `train_file`"):
+        get_task("wikitext2").prepare({"data_dir": str(tmp_path / "wt2")}, cache)
+
+
+def test_local_fingerprint_follows_content_not_path_or_mtime(tmp_path):
+    task = get_task("wikitext2")
+    first = fingerprint(task.identity(task.options({"data_dir": str(write_wikitext(tmp_path / "a"))})))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert fingerprint(task.identity(task.options({"data_dir": str(tmp_path / "b")}))) == first
+    os.utime(tmp_path / "b" / "wiki.test.tokens", (1, 1))  # same bytes, other mtime
+    assert fingerprint(task.identity(task.options({"data_dir": str(tmp_path / "b")}))) == first
+    with open(tmp_path / "b" / "wiki.test.tokens", "a") as handle:
+        handle.write(" one more line \n")
+    assert fingerprint(task.identity(task.options({"data_dir": str(tmp_path / "b")}))) != first
+    assert fingerprint(task.identity(task.options({"data_dir": str(tmp_path / "a"), "vocab_size": 9}))) != first
+
+
+def test_a_worker_without_the_source_opens_the_drivers_entry(tmp_path, cache):
+    task = get_task("wikitext2")
+    source = write_wikitext(tmp_path / "wt2")
+    options = {"data_dir": str(source), "vocab_size": 8, "seq_len": 6}
+    built = task.prepare(options, cache)
+    shutil.rmtree(source)  # the worker's node has no copy of the dataset
+    opened = task.prepare(options, DatasetCache(cache.uri))
+    assert opened.fingerprint == built.fingerprint
+    np.testing.assert_array_equal(opened.arrays["train"]["tokens"], built.arrays["train"]["tokens"])
+    with pytest.raises(SourceUnavailable, match="no such dir"):
+        task.prepare(options, DatasetCache(str(tmp_path / "other-cache")))
+
+
+# ---- the cache CLI with real tasks ---------------------------------------------------------------------
+
+
+def test_cache_build_ls_verify_rebuild(tmp_path, capsys):
+    from scaling.cli import main
+
+    root = str(tmp_path / "cache")
+    args = ["cache", "build", "sva", "--cache", root, "-o", "train_examples=300", "-o", "val_examples=100",
+            "-o", "test_examples=100"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "train 300 rows" in out and "MB/s" in out
+    assert main(args) == 0 and "already cached" in capsys.readouterr().out
+    assert main(["cache", "ls", "--cache", root]) == 0 and "sva-" in capsys.readouterr().out
+    entry = DatasetCache(root).entries()[0]
+    damaged = tmp_path / "cache" / f"sva-{entry['fingerprint']}" / "train.arrow"
+    data = bytearray(damaged.read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert main(["cache", "verify", "--cache", root]) == 1
+    assert main(["cache", "verify", "--cache", root, "--rebuild"]) == 0
+    assert "rebuilt" in capsys.readouterr().out
+    assert main(["cache", "verify", "--cache", root]) == 0
+    assert main(["cache", "build", "nope", "--cache", root]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["cache", "build", "--list"]) == 0 and "max_clips_per_word" in capsys.readouterr().out
+
+
+# ---- one short trial per task ----------------------------------------------------------------------------
+
+
+def _tiny_sources(tmp_path) -> dict[str, dict]:
+    rng = np.random.default_rng(0)
+    words = "the cat dog sat ran on a mat and big small red".split()
+    lines = [" ".join(rng.choice(words, 20)) + " ." for _ in range(60)]
+    wt2 = tmp_path / "wt2"
+    wt2.mkdir()
+    for split in ("train", "valid", "test"):
+        (wt2 / f"{split}.txt").write_text("".join(f" {line} \n" for line in lines))
+    ts = write_tinystories(tmp_path / "ts.txt", [" ".join(rng.choice(words, 30)) for _ in range(60)])
+    (tmp_path / "enwik8").write_bytes(("<page> some text </page>\n" * 400).encode())
+    return {
+        "wikitext2": {"data_dir": str(wt2), "vocab_size": 20, "seq_len": 12},
+        "tinystories": {"train_file": str(ts), "val_file": str(ts), "vocab_size": 20, "seq_len": 16},
+        "enwik8": {"data_file": str(tmp_path / "enwik8"), "seq_len": 16, "max_eval_tokens": 256},
+        "codeparrot": {"data_dir": os.path.join(sysconfig.get_paths()["stdlib"], "email"),
+                       "split_bytes": [20_000, 4_000, 4_000], "seq_len": 16, "max_eval_tokens": 256},
+        "sva": {"train_examples": 200, "val_examples": 64, "test_examples": 64},
+        "kws": {"data_dir": str(write_speech_commands(tmp_path / "sc")), "words": ["yes", "no"]},
+    }
+
+
+@pytest.mark.parametrize("name", REAL_TASKS)
+def test_a_short_trial_runs_on_every_task(name, tmp_path):
+    options = _tiny_sources(tmp_path)[name]
+    train = {**tiny_spec().train, "steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 16}
+    spec = tiny_spec(task=name, task_options=options, train=train)
+    record = run_trial(spec, storage_uri=str(tmp_path / "s"), cache_uri=str(tmp_path / "c"))
+    assert record.status == "completed", record.error
+    task = get_task(name)
+    metrics = json.loads(record.metrics_json)
+    assert record.metric_name == task.metric and math.isfinite(record.metric_value)
+    assert task.metric in metrics
+    assert (task.metric.replace("val_", "test_") in metrics) == (name != "tinystories")  # TinyStories: no test split
+    assert record.tokens_seen == 4 * 4 * task.tokens_per_example(task.prepare(options, DatasetCache(str(tmp_path / "c"))))
