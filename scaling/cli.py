@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html, report.md and fits.json beside the ledger")
     p.add_argument("study", help=study_help)
     p.set_defaults(func=cmd_report)
+
+    from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
+
+    add_cache_parser(sub)
     return parser
 
 
