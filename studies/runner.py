@@ -95,13 +95,22 @@ def prepare_data(study: StudySpec) -> None:
         get_task(entry.name).prepare(entry.options, cache)
 
 
+def _import(path: str):
+    """'package.module:attribute' -> the attribute (the trial function is replaceable for benchmarks)."""
+    import importlib
+
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial, running on a Ray worker."""
     from ray import tune
 
     from studies.spec import WandbEntry
-    from workers import run_trial
     from workers.tasks import get_task
+
+    run_trial = _import(ctx.get("trial_fn") or "workers:run_trial")
 
     spec = TrialSpec.from_dict(config["trial"])
     ledger = Ledger(ctx["storage"])
@@ -258,7 +267,8 @@ def _scheduler(study: StudySpec):
                           grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor)
 
 
-def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, num_cpus, progress: bool) -> None:
+def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, num_cpus, progress: bool,
+               trial_fn: str | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking.prepare_environment(paths["wandb"])
     env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
@@ -273,6 +283,7 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
         "wandb": study.tracking.wandb.model_dump(),
         "wandb_dir": paths["wandb"],
         "threads": max(1, math.floor(res.cpus_per_trial)),
+        "trial_fn": trial_fn,
     }
     searcher = StudySearcher(study, plan.todo, plan.search_cells)
     total = len(plan.todo) + sum(
@@ -323,7 +334,10 @@ def run_study(
     progress: bool = True,
     report: bool = True,
     study_file: str | None = None,
+    trial_fn: str | None = None,
 ) -> RunResult:
+    """Run what the ledger lacks, then fit and report. `trial_fn` ('module:function', default
+    workers:run_trial) replaces the trial function, for runner benchmarks."""
     t0 = time.perf_counter()
     paths = study_paths(study)
     save_study_file(study, paths)
@@ -333,7 +347,7 @@ def run_study(
     before = len(Ledger(paths["storage"]).keys())
     if todo or plan.search_cells:
         prepare_data(study)
-        run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress)
+        run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
     ran = len(Ledger(paths["storage"]).keys()) - before if plan.search_cells else len(todo)
     result = RunResult(paths["storage"], plan.planned, len(plan.done) if not plan.search_cells else before, ran)
     result.counts = trial_counts(study, plan)
