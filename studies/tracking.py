@@ -91,6 +91,8 @@ def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows
         columns = sorted({k for row in fit_rows for k in row})
         run.log({"fits": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in fit_rows])})
     if report_path and os.path.exists(report_path):
+        with open(report_path) as page:
+            run.log({"report": wandb.Html(page.read())})  # the plots, embedded in the report page
         run.save(report_path, base_path=os.path.dirname(report_path), policy="now")
     run.finish()
     return run.id

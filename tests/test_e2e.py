@@ -23,7 +23,11 @@ def study_file(tmp_path) -> pathlib.Path:
     return path
 
 
-def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, capsys):
+SECRET = "wandb-key-that-must-never-be-written-0123456789"
+
+
+def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)  # offline mode is forced by the study; the key must not leak
     from scaling import api
     from scaling.cli import main
     from storage.ledger import Ledger
@@ -58,6 +62,10 @@ def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, cap
     assert len(json.loads((storage / "plan.json").read_text())) == 4
     offline_runs = list((storage / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) >= 4  # one per trial, plus the study summary run
+
+    # the W&B key appears nowhere: ledger, configs, logs, reports, offline run files
+    leaked = [p for p in storage.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
     # finished study: nothing runs again
     again = run_study(study, num_cpus=2, progress=False)
