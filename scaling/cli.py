@@ -51,15 +51,77 @@ def cmd_plan(args) -> int:
     from studies.plan import make_plan
     from studies.spec import load_study
 
+    from studies.plan import cell_costs
+
     study = load_study(args.study)
     plan = make_plan(study)
-    rows = [[t.key, t.task, t.variant, t.d_osc or "", t.seed, "done" if t.key in plan.done else "to run"] for t in plan.trials]
-    _print_table(["key", "task", "variant", "d_osc", "seed", "state"], rows)
-    print(f"{len(plan.trials)} trials, {len(plan.done)} already in the ledger, {len(plan.todo)} to run; storage {study.storage_uri()}")
+    if plan.trials:
+        rows = [[t.key, t.task, t.variant, t.d_osc or "", t.seed, t.stage, "done" if t.key in plan.done else "to run"] for t in plan.trials]
+        _print_table(["key", "task", "variant", "d_osc", "seed", "stage", "state"], rows)
+    costs = cell_costs(study, plan)
+    _print_table(
+        ["cell", "trials", "params (non-emb.)", "train FLOPs / trial", "est. time / trial", "note"],
+        [[c.cell, c.trials, f"{c.params_total:,} ({c.params_non_embedding:,})" if c.params_total else "–",
+          f"{c.flops_per_trial:.3g}" if c.flops_per_trial else "–",
+          f"{c.seconds_per_trial:.0f}s" if c.seconds_per_trial else "–", c.note] for c in costs],
+    )
+    stages = ", ".join(f"{n} {stage}" for stage, n in plan.stage_counts().items())
+    print(f"{plan.planned} trials ({stages}); {len(plan.done)} already in the ledger; storage {study.storage_uri()}")
+    if all(c.seconds_per_trial for c in costs):
+        slots = study.resources.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // study.resources.cpus_per_trial))
+        total = sum(c.seconds_per_trial * c.trials for c in costs) / slots
+        print(f"estimated wall time: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
+              "(FLOP rate measured on this study's finished trials)")
+    else:
+        print("estimated wall time: unknown until some trials of this study have finished (their measured FLOP rate is used)")
+    return EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    from studies import remote
+    from studies.spec import load_study
+
+    study = load_study(args.study)
+    job_id = remote.submit(study, args.study, address=args.address, working_dir=args.working_dir, forward_env=tuple(args.env))
+    print(f"submitted study {study.name} as Ray job {job_id}\n"
+          f"  scaling status {job_id} --address {remote.default_address(args.address)}\n"
+          f"  scaling logs {job_id} --address {remote.default_address(args.address)} --follow\n"
+          f"  scaling cancel {job_id} --address {remote.default_address(args.address)}")
+    return EXIT_OK
+
+
+def cmd_logs(args) -> int:
+    from studies import remote
+
+    if args.follow:
+        import asyncio
+
+        async def tail():
+            async for lines in remote.follow(args.job, args.address):
+                print(lines, end="", flush=True)
+
+        asyncio.run(tail())
+    else:
+        print(remote.logs(args.job, args.address), end="")
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from studies import remote
+
+    stopped = remote.cancel(args.job, args.address)
+    print(f"job {args.job}: {'stop requested' if stopped else 'already finished'}")
     return EXIT_OK
 
 
 def cmd_status(args) -> int:
+    if args.address:  # a Ray job on a remote cluster
+        from studies import remote
+
+        info = remote.job_status(args.study, args.address)
+        for name, value in info.items():
+            print(f"{name:>10}: {value}")
+        return EXIT_OK
     from scaling import api
 
     study = api.open_study(args.study)
@@ -127,8 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("submit", help="submit a study to a remote Ray cluster as a Ray Job")
+    p.add_argument("study", help="the study file (.yaml), inside the working directory")
+    p.add_argument("--address", help="the cluster's job API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable (not secrets)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("logs", help="a submitted study's driver log")
+    p.add_argument("job", help="the Ray job id printed by `scaling submit`")
+    p.add_argument("--address")
+    p.add_argument("--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="stop a submitted study (finished trials stay in the ledger)")
+    p.add_argument("job")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("status", help="per cell: completed / diverged / failed / in progress / pending")
-    p.add_argument("study", help=study_help)
+    p.add_argument("study", help=study_help + "; with --address, a Ray job id from `scaling submit`")
+    p.add_argument("--address", help="the cluster's job API: show the submitted job's state")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fits", help="the fitted laws with confidence intervals")
