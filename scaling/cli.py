@@ -131,7 +131,23 @@ def cmd_status(args) -> int:
     totals = {k: sum(c[k] for c in cells.values()) for k in keys}
     rows.append(["total", *(totals[k] for k in keys)])
     _print_table(["cell", *keys], rows)
+    print(_eta_line(study, totals["pending"] + totals["in_progress"]))
     return EXIT_OK
+
+
+def _eta_line(study, remaining: int) -> str:
+    """ETA = remaining trials x median finished-trial time / concurrent slots (from the study file)."""
+    import statistics
+
+    if remaining == 0:
+        return "all planned trials have finished"
+    walls = [r["wall_seconds"] for r in study.done_rows if r["status"] == "completed" and r["wall_seconds"]]
+    if not walls:
+        return f"{remaining} trial(s) to go; ETA unknown until one has finished"
+    resources = study.config.get("resources") or {}
+    slots = resources.get("max_concurrent_trials") or max(1, int((os.cpu_count() or 1) // (resources.get("cpus_per_trial") or 1)))
+    eta = remaining * statistics.median(walls) / slots
+    return f"{remaining} trial(s) to go; ETA {eta / 60:.1f} min at {slots} concurrent trial(s) (median trial {statistics.median(walls):.0f}s)"
 
 
 def cmd_fits(args) -> int:
