@@ -1,27 +1,42 @@
-"""Query a study's results from Python: status, fits, predictions. Needs no torch and no ray.
+"""Query a study's results from Python: status, trials, fits, predictions, comparisons.
+Needs no torch and no ray.
 
     >>> from scaling import api
     >>> study = api.open_study("runs/quickstart")          # a storage dir or a study .yaml
-    >>> [f.constants["alpha"] for f in api.fits(study)]
+    >>> [f.constants["alpha"] for f in api.fits(study, law="gap_vs_dosc")]
+    >>> api.predict(study, task="mqar", variant="oscillator", x=64)
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from scaling.fits import FitResult, fit_gap_vs_dosc
+from scaling import fits as F
+from scaling import laws
+from scaling.fits import FitResult
 from storage import fs as sfs
 from storage.ledger import Ledger
+
+STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as studies.spec: names directories
 
 
 class StudyNotFound(FileNotFoundError):
     pass
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked; the message says what would work."""
 
 
 @dataclass
@@ -40,20 +55,32 @@ class StudyResults:
     def done_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] != "failed"]
 
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({r["task"] for r in self.rows})
+
     def metric_name(self, task: str) -> str:
         names = {r["metric_name"] for r in self.done_rows if r["task"] == task and r["metric_name"]}
         return ", ".join(sorted(names)) or "metric"
 
+    def signature(self) -> str:
+        """Changes whenever the ledger does (a new trial, a retried one)."""
+        items = sorted((r["key"], r["status"], str(r["metric_value"]), str(r.get("finished_at"))) for r in self.rows)
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
 
 def _read_yaml(fs, path: str) -> dict[str, Any]:
-    return yaml.safe_load(sfs.read_bytes(fs, path)) or {}
+    data = yaml.safe_load(sfs.read_bytes(fs, path)) or {}
+    if not isinstance(data, dict):
+        raise StudyNotFound(f"{path}: not a study file (not a YAML mapping)")
+    return data
 
 
 def open_study(ref: str) -> StudyResults:
     """A study from its storage directory/URI, or from its study file (storage read from it)."""
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
         config = yaml.safe_load(Path(ref).read_text()) or {}
-        if "name" not in config:
+        if not isinstance(config, dict) or "name" not in config:
             raise StudyNotFound(f"{ref}: not a study file (no `name`)")
         storage = sfs.study_storage_uri(config["name"], config.get("storage"))
     else:
@@ -68,72 +95,262 @@ def open_study(ref: str) -> StudyResults:
     config = _read_yaml(fs, study_file)
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
-    return StudyResults(config["name"], storage, config, Ledger(storage).rows(), plan)
+    return StudyResults(str(config.get("name", Path(root).name)), storage, config, Ledger(storage).rows(), plan)
+
+
+def list_studies(root: str) -> list[dict[str, Any]]:
+    """Every study directory directly under `root` (a directory or URI): those holding a study.yaml."""
+    import pyarrow.fs as pafs
+
+    fs, base = sfs.resolve(root)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not NAME_RE.match(info.base_name):
+            continue
+        study_file = sfs.join(info.path, "study.yaml")
+        if not sfs.exists(fs, study_file):
+            continue
+        try:
+            config = _read_yaml(fs, study_file)
+        except Exception as error:  # a half-written or foreign file must not hide the other studies
+            out.append({"name": info.base_name, "error": f"unreadable study.yaml: {error}"})
+            continue
+        out.append({"name": info.base_name, "study": config.get("name"), "description": config.get("description", ""),
+                    "tasks": [t.get("name") for t in config.get("tasks", []) if isinstance(t, dict)],
+                    "variants": [v.get("name") for v in config.get("variants", []) if isinstance(v, dict)]})
+    return sorted(out, key=lambda s: s["name"])
+
+
+# ---- fits ---------------------------------------------------------------------------------------
+
+_CACHE: "OrderedDict[tuple, list[FitResult]]" = OrderedDict()
+_CACHE_SIZE = 32
 
 
 def fits(
-    study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None, n_boot: int = 2000
+    study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None,
+    method: str | None = None, n_boot: int = F.N_BOOT, ci_level: float = F.CI_LEVEL, params: str = "non_embedding",
+    seed: int = 0,
 ) -> list[FitResult]:
-    laws = study.config.get("fits") or ["gap_vs_dosc"]
-    out = []
-    tasks = sorted({r["task"] for r in study.done_rows})
-    for t in tasks:
-        if task and t != task:
+    """Every law the study's data supports, for each task and variant (filters narrow the list):
+
+    - gap_vs_dosc (methods loglog-means and nonlinear) per variant with d_osc and per size;
+    - gap_vs_params (both methods) per variant and d_osc with >= 2 sizes;
+    - loss_vs_params per variant and d_osc with >= 2 sizes (a fit needs >= 3).
+
+    Results are cached per ledger state and arguments."""
+    if law is not None and law not in F.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(F.LAWS)}")
+    if method is not None and method not in (*F.GAP_METHODS, "huber-log"):
+        raise QueryError(f"unknown method {method!r}; known: {[*F.GAP_METHODS, 'huber-log']}")
+    if params not in F.PARAM_FIELDS:
+        raise QueryError(f"unknown params {params!r}; known: {list(F.PARAM_FIELDS)}")
+    if not 0 < ci_level < 1:
+        raise QueryError(f"ci_level={ci_level} must be between 0 and 1, e.g. 0.95")
+    key = (study.storage, study.signature(), n_boot, ci_level, params, seed)
+    if key not in _CACHE:
+        with laws.single_threaded_blas():
+            _CACHE[key] = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=F.PARAM_FIELDS[params], seed=seed)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return [f for f in _CACHE[key]
+            if (task is None or f.task == task) and (variant is None or f.variant == variant)
+            and (law is None or f.law == law) and (method is None or f.method == method)]
+
+
+def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int) -> list[FitResult]:
+    """Every fit, in a stable order. (Serial on purpose: with tens of points per fit, threads lose
+    more to the GIL than they gain; measured 2x slower on 2 cores.)"""
+    results = [job() for job in _fit_jobs(study, n_boot=n_boot, ci_level=ci_level, params_field=params_field, seed=seed)]
+    return [fit for result in results for fit in (result if isinstance(result, list) else [result])]
+
+
+def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int):
+    """One callable per fit (or per pair of gap methods), each returning FitResult(s)."""
+    baseline = study.baseline
+    for task in study.tasks:
+        data = F.select_rows(study.rows, task)
+        if not data.rows:
             continue
-        variants = sorted({r["variant"] for r in study.done_rows if r["task"] == t and r["d_osc"] is not None})
-        for v in variants:
-            if variant and v != variant:
-                continue
-            if "gap_vs_dosc" in laws and law in (None, "gap_vs_dosc"):
-                out.append(
-                    fit_gap_vs_dosc(study.rows, study=study.name, task=t, variant=v, baseline=study.baseline,
-                                    metric=study.metric_name(t), n_boot=n_boot)
-                )
+        draws = F.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
+        metric = data.metric
+        has_baseline = any(r["variant"] == baseline for r in data.rows)
+        variants = sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded})
+        common = dict(study=study.name, task=task, metric=metric, draws=draws, ci_level=ci_level)
+        base_sizes = {r["target_params"] for r in data.rows if r["variant"] == baseline}
+        for variant in variants:
+            vrows = [r for r in data.rows if r["variant"] == variant]
+            sizes = sorted({r["target_params"] for r in vrows}, key=lambda v: (v is not None, v or 0))
+            d_values = sorted({r["d_osc"] for r in vrows}, key=lambda v: (v is not None, v or 0))
+            # gap vs d_osc, at each size
+            if variant != baseline and any(d is not None for d in d_values):
+                for size in sizes:
+                    group = {"target_params": size} if size is not None else {}
+                    if not has_baseline:
+                        cells = F.GapCells(F.np.zeros(0), [], F.np.zeros((0, 0)), F.np.zeros((0, 0)), 1.0,
+                                           [f"no completed {baseline} baseline trials for task {task}"])
+                    else:
+                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
+                                            target_params=size, params_field=params_field)
+                    excluded = _merge(data.excluded_where(variant=variant, target_params=size),
+                                      data.excluded_where(variant=baseline, target_params=size))
+                    yield functools.partial(F.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
+                                            group=group, excluded=excluded, extra_notes=data.notes, **common)
+            # gap and loss vs parameters, at each d_osc
+            if len([s for s in sizes if s is not None]) >= 2:
+                for d in d_values:
+                    group = {"d_osc": d} if d is not None else {}
+                    excluded_v = data.excluded_where(variant=variant, d_osc=d)
+                    if variant != baseline and has_baseline and len(base_sizes - {None}) >= 2:
+                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params", metric=metric,
+                                            d_osc=d, params_field=params_field)
+                        excluded = _merge(excluded_v, data.excluded_where(variant=baseline))
+                        yield functools.partial(F.fit_gap_law, cells, law="gap_vs_params", variant=variant,
+                                                baseline=baseline, group=group, excluded=excluded,
+                                                extra_notes=data.notes, params_field=params_field, **common)
+                    yield functools.partial(F.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
+                                            params_field=params_field, excluded=excluded_v, extra_notes=data.notes,
+                                            **common)
+
+
+def _merge(*counts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
     return out
 
 
-def predict(study: StudyResults, *, task: str, variant: str, d_osc: float) -> dict[str, Any]:
-    """The fitted gap at d_osc, with the bootstrap interval of the constants propagated by the fit."""
-    matches = [f for f in fits(study, task=task, variant=variant, law="gap_vs_dosc") if f.ok]
-    if not matches:
-        raise ValueError(f"no usable gap_vs_dosc fit for task={task!r} variant={variant!r} in study {study.name}")
-    fit = matches[0]
-    c, a = fit.constants["C"], fit.constants["alpha"]
-    corners = [
-        ci_c * d_osc ** (-ci_a)
-        for ci_c in (c.ci_low, c.ci_high) if ci_c is not None
-        for ci_a in (a.ci_low, a.ci_high) if ci_a is not None
-    ]
-    return {"task": task, "variant": variant, "d_osc": d_osc, "gap": fit.predict(d_osc),
-            "range_low": min(corners) if corners else None, "range_high": max(corners) if corners else None,
-            "law": "gap = C * d_osc^-alpha", "C": c.value, "alpha": a.value}
+def find_fit(
+    study: StudyResults, *, task: str, variant: str, law: str = "gap_vs_dosc", method: str | None = None,
+    group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding",
+) -> FitResult:
+    """The one fit a prediction or comparison uses; the error lists what exists when it is ambiguous or absent."""
+    method = method or ("huber-log" if law == "loss_vs_params" else "nonlinear")
+    found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params)
+    if group:
+        found = [f for f in found if all(f.group.get(k) == v for k, v in group.items())]
+    usable = [f for f in found if f.ok]
+    if len(usable) == 1:
+        return usable[0]
+    if not usable:
+        have = sorted({(f.task, f.variant, f.law) for f in fits(study) if f.ok})
+        reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study"
+        raise QueryError(
+            f"no usable {law} fit for task={task!r} variant={variant!r} method={method!r} in study {study.name} "
+            f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
+        )
+    groups = [f.group_label for f in usable]
+    raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}: give the group, one of {groups}")
 
+
+def predict(
+    study: StudyResults, *, task: str, variant: str, x: float | None = None, d_osc: float | None = None,
+    params: float | None = None, law: str | None = None, method: str | None = None,
+    group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = F.N_BOOT,
+) -> dict[str, Any]:
+    """The fitted law at a new point, with the confidence interval of the law and a prediction
+    interval for the mean of `n_seeds` new runs. `d_osc=` implies gap_vs_dosc, `params=`
+    gap_vs_params (or pass law and x)."""
+    if d_osc is not None:
+        x, law = d_osc, law or "gap_vs_dosc"
+    elif params is not None:
+        x, law = params, law or "gap_vs_params"
+    law = law or "gap_vs_dosc"
+    if x is None or not math.isfinite(float(x)) or float(x) <= 0:
+        raise QueryError(f"give a positive point to predict at (d_osc=... or params=...), got {x!r}")
+    if n_seeds < 1:
+        raise QueryError(f"n_seeds={n_seeds} must be >= 1")
+    if level is not None and not 0 < level < 1:
+        raise QueryError(f"level={level} must be between 0 and 1")
+    fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot)
+    out = fit.predict(float(x), n_seeds=n_seeds, level=level)
+    constants = {k: e.value for k, e in fit.constants.items()}
+    quantity = "gap" if law.startswith("gap") else "loss"
+    return F._clean({"task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
+                     "formula": fit.formula, "group": fit.group, "quantity": quantity, quantity: out["value"],
+                     "d_osc" if fit.x_name == "d_osc" else "params": float(x), **out, "constants": constants,
+                     "fitted_range": [min(p["x"] for p in fit.points if p.get("used", True)),
+                                      max(p["x"] for p in fit.points if p.get("used", True))],
+                     # kept for older callers: the confidence interval
+                     "range_low": out["ci_low"], "range_high": out["ci_high"]})
+
+
+def compare(
+    study: StudyResults, *, a: tuple[str, str], b: tuple[str, str], law: str = "gap_vs_dosc",
+    method: str | None = None, group_a: dict[str, Any] | None = None, group_b: dict[str, Any] | None = None,
+    level: float | None = None, other: StudyResults | None = None,
+) -> dict[str, Any]:
+    """The difference of exponents alpha(a) - alpha(b), a and b = (task, variant), with its interval.
+    `other` takes b from another study (its own, independent seed draws)."""
+    fa = find_fit(study, task=a[0], variant=a[1], law=law, method=method, group=group_a)
+    fb = find_fit(other or study, task=b[0], variant=b[1], law=law, method=method, group=group_b)
+    return F.compare_exponents(fa, fb, level=level)
+
+
+def exponent_differences(fit_list: list[FitResult], *, level: float | None = None) -> list[dict[str, Any]]:
+    """alpha differences worth a table: variants of one task (same law, method, group), and one
+    variant across tasks (same law, method)."""
+    usable = [f for f in fit_list if f.ok and "alpha" in f.constants]
+    out = []
+    for i, a in enumerate(usable):
+        for b in usable[i + 1:]:
+            if (a.law, a.method) != (b.law, b.method):
+                continue
+            same_task = a.task == b.task and a.group == b.group and a.variant != b.variant
+            cross_task = a.task != b.task and a.variant == b.variant and a.group == b.group
+            if same_task or cross_task:
+                out.append(F.compare_exponents(a, b, level=level))
+    return out
+
+
+# ---- status and trials --------------------------------------------------------------------------
 
 def status(study: StudyResults) -> dict[str, dict[str, int]]:
     """Per cell: completed / diverged / pruned / failed / in_progress / pending."""
     done = {r["key"]: r["status"] for r in study.rows if r["status"] != "failed"}
     failed = {r["key"] for r in study.rows if r["status"] == "failed"}
     started = _started_keys(study.storage)
-    planned = study.plan or [
-        {"key": r["key"], "cell": r["cell"]} for r in study.rows
-    ]
+    planned = study.plan or [{"key": r["key"], "cell": r["cell"]} for r in study.rows]
     cells: dict[str, dict[str, int]] = {}
     seen = set()
     for trial in planned:
         if trial["key"] in seen:
             continue
         seen.add(trial["key"])
-        counts = cells.setdefault(trial["cell"], {s: 0 for s in ("completed", "diverged", "pruned", "failed", "in_progress", "pending")})
+        counts = cells.setdefault(trial["cell"], {s: 0 for s in STATUS_KEYS})
         key = trial["key"]
         if key in done:
             counts[done[key]] = counts.get(done[key], 0) + 1
-        elif key in started:
-            counts["in_progress"] += 1
         elif key in failed:
             counts["failed"] += 1
+        elif key in started:
+            counts["in_progress"] += 1
         else:
             counts["pending"] += 1
     return cells
+
+
+def status_totals(cells: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {k: sum(c.get(k, 0) for c in cells.values()) for k in STATUS_KEYS}
+
+
+TRIAL_FIELDS = ("key", "cell", "task", "variant", "d_osc", "target_params", "params_total", "params_non_embedding",
+                "seed", "stage", "status", "metric_name", "metric_value", "best_step", "steps", "tokens_seen",
+                "flops", "wall_seconds", "started_at", "finished_at", "wandb_run_id", "host", "error")
+
+
+def trials(
+    study: StudyResults, *, task: str | None = None, variant: str | None = None, status: str | None = None,
+    cell: str | None = None, limit: int = 1000, offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Ledger rows (without the spec/metrics JSON blobs), sorted by cell and seed."""
+    rows = [r for r in study.rows
+            if (task is None or r["task"] == task) and (variant is None or r["variant"] == variant)
+            and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
+    rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
+    return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
 
 
 def _started_keys(storage: str) -> set[str]:

@@ -1,23 +1,51 @@
-"""Power-law fits with honest uncertainty (numpy only; no torch, no ray).
+"""Power-law fits with honest uncertainty (numpy and scipy only; no torch, no ray).
 
-`gap_vs_dosc`: gap(d) = metric(variant, d) - metric(baseline), paired by seed where the baseline
-has that seed (else against the baseline's mean), fitted as gap = C * d^-alpha by least squares of
-log gap on log d over the per-d means (paper A's method). Uncertainty: bootstrap over seeds
-(resample the seeds within each d cell, refit), percentile intervals. Goodness of fit: R^2 in log
-space and the error predicting the largest d from a fit to the others.
+Laws (one FitResult per task, variant, group and method):
+
+- `gap_vs_dosc`: gap(d) = metric(variant, d) - metric(baseline) at the same task and size, paired
+  by seed where the baseline has that seed (else taken to the baseline's mean, and said so). Two
+  methods side by side:
+  * `loglog-means` — paper A's: least squares of log gap on log d over the per-d mean gaps
+    (d values whose mean gap is <= 0 cannot enter a log and are left out, with a note);
+  * `nonlinear` — least squares on the per-d mean gaps in linear space of gap = C d^-alpha and of
+    gap = C d^-alpha + g_inf (an irreducible gap); the one with the lower leave-one-d-out error
+    is kept. Zero and negative gaps are ordinary data here.
+- `gap_vs_params`: the same two methods with x = parameter count, at one d_osc, paired by seed and size.
+- `loss_vs_params`: L(N) = E + A N^-alpha per variant (and d_osc), Huber loss on log residuals,
+  minimised by L-BFGS from a grid of starting points (Epoch AI's Chinchilla replication), every
+  trial a point.
+
+Uncertainty: the seed is the replicate unit. A bootstrap draw resamples the seeds with replacement
+and every cell keeps the drawn seeds it has (one draw for all cells of a task, so the pairing with
+the shared baseline survives, and two fits of the same task are compared draw by draw). Every
+constant gets a percentile interval widened for the small number of seeds (see `widened_interval`);
+the validity test checks coverage on synthetic studies. Also: R^2, residuals, leave-one-x-out and
+largest-x-held-out prediction errors, confidence bands, prediction intervals for a new run, and the
+interval of the difference of two exponents (`compare_exponents`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+import zlib
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 import numpy as np
 
+from scaling import laws
+
 CI_LEVEL = 0.95
 N_BOOT = 2000
+LAWS = ("gap_vs_dosc", "gap_vs_params", "loss_vs_params")
+GAP_METHODS = ("loglog-means", "nonlinear")
+PARAM_FIELDS = {"non_embedding": "params_non_embedding", "total": "params_total"}
+INTERVAL_METHOD = ("percentile bootstrap over seeds, half-widths widened by sqrt(n/(n-1)) t_(n-1)/z "
+                   "(n = seeds per cell)")
 
+
+# ---- results -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Estimate:
@@ -26,6 +54,8 @@ class Estimate:
     ci_high: float | None
 
     def fmt(self, digits: int = 3) -> str:
+        if not _finite(self.value):
+            return "–"
         if self.ci_low is None or self.ci_high is None:
             return f"{self.value:.{digits}g}"
         return f"{self.value:.{digits}g} [{self.ci_low:.{digits}g}, {self.ci_high:.{digits}g}]"
@@ -35,178 +65,788 @@ class Estimate:
 class FitResult:
     study: str
     task: str
-    law: str
+    law: str  # gap_vs_dosc | gap_vs_params | loss_vs_params
     variant: str
-    baseline: str
+    baseline: str  # "" for loss_vs_params
     metric: str
-    method: str
+    method: str  # loglog-means | nonlinear | huber-log
     constants: dict[str, Estimate]
     r2: float | None
     n_points: int
     n_seeds: int
     n_boot: int
     ci_level: float
-    heldout: dict[str, Any] | None
-    points: list[dict[str, Any]]
+    heldout: dict[str, Any] | None  # the largest x predicted from a fit to the others
+    points: list[dict[str, Any]]  # per x: mean, per-seed values, fit, residual, band
     notes: list[str] = field(default_factory=list)
     ok: bool = True
+    model: str = "power"  # power | power_floor | offset_power (scaling.laws)
+    x_name: str = "d_osc"  # d_osc | params
+    group: dict[str, Any] = field(default_factory=dict)  # what is held fixed: {"target_params": N} or {"d_osc": d}
+    loo: dict[str, Any] | None = None  # leave-one-x-out prediction errors
+    selection: dict[str, Any] | None = None  # nonlinear: held-out error of each candidate model
+    excluded: dict[str, int] = field(default_factory=dict)  # trials left out, by reason
+    r2_space: str = "log"
+    description: str = ""  # the method in words, for reports
+    curve: dict[str, list[float]] | None = None  # dense x grid: fit, band_low, band_high
+    boot: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    noise_sd: float | None = None  # seed noise of one run around its cell mean (log scale for loss_vs_params)
+    noise_df: int = 0  # its degrees of freedom
+    boot_stream: str = ""  # fits with the same stream used the same seed draws (paired)
+    min_cell_seeds: int = 0
+    x_label: str = ""  # axis label of x: "d_osc" or which parameter count
 
-    def predict(self, x: float) -> float:
-        c, alpha = self.constants["C"].value, self.constants["alpha"].value
-        return c * x ** (-alpha)
+    # -- queries --
+    @property
+    def formula(self) -> str:
+        return laws.FORMULAS[self.model].replace("x", "d_osc" if self.x_name == "d_osc" else "N")
+
+    @property
+    def group_label(self) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.group.items())
+
+    def value_at(self, x: float | np.ndarray) -> np.ndarray | float:
+        out = laws.evaluate(self.model, {k: e.value for k, e in self.constants.items()}, x)
+        return float(out) if np.ndim(out) == 0 else out
+
+    def predict(self, x: float, *, n_seeds: int = 1, level: float | None = None) -> dict[str, Any]:
+        """The fitted value at x with a confidence interval (of the law's mean) and a prediction
+        interval for the mean of `n_seeds` new runs there (seed noise added to the curve draws)."""
+        level = level or self.ci_level
+        value = float(self.value_at(x))
+        out: dict[str, Any] = {"x": float(x), "value": value, "ci_low": None, "ci_high": None, "pi_low": None,
+                               "pi_high": None, "level": level, "n_seeds": n_seeds,
+                               "extrapolated": not (min(p["x"] for p in self.points) <= x <= max(p["x"] for p in self.points))
+                               if self.points else True}
+        if not self.ok or self.boot is None or self.min_cell_seeds < 2:
+            return out
+        draws = laws.evaluate(self.model, self.boot, np.array([x]))[:, 0]
+        positive = self.method in ("loglog-means", "huber-log")
+        out["ci_low"], out["ci_high"] = widened_interval(value, draws, level, self.min_cell_seeds, log=positive)
+        if self.noise_sd is not None and self.noise_df >= 1 and out["ci_low"] is not None:
+            # new runs = the law's value + seed noise: half-widths add in quadrature, the noise part
+            # with t quantiles on the pooled within-cell degrees of freedom
+            from scipy.special import stdtrit
+
+            spread = float(stdtrit(self.noise_df, (1 + level) / 2)) * self.noise_sd / math.sqrt(n_seeds)
+            log = self.law == "loss_vs_params"  # multiplicative seed noise
+            centre, low, high = (np.log([value, out["ci_low"], out["ci_high"]]) if log
+                                 else (value, out["ci_low"], out["ci_high"]))
+            pi_low = centre - math.hypot(centre - low, spread)
+            pi_high = centre + math.hypot(high - centre, spread)
+            out["pi_low"], out["pi_high"] = (math.exp(pi_low), math.exp(pi_high)) if log else (pi_low, pi_high)
+        return out
 
     def to_row(self) -> dict[str, Any]:
-        """A flat row for tables, CSV and W&B."""
+        """A flat row for tables, CSV and W&B: the same columns for every law (None where absent)."""
         row: dict[str, Any] = {
             "study": self.study, "task": self.task, "law": self.law, "variant": self.variant,
-            "baseline": self.baseline, "metric": self.metric, "method": self.method, "ok": self.ok,
-            "r2": self.r2, "n_points": self.n_points, "n_seeds": self.n_seeds,
+            "group": self.group_label, "baseline": self.baseline, "metric": self.metric, "method": self.method,
+            "model": self.model, "formula": self.formula, "ok": self.ok, "r2": _clean(self.r2),
+            "n_points": self.n_points, "n_seeds": self.n_seeds, "n_boot": self.n_boot, "ci_level": self.ci_level,
         }
-        for name, est in self.constants.items():
-            row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = est.value, est.ci_low, est.ci_high
-        if self.heldout:
-            row["heldout_x"], row["heldout_rel_error"] = self.heldout["x"], self.heldout["rel_error"]
+        for name in ("C", "alpha", "g_inf", "E", "A"):
+            est = self.constants.get(name)
+            row[name] = _clean(est.value) if est else None
+            row[f"{name}_ci_low"] = _clean(est.ci_low) if est else None
+            row[f"{name}_ci_high"] = _clean(est.ci_high) if est else None
+        loo = self.loo or {}
+        row["loo_rmse"], row["loo_mean_abs_rel_error"] = _clean(loo.get("rmse")), _clean(loo.get("mean_abs_rel_error"))
+        held = self.heldout or {}
+        row["heldout_x"], row["heldout_rel_error"] = _clean(held.get("x")), _clean(held.get("rel_error"))
+        for reason in ("diverged", "failed", "pruned", "non-finite"):
+            row[f"excluded_{reason.replace('-', '_')}"] = int(self.excluded.get(reason, 0))
         row["notes"] = "; ".join(self.notes)
         return row
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the bootstrap draws, JSON-ready (non-finite numbers become None)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "boot"}
+        out["constants"] = {k: {"value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high} for k, e in self.constants.items()}
+        out["formula"] = self.formula
+        return _clean(out)
 
 
-def fit_power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None]:
-    """(C, alpha, R^2) of y = C * x^-alpha by least squares in log-log space; y must be > 0."""
-    lx, ly = np.log(x), np.log(y)
-    slope, intercept = np.polyfit(lx, ly, 1)
-    resid = ly - (intercept + slope * lx)
-    ss_tot = float(np.sum((ly - ly.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if len(x) > 2 and ss_tot > 0 else None
-    return math.exp(intercept), -slope, r2
+def _num(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
 
 
-def paired_gaps(
-    rows: Iterable[dict[str, Any]], *, task: str, variant: str, baseline: str
-) -> tuple[dict[int, dict[int, float]], dict[int, float], list[str]]:
-    """({d: {seed: gap}}, {seed: baseline value}, notes) from completed ledger rows."""
+def _short(value: Any) -> str:
+    if isinstance(value, (int, float)) and abs(value) >= 1e4:
+        return f"{value:.3g}"
+    return str(value)
+
+
+# ---- intervals ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def widen_factor(level: float, n: int) -> float:
+    """sqrt(n/(n-1)) * t_(n-1) / z: the plug-in bootstrap spread of a mean of n seeds is
+    sqrt((n-1)/n) of the unbiased one, and a mean of n seeds follows t with n-1 degrees of freedom,
+    not the normal law a plain percentile interval assumes. Without it, 90% intervals from 5 seeds
+    cover only ~80% of the time (see tests/test_fits.py)."""
+    from scipy.special import ndtri, stdtrit  # t and normal quantiles (scipy.stats is slow to import)
+
+    tail = (1 + level) / 2
+    return math.sqrt(n / (n - 1)) * float(stdtrit(n - 1, tail)) / float(ndtri(tail))
+
+
+def widened_interval(
+    estimate: float, draws: np.ndarray, level: float, n: int, *, log: bool = False
+) -> tuple[float | None, float | None]:
+    """The percentile interval of the draws, its two half-widths around the estimate widened by
+    `widen_factor`; (None, None) with fewer than 2 seeds per cell or 20 usable draws. `log=True`
+    widens on the log scale (for positive constants: the interval stays positive)."""
+    (low, high), = widened_intervals(np.array([estimate], dtype=float), np.asarray(draws, dtype=float)[:, None], level, n,
+                                     log=log)
+    return low, high
+
+
+def widened_intervals(
+    estimates: np.ndarray, draws: np.ndarray, level: float, n: int, *, log: bool = False
+) -> list[tuple[float | None, float | None]]:
+    """`widened_interval` for many quantities at once: estimates (G,), draws (B, G)."""
+    G = len(estimates)
+    if n < 2 or draws.shape[0] == 0:
+        return [(None, None)] * G
+    if log:
+        estimates = np.asarray(estimates, dtype=float)
+        positive = (estimates > 0) & ~(draws <= 0).any(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            on_log = widened_intervals(np.log(np.where(positive, estimates, 1.0)), np.log(np.where(positive, draws, 1.0)),
+                                       level, n)
+        on_linear = widened_intervals(estimates, draws, level, n) if not positive.all() else on_log
+        return [(_exp(lo), _exp(hi)) if ok else lin for (lo, hi), lin, ok in zip(on_log, on_linear, positive)]
+    ok_count = np.isfinite(draws).sum(axis=0)
+    tail = (1 - level) / 2
+    if (ok_count == draws.shape[0]).all():
+        low, high = np.percentile(draws, [100 * tail, 100 * (1 - tail)], axis=0)
+    else:
+        low, high = _column_quantiles(draws, ok_count, tail), _column_quantiles(draws, ok_count, 1 - tail)
+    k = widen_factor(level, n)
+    lo = estimates - k * np.maximum(estimates - low, 0.0)
+    hi = estimates + k * np.maximum(high - estimates, 0.0)
+    return [(float(a), float(b)) if c >= 20 and np.isfinite(e) and np.isfinite(a) and np.isfinite(b) else (None, None)
+            for a, b, c, e in zip(lo, hi, ok_count, estimates)]
+
+
+def _exp(value: float | None) -> float | None:
+    return None if value is None else float(math.exp(value))
+
+
+def _column_quantiles(draws: np.ndarray, counts: np.ndarray, q: float) -> np.ndarray:
+    """np.nanpercentile(draws, 100 q, axis=0) (linear interpolation) without its slow per-column loop."""
+    ordered = np.sort(np.where(np.isfinite(draws), draws, np.inf), axis=0)  # non-finite sorts last
+    pos = np.maximum(counts - 1, 0) * q
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(counts - 1, 0))
+    cols = np.arange(draws.shape[1])
+    v_lo, v_hi = ordered[lo, cols], ordered[hi, cols]
+    with np.errstate(invalid="ignore"):
+        out = v_lo + (pos - lo) * (v_hi - v_lo)
+    return np.where(counts > 0, out, np.nan)
+
+
+# ---- the data a fit sees ------------------------------------------------------------------------
+
+HIGHER_IS_BETTER_HINTS = ("acc", "f1", "auc", "score", "recall", "precision")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexities, bits per character: lower is better; accuracies: higher."""
+    name = (metric or "").lower()
+    return not any(hint in name for hint in HIGHER_IS_BETTER_HINTS)
+
+
+@dataclass
+class TaskRows:
+    """A task's usable trials (completed, finite metric, replicate stage; one per cell and seed) and
+    what was left out, by cell and reason."""
+
+    task: str
+    metric: str
+    rows: list[dict[str, Any]]
+    excluded: list[tuple[dict[str, Any], str]]  # (row, reason): diverged | failed | pruned | non-finite
+    notes: list[str]
+
+    def excluded_where(self, **match: Any) -> dict[str, int]:
+        """Counts by reason of the excluded trials whose fields equal `match` (a value may be a set)."""
+        out: dict[str, int] = {}
+        for row, reason in self.excluded:
+            if all(row[k] in v if isinstance(v, (set, frozenset)) else row[k] == v for k, v in match.items()):
+                out[reason] = out.get(reason, 0) + 1
+        return out
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({int(r["seed"]) for r in self.rows})
+
+
+def select_rows(rows: Iterable[dict[str, Any]], task: str) -> TaskRows:
+    rows = [r for r in rows if r["task"] == task]
+    finished_keys = {r["key"] for r in rows if r["status"] != "failed"}
+    excluded: list[tuple[dict[str, Any], str]] = []
     notes: list[str] = []
-    base: dict[int, float] = {}
-    values: dict[int, dict[int, float]] = {}
+
+    def exclude(row: dict[str, Any], reason: str) -> None:
+        excluded.append((row, reason))
+
+    best: dict[tuple, dict[str, Any]] = {}
+    failed_seen: set[str] = set()
+    n_search = n_duplicate = 0
     for row in rows:
-        if row["task"] != task or row["status"] != "completed" or not _finite(row["metric_value"]):
+        status = row["status"]
+        if status == "failed":
+            if row["key"] not in finished_keys and row["key"] not in failed_seen:  # retried later: not a loss
+                failed_seen.add(row["key"])
+                exclude(row, "failed")
+            continue
+        if row.get("stage", "replicate") == "search":
+            n_search += 1
+            continue
+        if status != "completed":
+            exclude(row, status)
+            continue
+        if not _finite(row["metric_value"]):
+            exclude(row, "non-finite")
+            continue
+        slot = (row["variant"], row["d_osc"], row["target_params"], int(row["seed"]))
+        if slot in best:
+            n_duplicate += 1
+            if str(row.get("finished_at") or "") <= str(best[slot].get("finished_at") or ""):
+                continue
+        best[slot] = row
+    if n_search:
+        notes.append(f"{n_search} search-stage trial(s) not used (fits use the replicate trials)")
+    if n_duplicate:
+        notes.append(f"{n_duplicate} duplicate trial(s) of the same cell and seed: the latest kept")
+    used = list(best.values())
+    names = sorted({r["metric_name"] for r in used if r.get("metric_name")})
+    return TaskRows(task, ", ".join(names) or "metric", used, excluded, notes)
+
+
+class SeedDraws:
+    """Bootstrap draws of the seeds: counts (n_boot, n_seeds), how often each seed was drawn.
+
+    The random stream is named (e.g. by task), so every fit of one task sees the same draws."""
+
+    def __init__(self, seeds: Iterable[int], n_boot: int, rng_seed: int = 0, stream: str = "") -> None:
+        self.seeds = sorted({int(s) for s in seeds})
+        self.index = {s: i for i, s in enumerate(self.seeds)}
+        self.stream = f"{stream}#{rng_seed}"
+        rng = np.random.default_rng([rng_seed, zlib.crc32(stream.encode())])
+        n = len(self.seeds)
+        self.counts = rng.multinomial(n, [1.0 / n] * n, size=n_boot).astype(float) if n else np.zeros((n_boot, 0))
+
+    @property
+    def n_boot(self) -> int:
+        return self.counts.shape[0]
+
+
+# ---- gaps ---------------------------------------------------------------------------------------
+
+@dataclass
+class GapCells:
+    """Per x value (cell j) and seed (column s): the variant's value and its baseline.
+
+    gap = sign * (variant - baseline), sign = +1 when lower is better, so a positive gap means the
+    variant is worse than the baseline."""
+
+    x: np.ndarray  # (J,)
+    seeds: list[int]
+    variant: np.ndarray  # (J, S), NaN where missing
+    baseline: np.ndarray  # (J, S) the baseline at the same size, NaN where missing
+    sign: float
+    notes: list[str]
+
+    def mean_gaps(self, counts: np.ndarray) -> np.ndarray:
+        """(B, J) mean gap per cell for seed counts (B, S): paired where the baseline has the seed,
+        else against the (resampled) baseline mean of that cell."""
+        has_v = np.isfinite(self.variant)
+        has_b = np.isfinite(self.baseline)
+        v = np.where(has_v, self.variant, 0.0)
+        b = np.where(has_b, self.baseline, 0.0)
+        paired = has_v & has_b
+        unpaired = has_v & ~has_b
+        den = counts @ has_v.T.astype(float)
+        num = counts @ (np.where(paired, v - b, 0.0)).T + counts @ (np.where(unpaired, v, 0.0)).T
+        n_unpaired = counts @ unpaired.T.astype(float)
+        b_den = counts @ has_b.T.astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            b_mean = (counts @ b.T) / b_den
+            unpaired_part = np.where(n_unpaired > 0, n_unpaired * b_mean, 0.0)
+            out = self.sign * (num - unpaired_part) / den
+        bad = (den == 0) | ((n_unpaired > 0) & (b_den == 0))
+        return np.where(bad, np.nan, out)
+
+    def seed_gaps(self) -> list[dict[int, float]]:
+        """Per cell {seed: gap} with the full-data baseline mean for unpaired seeds."""
+        out = []
+        for j in range(len(self.x)):
+            b_mean = np.nanmean(self.baseline[j]) if np.isfinite(self.baseline[j]).any() else np.nan
+            cell = {}
+            for s, seed in enumerate(self.seeds):
+                if np.isfinite(self.variant[j, s]):
+                    base = self.baseline[j, s] if np.isfinite(self.baseline[j, s]) else b_mean
+                    cell[seed] = float(self.sign * (self.variant[j, s] - base))
+            out.append(cell)
+        return out
+
+
+def gap_cells(
+    rows: list[dict[str, Any]], *, variant: str, baseline: str, x_of: str, metric: str,
+    d_osc: int | None = None, target_params: int | None = None, params_field: str = "params_non_embedding",
+) -> GapCells:
+    """x_of = "d_osc" (one size: target_params) or "params" (one d_osc)."""
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    base: dict[Any, dict[int, float]] = {}
+    values: dict[Any, dict[int, float]] = {}
+    params: dict[Any, list[float]] = {}
+    for row in rows:
+        if x_of == "d_osc" and row["target_params"] != target_params:
             continue
         if row["variant"] == baseline:
-            base[int(row["seed"])] = float(row["metric_value"])
-        elif row["variant"] == variant and row["d_osc"] is not None:
-            values.setdefault(int(row["d_osc"]), {})[int(row["seed"])] = float(row["metric_value"])
-    if not base:
-        return {}, {}, [f"no completed {baseline} baseline trials for task {task}"]
-    base_mean = float(np.mean(list(base.values())))
-    gaps: dict[int, dict[int, float]] = {}
-    unpaired = 0
-    for d, by_seed in sorted(values.items()):
-        for seed, value in by_seed.items():
-            if seed not in base:
+            base.setdefault(row["target_params"], {})[int(row["seed"])] = float(row["metric_value"])
+        elif row["variant"] == variant:
+            if (x_of == "d_osc" and row["d_osc"] is None) or (x_of == "params" and row["d_osc"] != d_osc):
+                continue
+            key = row["d_osc"] if x_of == "d_osc" else row["target_params"]
+            if key is None:
+                continue
+            values.setdefault(key, {})[int(row["seed"])] = float(row["metric_value"])
+            params.setdefault(key, []).append(float(row[params_field]))
+    notes: list[str] = []
+    keys = sorted(values)
+    seeds = sorted({s for k in keys for s in values[k]} | {s for b in base.values() for s in b})
+    J, S = len(keys), len(seeds)
+    V, Bm = np.full((J, S), np.nan), np.full((J, S), np.nan)
+    col = {s: i for i, s in enumerate(seeds)}
+    unpaired = missing_base = 0
+    for j, key in enumerate(keys):
+        size = target_params if x_of == "d_osc" else key
+        b = base.get(size, {})
+        if not b:
+            missing_base += 1
+        for seed, value in values[key].items():
+            V[j, col[seed]] = value
+            if seed in b:
+                Bm[j, col[seed]] = b[seed]
+            else:
                 unpaired += 1
-            gaps.setdefault(d, {})[seed] = value - base.get(seed, base_mean)
+        for seed, value in b.items():  # baseline seeds the variant lacks still inform the baseline mean
+            Bm[j, col[seed]] = value
+    if x_of == "d_osc":
+        x = np.array(keys, dtype=float)
+    else:
+        x = np.array([np.mean(params[k]) for k in keys], dtype=float)
+    if missing_base:
+        notes.append(f"{missing_base} cell(s) have no completed {baseline} baseline at the same size: left out")
+        keep = np.isfinite(Bm).any(axis=1)
+        x, V, Bm = x[keep], V[keep], Bm[keep]
+        unpaired = int((np.isfinite(V) & ~np.isfinite(Bm)).sum())
     if unpaired:
         notes.append(f"{unpaired} trial(s) had no baseline with the same seed: gap taken to the baseline mean")
-    return gaps, base, notes
+    if sign < 0:
+        notes.append(f"{metric}: higher is better, so gap = {baseline} - variant (positive = variant worse)")
+    return GapCells(x, seeds, V, Bm, sign, notes)
 
 
-def fit_gap_vs_dosc(
-    rows: list[dict[str, Any]],
-    *,
-    study: str,
-    task: str,
-    variant: str,
-    baseline: str,
-    metric: str,
-    n_boot: int = N_BOOT,
-    seed: int = 0,
-) -> FitResult:
-    gaps, base, notes = paired_gaps(rows, task=task, variant=variant, baseline=baseline)
-    ds = np.array(sorted(gaps), dtype=float)
-    means = np.array([np.mean(list(gaps[int(d)].values())) for d in ds])
-    points = [
-        {"d_osc": int(d), "gap_mean": float(m), "gaps": {str(s): g for s, g in sorted(gaps[int(d)].items())},
-         "n_seeds": len(gaps[int(d)])}
-        for d, m in zip(ds, means)
+# ---- fitting a gap law --------------------------------------------------------------------------
+
+def _fit_gap_method(method: str, x: np.ndarray, means: np.ndarray, *, model: str | None = None) -> dict[str, np.ndarray]:
+    """Constants per row of means (B, J) for one method and model."""
+    if method == "loglog-means":
+        C, alpha, _ = laws.loglog_batch(x, means)
+        return {"C": C, "alpha": alpha}
+    floor = model == "power_floor"
+    out = laws.power_vp_batch(x, means, floor=floor)
+    consts = {"C": out["C"], "alpha": out["alpha"]}
+    if floor:
+        consts["g_inf"] = out["g_inf"]
+    consts["_at_bound"] = out["at_bound"]
+    return consts
+
+
+def _min_points(method: str, model: str) -> int:
+    return 3 if model == "power_floor" else 2
+
+
+def _leave_one_out(method: str, model: str, x: np.ndarray, means: np.ndarray) -> dict[str, Any] | None:
+    """Refit without each x in turn and predict it. Uses only x values the method can use."""
+    usable = np.isfinite(means) & ((means > 0) if method == "loglog-means" else True)
+    idx = np.flatnonzero(usable)
+    if len(idx) < _min_points(method, model) + 1:
+        return None
+    rows = np.repeat(means[None, :], len(idx), axis=0)
+    for r, j in enumerate(idx):
+        rows[r, j] = np.nan
+    consts = _fit_gap_method(method, x, rows, model=model)
+    preds = np.array([laws.evaluate(model, {k: v[r] for k, v in consts.items() if not k.startswith("_")}, x[j])
+                      for r, j in enumerate(idx)], dtype=float).ravel()
+    observed = means[idx]
+    errors = preds - observed
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(observed != 0, errors / np.abs(observed), np.nan)
+    points = [{"x": float(x[j]), "observed": float(o), "predicted": _clean(float(p)), "error": _clean(float(e)),
+               "rel_error": _clean(float(q))} for j, o, p, e, q in zip(idx, observed, preds, errors, rel)]
+    finite = np.isfinite(errors)
+    return {"points": points,
+            "rmse": float(np.sqrt(np.mean(errors[finite] ** 2))) if finite.any() else None,
+            "mean_abs_rel_error": float(np.nanmean(np.abs(rel))) if np.isfinite(rel).any() else None}
+
+
+def fit_gap_law(
+    cells: GapCells, *, study: str, task: str, law: str, variant: str, baseline: str, metric: str,
+    draws: SeedDraws, group: dict[str, Any] | None = None, ci_level: float = CI_LEVEL,
+    methods: Iterable[str] = GAP_METHODS, excluded: dict[str, int] | None = None, extra_notes: Iterable[str] = (),
+    params_field: str = "params_non_embedding",
+) -> list[FitResult]:
+    x_name = "d_osc" if law == "gap_vs_dosc" else "params"
+    x = cells.x
+    n_boot = draws.n_boot
+    counts = draws.counts[:, [draws.index[s] for s in cells.seeds]] if len(x) else np.zeros((n_boot, 0))
+    point = cells.mean_gaps(np.ones((1, len(cells.seeds))))[0] if len(x) else np.zeros(0)
+    boot_means = cells.mean_gaps(counts) if len(x) else np.zeros((n_boot, 0))
+    seed_gaps = cells.seed_gaps()
+    n_per_cell = [len(g) for g in seed_gaps]
+    min_seeds = min(n_per_cell) if n_per_cell else 0
+    noise_sd, noise_df = _noise(seed_gaps)
+    n_seeds = len({s for g in seed_gaps for s in g} | {cells.seeds[s] for s in np.flatnonzero(np.isfinite(cells.baseline).any(axis=0))})
+    base_points = [
+        {"x": float(xj), "mean": _clean(float(m)), "values": {str(s): g for s, g in sorted(sg.items())}, "n_seeds": len(sg)}
+        for xj, m, sg in zip(x, point, seed_gaps)
     ]
-    positive = means > 0
-    if (~positive).any():
-        notes.append(
-            f"d_osc {[int(d) for d in ds[~positive]]}: mean gap <= 0 (variant matches or beats {baseline}); "
-            "left out of the log-log fit"
-        )
-    n_seeds = len({s for by_seed in gaps.values() for s in by_seed} | set(base))
-    common = dict(study=study, task=task, law="gap_vs_dosc", variant=variant, baseline=baseline, metric=metric,
-                  method="log-log least squares on per-d mean gaps; seed bootstrap",
-                  n_seeds=n_seeds, n_boot=n_boot, ci_level=CI_LEVEL, points=points)
-    if positive.sum() < 2:
-        notes.append("fewer than 2 d_osc values with a positive mean gap: no fit")
-        nan = Estimate(float("nan"), None, None)
-        return FitResult(**common, constants={"C": nan, "alpha": nan}, r2=None, n_points=int(positive.sum()),
-                         heldout=None, notes=notes, ok=False)
+    if x_name == "d_osc":
+        for p in base_points:
+            p["d_osc"] = int(p["x"])
+    out = []
+    for method in methods:
+        notes = list(cells.notes) + list(extra_notes)
+        common = dict(study=study, task=task, law=law, variant=variant, baseline=baseline, metric=metric, method=method,
+                      n_seeds=n_seeds, n_boot=n_boot, ci_level=ci_level, x_name=x_name, group=dict(group or {}),
+                      excluded=dict(excluded or {}), boot_stream=draws.stream, min_cell_seeds=min_seeds,
+                      x_label="d_osc" if x_name == "d_osc" else _params_label(params_field))
+        points = [dict(p) for p in base_points]
+        if method == "loglog-means":
+            usable = np.isfinite(point) & (point > 0)
+            if (np.isfinite(point) & ~usable).any():
+                notes.append(f"{x_name} {[_num(v) for v in x[np.isfinite(point) & ~usable]]}: mean gap <= 0 "
+                             f"(variant matches or beats {baseline}); left out of the log-log fit")
+            model, selection = "power", None
+            description = "paper A: least squares of log(mean gap) on log x over the per-x means"
+        else:
+            usable = np.isfinite(point)
+            model, selection = _select_nonlinear(x, point)
+            description = ("least squares on the per-x mean gaps (linear space) of C x^-alpha and of "
+                           "C x^-alpha + g_inf; the model with the lower leave-one-out error is kept")
+            if selection:
+                notes.append(selection["summary"])
+        n_points = int(usable.sum())
+        if n_points < _min_points(method, model):
+            notes.append(f"fewer than {_min_points(method, model)} {x_name} values usable by this method: no fit")
+            names = ["C", "alpha"] + (["g_inf"] if model == "power_floor" else [])
+            out.append(FitResult(**common, constants={k: Estimate(float("nan"), None, None) for k in names}, r2=None,
+                                 n_points=n_points, heldout=None, points=points, notes=notes, ok=False, model=model,
+                                 selection=selection, description=description,
+                                 r2_space="log" if method == "loglog-means" else "linear"))
+            continue
+        fit_pt = _fit_gap_method(method, x, point[None, :], model=model)
+        fit_bt = _fit_gap_method(method, x, boot_means, model=model)
+        consts = {k: float(v[0]) for k, v in fit_pt.items() if not k.startswith("_")}
+        boot = {k: v for k, v in fit_bt.items() if not k.startswith("_")}
+        failed = int((~np.isfinite(boot["alpha"])).sum())
+        if failed > 0.02 * n_boot:
+            notes.append(f"{failed} of {n_boot} bootstrap refits had too few usable points and were dropped")
+        if "_at_bound" in fit_pt and bool(fit_pt["_at_bound"][0]):
+            grid = laws.ALPHA_GRID_FLOOR if model == "power_floor" else laws.ALPHA_GRID
+            notes.append(f"alpha at the edge of its search range [{grid[0]:g}, {grid[-1]:g}]: the law is not identified")
+        positive = method == "loglog-means"  # C > 0 by construction on log axes; alpha is never logged
+        estimates = {k: Estimate(consts[k], *widened_interval(consts[k], boot[k], ci_level, min_seeds,
+                                                              log=positive and k == "C")) for k in consts}
+        if min_seeds < 2:
+            notes.append("a cell has a single seed: no bootstrap interval")
+        fitted = np.asarray(laws.evaluate(model, consts, x), dtype=float).ravel()
+        bands = widened_intervals(fitted, laws.evaluate(model, boot, x), ci_level, min_seeds, log=positive)
+        for j, p in enumerate(points):
+            p["fit"] = float(fitted[j])
+            p["residual"] = _clean(float(point[j] - fitted[j]))
+            p["band_low"], p["band_high"] = bands[j]
+            p["used"] = bool(usable[j])
+        if method == "loglog-means":
+            r2 = laws.r2_score(np.log(point[usable]), np.log(fitted[usable]))
+        else:
+            r2 = laws.r2_score(point[usable], fitted[usable])
+        loo = _leave_one_out(method, model, x, point)
+        out.append(FitResult(
+            **common, constants=estimates, r2=r2, n_points=n_points, heldout=_heldout_largest(loo), points=points,
+            notes=notes, ok=True, model=model, loo=loo, selection=selection, description=description,
+            r2_space="log" if method == "loglog-means" else "linear",
+            curve=_curve(model, consts, boot, x[usable] if usable.any() else x, ci_level, min_seeds, log=positive),
+            boot=boot, noise_sd=noise_sd, noise_df=noise_df,
+        ))
+    return out
 
-    c, alpha, r2 = fit_power_law(ds[positive], means[positive])
-    boot = _bootstrap(gaps, ds, n_boot, seed)
-    c_ci, alpha_ci = _percentiles(boot[:, 0]), _percentiles(boot[:, 1])
-    if len(boot) < 0.9 * n_boot:
-        notes.append(f"{n_boot - len(boot)} of {n_boot} bootstrap resamples had < 2 positive points and were dropped")
-    band = _band(boot, ds)
-    for point, (lo, hi) in zip(points, band):
-        point["fit"] = c * point["d_osc"] ** (-alpha)
-        point["band_low"], point["band_high"] = lo, hi
+
+def _select_nonlinear(x: np.ndarray, means: np.ndarray) -> tuple[str, dict[str, Any] | None]:
+    """power or power_floor, whichever predicts held-out x values better (leave-one-out RMSE)."""
+    usable = int(np.isfinite(means).sum())
+    if usable < 4:  # the floor model needs 3 points to fit and one to hold out
+        return "power", {"chosen": "power", "summary": f"floor model not tried: {usable} x values (needs >= 4)"}
+    scores = {}
+    for model in ("power", "power_floor"):
+        loo = _leave_one_out("nonlinear", model, x, means)
+        scores[model] = loo["rmse"] if loo and loo["rmse"] is not None else math.inf
+    chosen = "power_floor" if scores["power_floor"] < scores["power"] else "power"
+    text = ", ".join(f"{m} {_fmt_num(s)}" for m, s in scores.items())
+    return chosen, {"chosen": chosen, "loo_rmse": {k: _clean(v) for k, v in scores.items()},
+                    "summary": f"model chosen by leave-one-out RMSE: {chosen} ({text})"}
+
+
+def _heldout_largest(loo: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The largest x predicted from a fit to the others (paper A's d = 64 check)."""
+    if not loo or not loo["points"]:
+        return None
+    last = max(loo["points"], key=lambda p: p["x"])
+    return {"x": last["x"], "observed": last["observed"], "predicted": last["predicted"],
+            "error": last["error"], "rel_error": last["rel_error"]}
+
+
+def _curve(model: str, consts: dict[str, float], boot: dict[str, np.ndarray], x: np.ndarray, level: float,
+           n: int, num: int = 40, log: bool = False) -> dict[str, list[float]]:
+    grid = np.geomspace(float(np.min(x)), float(np.max(x)), num) if len(x) and np.min(x) > 0 else np.asarray(x, float)
+    fit = np.asarray(laws.evaluate(model, consts, grid), dtype=float).ravel()
+    bands = widened_intervals(fit, laws.evaluate(model, boot, grid), level, n, log=log)
+    return {"x": grid.tolist(), "fit": fit.tolist(), "band_low": [b[0] for b in bands], "band_high": [b[1] for b in bands]}
+
+
+def _noise(cells: list[dict[Any, float]], log: bool = False) -> tuple[float | None, int]:
+    """(sd, degrees of freedom) of one run around its cell mean, pooled over cells."""
+    ss, df = 0.0, 0
+    for cell in cells:
+        values = np.array(list(cell.values()), dtype=float)
+        if log:
+            values = np.log(values)
+        if len(values) >= 2:
+            ss += float(np.sum((values - values.mean()) ** 2))
+            df += len(values) - 1
+    return (math.sqrt(ss / df), df) if df else (None, 0)
+
+
+# ---- loss vs parameters -------------------------------------------------------------------------
+
+def fit_loss_vs_params(
+    rows: list[dict[str, Any]], *, study: str, task: str, variant: str, metric: str, draws: SeedDraws,
+    d_osc: int | None = None, params_field: str = "params_non_embedding", ci_level: float = CI_LEVEL,
+    huber_delta: float | None = None, excluded: dict[str, int] | None = None, extra_notes: Iterable[str] = (),
+) -> FitResult:
+    """L(N) = E + A N^-alpha for one variant (at one d_osc), every completed replicate trial a point."""
+    pts = [r for r in rows if r["variant"] == variant and r["d_osc"] == d_osc and r["target_params"] is not None]
+    notes = list(extra_notes)
+    cells: dict[int, list[dict[str, Any]]] = {}
+    for r in pts:
+        cells.setdefault(int(r["target_params"]), []).append(r)
+    keys = sorted(cells)
+    points = [
+        {"x": float(np.mean([r[params_field] for r in cells[k]])), "target_params": k,
+         "mean": float(np.mean([r["metric_value"] for r in cells[k]])),
+         "values": {str(r["seed"]): float(r["metric_value"]) for r in sorted(cells[k], key=lambda r: r["seed"])},
+         "params": {str(r["seed"]): int(r[params_field]) for r in cells[k]}, "n_seeds": len(cells[k])}
+        for k in keys
+    ]
+    min_seeds = min((p["n_seeds"] for p in points), default=0)
+    group = {"d_osc": d_osc} if d_osc is not None else {}
+    common = dict(study=study, task=task, law="loss_vs_params", variant=variant, baseline="", metric=metric,
+                  method="huber-log", n_seeds=len({r["seed"] for r in pts}), n_boot=draws.n_boot, ci_level=ci_level,
+                  x_name="params", group=group, excluded=dict(excluded or {}), model="offset_power",
+                  boot_stream=draws.stream, min_cell_seeds=min_seeds, r2_space="linear",
+                  x_label=_params_label(params_field))
+    nan_consts = {k: Estimate(float("nan"), None, None) for k in ("E", "A", "alpha")}
+    description = ("Huber loss on log residuals of E + A N^-alpha over every trial; L-BFGS-B (scipy) polished from "
+                   "the best of a grid of starting points; bootstrap refits by damped Gauss-Newton from the estimate")
+    if not lower_is_better(metric):
+        notes.append(f"{metric}: higher is better; E + A N^-alpha is a law for losses: no fit")
+        return FitResult(**common, constants=nan_consts, r2=None, n_points=len(points), heldout=None, points=points,
+                         notes=notes, ok=False, description=description)
+    y = np.array([r["metric_value"] for r in pts], dtype=float)
+    if len(keys) < 3 or (y <= 0).any():
+        notes.append(f"needs >= 3 parameter counts with positive {metric} (has {len(keys)}): no fit")
+        return FitResult(**common, constants=nan_consts, r2=None, n_points=len(points), heldout=None, points=points,
+                         notes=notes, ok=False, description=description)
+    if len(keys) == 3:
+        notes.append("3 parameter counts for 3 constants: the fit has no residual degrees of freedom")
+    xs = np.array([r[params_field] for r in pts], dtype=float)
+    cell_of = np.array([keys.index(int(r["target_params"])) for r in pts])
+    delta = huber_delta or _huber_delta(y, cell_of)
+    problem = laws.HuberLogProblem(xs, y, delta)
+    theta, info = laws.offset_power_point_fit(problem, y)
+    consts = {k: float(v[0]) for k, v in problem.constants(theta).items()}
+    # bootstrap: a trial's weight is how often its seed was drawn
+    W = draws.counts[:, [draws.index[int(r["seed"])] for r in pts]]
+    cells_present = np.stack([(W[:, cell_of == j].sum(axis=1) > 0) for j in range(len(keys))], axis=1).sum(axis=1)
+    W_ok = cells_present >= 3
+    theta_b, _, conv = laws.damped_newton_batch(problem, np.tile(theta, (draws.n_boot, 1)), np.where(W_ok[:, None], W, 1.0))
+    boot = {k: np.where(W_ok & conv, v, np.nan) for k, v in problem.constants(theta_b).items()}
+    dropped = int((~(W_ok & conv)).sum())
+    if dropped > 0.02 * draws.n_boot:
+        notes.append(f"{dropped} of {draws.n_boot} bootstrap refits dropped (< 3 sizes drawn or no convergence)")
+    if not info.get("converged", True):
+        notes.append(f"L-BFGS-B: {info.get('message')}")
+    estimates = {k: Estimate(consts[k], *widened_interval(consts[k], boot[k], ci_level, min_seeds, log=k != "alpha"))
+                 for k in ("E", "A", "alpha")}
+    means = np.array([p["mean"] for p in points])
+    x_cells = np.array([p["x"] for p in points])
+    fitted = laws.evaluate("offset_power", consts, x_cells).ravel()
+    bands = widened_intervals(fitted, laws.evaluate("offset_power", boot, x_cells), ci_level, min_seeds, log=True)
+    for j, p in enumerate(points):
+        p["fit"] = float(fitted[j])
+        p["residual"] = float(means[j] - fitted[j])
+        p["band_low"], p["band_high"] = bands[j]
+        p["used"] = True
+    loo = _loss_leave_one_out(problem, theta, cell_of, x_cells, means)
+    notes.append(f"Huber delta {delta:.3g} on log residuals")
     return FitResult(
-        **common,
-        constants={"C": Estimate(c, *c_ci), "alpha": Estimate(alpha, *alpha_ci)},
-        r2=r2,
-        n_points=int(positive.sum()),
-        heldout=_heldout_largest(ds[positive], means[positive]),
-        notes=notes,
+        **common, constants=estimates, r2=laws.r2_score(means, fitted), n_points=len(points),
+        heldout=_heldout_largest(loo), points=points, notes=notes, ok=True, loo=loo, description=description,
+        curve=_curve("offset_power", consts, boot, x_cells, ci_level, min_seeds, log=True),
+        boot=boot, **dict(zip(("noise_sd", "noise_df"), _noise([p["values"] for p in points], log=True))),
     )
 
 
-def _bootstrap(gaps: dict[int, dict[int, float]], ds: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_ok, 2) array of (C, alpha) refitted on seed resamples within each d cell."""
-    rng = np.random.default_rng(seed)
-    cells = [np.array(list(gaps[int(d)].values())) for d in ds]
-    draws = np.stack([rng.choice(cell, size=(n_boot, len(cell)), replace=True).mean(axis=1) for cell in cells], axis=1)
-    out = []
-    log_d = np.log(ds)
-    for means in draws:
-        keep = means > 0
-        if keep.sum() < 2:
-            continue
-        slope, intercept = np.polyfit(log_d[keep], np.log(means[keep]), 1)
-        out.append((math.exp(intercept), -slope))
-    return np.array(out).reshape(-1, 2)
+def _huber_delta(y: np.ndarray, cell_of: np.ndarray) -> float:
+    """1.345 robust standard deviations of the seed noise in log space (the classic Huber tuning:
+    quadratic for ordinary seed noise, linear for an outlying seed), at least 1e-3 (Epoch AI's value)."""
+    devs = []
+    for j in np.unique(cell_of):
+        v = np.log(y[cell_of == j])
+        if len(v) >= 2:
+            devs.append(v - np.median(v))
+    if not devs:
+        return 1e-3
+    d = np.concatenate(devs)
+    scale = 1.4826 * float(np.median(np.abs(d - np.median(d))))
+    return max(1.345 * scale, 1e-3)
 
 
-def _percentiles(samples: np.ndarray) -> tuple[float | None, float | None]:
-    if len(samples) == 0:
-        return None, None
-    tail = (1 - CI_LEVEL) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def _band(boot: np.ndarray, ds: np.ndarray) -> list[tuple[float | None, float | None]]:
-    """Pointwise percentile band of the fitted curve at each d."""
-    if len(boot) == 0:
-        return [(None, None)] * len(ds)
-    curves = boot[:, :1] * ds[None, :] ** (-boot[:, 1:2])
-    return [_percentiles(curves[:, j]) for j in range(len(ds))]
-
-
-def _heldout_largest(ds: np.ndarray, means: np.ndarray) -> dict[str, Any] | None:
-    """Fit without the largest d and predict it: an out-of-sample check like paper A's d = 64."""
-    if len(ds) < 3:
+def _loss_leave_one_out(problem, theta, cell_of, x_cells, means) -> dict[str, Any] | None:
+    """Each parameter count held out in turn (refit from the full-data estimate), then predicted."""
+    J = len(x_cells)
+    if J < 4:
         return None
-    c, alpha, _ = fit_power_law(ds[:-1], means[:-1])
-    predicted = c * ds[-1] ** (-alpha)
-    return {"x": float(ds[-1]), "observed": float(means[-1]), "predicted": float(predicted),
-            "rel_error": float((predicted - means[-1]) / means[-1])}
+    W = np.ones((J, len(cell_of)))
+    for j in range(J):
+        W[j, cell_of == j] = 0.0
+    theta_j, _, _ = laws.damped_newton_batch(problem, np.tile(theta, (J, 1)), W)
+    consts = problem.constants(theta_j)
+    points = []
+    for j in range(J):
+        pred = float(laws.evaluate("offset_power", {k: v[j] for k, v in consts.items()}, x_cells[j]))
+        err = pred - means[j]
+        points.append({"x": float(x_cells[j]), "observed": float(means[j]), "predicted": pred, "error": err,
+                       "rel_error": err / abs(means[j])})
+    errors = np.array([p["error"] for p in points])
+    return {"points": points, "rmse": float(np.sqrt(np.mean(errors**2))),
+            "mean_abs_rel_error": float(np.mean([abs(p["rel_error"]) for p in points]))}
+
+
+# ---- comparing exponents ------------------------------------------------------------------------
+
+def compare_exponents(a: FitResult, b: FitResult, *, level: float | None = None, constant: str = "alpha") -> dict[str, Any]:
+    """The difference a - b of a constant (default alpha) with its interval.
+
+    Fits of the same task share the seed draws (same boot_stream), so the difference is taken draw
+    by draw and the shared baseline's noise cancels; fits of different tasks have independent
+    draws, which is right for independent data."""
+    level = level or a.ci_level
+    out = {"a": _fit_label(a), "b": _fit_label(b), "constant": constant, "level": level,
+           "paired": a.boot_stream == b.boot_stream, "diff": None, "ci_low": None, "ci_high": None}
+    if not (a.ok and b.ok) or a.boot is None or b.boot is None or constant not in a.boot or constant not in b.boot:
+        out["note"] = "both fits must be usable and have the constant"
+        return out
+    if a.boot_stream != b.boot_stream and a.task == b.task:
+        out["note"] = "fits of one task with different seed draws: treated as independent (conservative)"
+    diff = a.constants[constant].value - b.constants[constant].value
+    draws = a.boot[constant] - b.boot[constant]
+    n = min(a.min_cell_seeds, b.min_cell_seeds)
+    out["diff"] = diff
+    out["ci_low"], out["ci_high"] = widened_interval(diff, draws, level, n)
+    return out
+
+
+def _fit_label(fit: FitResult) -> str:
+    group = f" ({fit.group_label})" if fit.group else ""
+    return f"{fit.task}/{fit.variant}{group} {fit.law} {fit.method}"
+
+
+# ---- the old single-fit entry points (kept for callers and tests) -------------------------------
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None]:
+    """(C, alpha, R^2) of y = C * x^-alpha by least squares in log-log space; y must be > 0."""
+    C, alpha, _ = laws.loglog_batch(np.asarray(x, float), np.asarray(y, float)[None, :])
+    c, a = float(C[0]), float(alpha[0])
+    r2 = laws.r2_score(np.log(y), np.log(c) - a * np.log(x))
+    return c, a, r2
+
+
+def fit_gap_vs_dosc(
+    rows: list[dict[str, Any]], *, study: str, task: str, variant: str, baseline: str, metric: str,
+    n_boot: int = N_BOOT, seed: int = 0, method: str = "loglog-means", target_params: int | None = None,
+    ci_level: float = CI_LEVEL,
+) -> FitResult:
+    """One gap_vs_dosc fit straight from ledger rows (api.fits makes all of them)."""
+    selected = select_rows(rows, task)
+    sizes = {r["target_params"] for r in selected.rows if r["variant"] == variant}
+    if target_params is None and len(sizes) > 1:
+        raise ValueError(f"task {task} variant {variant} has several sizes {sorted(sizes)}; pass target_params")
+    target = target_params if target_params is not None else next(iter(sizes), None)
+    draws = SeedDraws(selected.seeds, n_boot, seed, stream=task)
+    with laws.single_threaded_blas():
+        return _fit_gap_vs_dosc(selected, draws, study=study, task=task, variant=variant, baseline=baseline,
+                                metric=metric, method=method, target=target, ci_level=ci_level)
+
+
+def _fit_gap_vs_dosc(selected: TaskRows, draws: SeedDraws, *, study, task, variant, baseline, metric, method, target,
+                     ci_level) -> FitResult:
+    if not any(r["variant"] == baseline for r in selected.rows):
+        cells = GapCells(np.zeros(0), [], np.zeros((0, 0)), np.zeros((0, 0)), 1.0,
+                         [f"no completed {baseline} baseline trials for task {task}"])
+    else:
+        cells = gap_cells(selected.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
+                          target_params=target)
+    (fit,) = fit_gap_law(cells, study=study, task=task, law="gap_vs_dosc", variant=variant, baseline=baseline,
+                         metric=metric, draws=draws, methods=[method], ci_level=ci_level,
+                         group={"target_params": target} if target is not None else {}, extra_notes=selected.notes)
+    return fit
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _params_label(params_field: str) -> str:
+    return "non-embedding parameters" if params_field == "params_non_embedding" else "parameters (total)"
 
 
 def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(float(value))
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt_num(value: float | None) -> str:
+    return "–" if value is None or not _finite(value) else f"{value:.3g}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, non-finite floats to None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value

@@ -1,17 +1,26 @@
-"""Scaling reports: one self-contained HTML file (plots embedded as PNG), a Markdown summary and
-`fits.json`, written beside the study's ledger."""
+"""Scaling reports: one self-contained HTML file (plots embedded as PNG, no network), a Markdown
+summary and `fits.json`, written beside the study's ledger.
+
+Per task: gap vs d_osc on log-log axes (every seed, the per-d means, both fitted laws with their
+bands), gap and loss vs parameters per variant, the constants with intervals, R^2 and held-out
+errors, differences of exponents, failures per cell, and paper A's published numbers beside ours
+when the task is one of paper A's set-ups."""
 
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
-from scaling import api
+import numpy as np
+
+from scaling import api, paper_a
+from scaling import fits as F
 from scaling.fits import FitResult
 from storage import fs as sfs
 
@@ -24,77 +33,204 @@ class WrittenReport:
     fit_rows: list[dict[str, Any]]
 
 
-def _plot_gap(fit: FitResult) -> str:
-    """Gap vs d_osc on log-log axes: every seed, the per-d means, the fitted line and its band."""
-    import matplotlib
+# ---- plots --------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+SEED_COLOR, MEAN_COLOR = "#7a9cc6", "#1f4e8c"
+METHOD_STYLE = {"nonlinear": ("#c0392b", "-"), "loglog-means": ("#2c7a3f", "--"), "huber-log": ("#c0392b", "-")}
+PAPER_COLOR = "#e67e22"
 
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
-    for point in fit.points:
-        gaps = [g for g in point["gaps"].values() if g > 0]
-        ax.scatter([point["d_osc"]] * len(gaps), gaps, s=14, color="#7a9cc6", alpha=0.8, zorder=2,
-                   label="seeds" if point is fit.points[0] else None)
-    means = [(p["d_osc"], p["gap_mean"]) for p in fit.points if p["gap_mean"] > 0]
-    if means:
-        ax.scatter(*zip(*means), s=46, color="#1f4e8c", zorder=3, label="mean over seeds")
-    if fit.ok:
-        import numpy as np
 
-        ds = np.array([p["d_osc"] for p in fit.points], dtype=float)
-        grid = np.geomspace(ds.min(), ds.max(), 100)
-        alpha = fit.constants["alpha"]
-        ax.plot(grid, fit.constants["C"].value * grid ** (-alpha.value), color="#c0392b", zorder=4,
-                label=f"fit: gap = {fit.constants['C'].value:.3g} d^-{alpha.value:.3g}")
-        band = [(p["d_osc"], p.get("band_low"), p.get("band_high")) for p in fit.points]
-        band = [b for b in band if b[1] is not None and b[1] > 0]
-        if band:
-            x, lo, hi = zip(*band)
-            ax.fill_between(x, lo, hi, color="#c0392b", alpha=0.15, zorder=1, label=f"{fit.ci_level:.0%} bootstrap band")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("d_osc")
-    ax.set_ylabel(f"gap in {fit.metric} ({fit.variant} - {fit.baseline})")
-    ax.set_title(f"{fit.task}: {fit.variant} vs {fit.baseline}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+def _figure():
+    from matplotlib.figure import Figure  # the object API: no pyplot global state (safe in a server)
+
+    fig = Figure(figsize=(5.8, 4.1), dpi=100)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _png(fig) -> str:
     buffer = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(0.1 + 0.75 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _draw_fit(ax, fit: FitResult, color, style: str, label: str | None, *, floor: float | None) -> None:
+    """The fitted curve and its band; on log axes (floor = the axis bottom) a band reaching below
+    the axis is drawn down to its bottom edge."""
+    if not fit.ok or not fit.curve:
+        return
+    x = np.array(fit.curve["x"])
+    y = np.array(fit.curve["fit"], dtype=float)
+    keep = y > 0 if floor is not None else np.isfinite(y)
+    ax.plot(x[keep], y[keep], color=color, linestyle=style, zorder=4, label=label)
+    low = np.array([np.nan if v is None else v for v in fit.curve["band_low"]], dtype=float)
+    high = np.array([np.nan if v is None else v for v in fit.curve["band_high"]], dtype=float)
+    if floor is not None:
+        low = np.maximum(low, floor)
+    ok = np.isfinite(low) & np.isfinite(high)
+    if ok.any():
+        ax.fill_between(x[ok], low[ok], high[ok], color=color, alpha=0.13, zorder=1)
+
+
+def _log_limits(values: Iterable[float], pad: float = 2.5) -> tuple[float, float] | None:
+    """y limits of a log axis from the data and fitted values (not from the bands, which can run
+    far below the data when they cross zero)."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+    if not len(v):
+        return None
+    return float(v.min()) / pad, float(v.max()) * pad
+
+
+def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict[str, Any] | None = None) -> str:
+    """Gap vs d_osc for one variant: every seed, the per-d means, both fitted laws with their bands
+    (one colour per size when the study has several), and paper A's per-d gaps when given."""
+    fig, ax = _figure()
+    groups = sorted({tuple(f.group.items()) for f in fits})
+    colors = _palette(len(groups)) if len(groups) > 1 else [None]
+    all_positive = all((p["mean"] or 0) > 0 for f in fits for p in f.points)
+    limits = _log_limits([v for f in fits for p in f.points for v in p["values"].values()]
+                         + [v for f in fits if f.ok and f.curve for v in f.curve["fit"]]
+                         + (list(paper["gaps"].values()) if paper else [])) if all_positive else None
+    floor = limits[0] if limits else None
+    hidden = 0
+    for group, color in zip(groups, colors):
+        group_fits = [f for f in fits if tuple(f.group.items()) == group]
+        ref = group_fits[0]
+        tag = f" ({ref.group_label})" if ref.group_label and len(groups) > 1 else ""
+        for i, p in enumerate(ref.points):
+            values = [v for v in p["values"].values() if v is not None]
+            shown = [v for v in values if v > 0] if all_positive else values
+            hidden += len(values) - len(shown)
+            ax.scatter([p["x"]] * len(shown), shown, s=12, color=color or SEED_COLOR, alpha=0.55, zorder=2,
+                       label=f"seeds{tag}" if i == 0 else None)
+        means = [(p["x"], p["mean"]) for p in ref.points if p["mean"] is not None and (p["mean"] > 0 or not all_positive)]
+        if means:
+            ax.scatter(*zip(*means), s=44, color=color or MEAN_COLOR, edgecolor="black", linewidth=0.5, zorder=5,
+                       label=f"mean over seeds{tag}")
+        for f in group_fits:
+            line_color, style = METHOD_STYLE[f.method]
+            label = f"{f.method}: {f.formula}, α={f.constants['alpha'].value:.3g}{tag}" if f.ok else None
+            _draw_fit(ax, f, color or line_color, style, label, floor=floor)
+    if paper:
+        ds = sorted(paper["gaps"])
+        ax.scatter(ds, [paper["gaps"][d] for d in ds], marker="x", s=50, color=PAPER_COLOR, zorder=6,
+                   label="paper A (published means)")
+        grid = np.geomspace(min(ds), max(ds), 50)
+        ax.plot(grid, paper["C"] * grid ** (-paper["alpha"]), color=PAPER_COLOR, linestyle=":", zorder=3,
+                label=f"paper A fit, α={paper['alpha']:.3g}")
+    ax.set_xscale("log", base=2)
+    if limits:
+        ax.set_yscale("log")
+        ax.set_ylim(*limits)
+    else:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("d_osc")
+    ref = fits[0]
+    ax.set_ylabel(f"gap in {ref.metric} ({variant} − {ref.baseline})")
+    title = f"{task}: {variant} vs {ref.baseline}" + (f", {ref.group_label}" if ref.group_label else "")
+    if hidden:
+        title += f" ({hidden} seed gap(s) ≤ 0 not shown)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_vs_params(task: str, variant: str, fits: list[FitResult], quantity: str) -> str:
+    """Loss (or gap) vs parameter count for one variant, one colour per d_osc."""
+    fig, ax = _figure()
+    fits = sorted(fits, key=lambda f: (f.group.get("d_osc") or 0, f.method))
+    groups = sorted({tuple(f.group.items()) for f in fits}, key=lambda g: dict(g).get("d_osc") or 0)
+    colors = _palette(len(groups))
+    positive = all((p["mean"] or 0) > 0 for f in fits for p in f.points)
+    limits = _log_limits([v for f in fits for p in f.points for v in p["values"].values()]
+                         + [v for f in fits if f.ok and f.curve for v in f.curve["fit"]],
+                         pad=1.15 if quantity == "loss" else 2.5) if positive else None
+    floor = limits[0] if limits else None
+    for group, color in zip(groups, colors):
+        group_fits = [f for f in fits if tuple(f.group.items()) == group]
+        ref = group_fits[0]
+        tag = ref.group_label or variant
+        for i, p in enumerate(ref.points):
+            values = [v for v in p["values"].values() if v is not None and (v > 0 or not positive)]
+            ax.scatter([p["x"]] * len(values), values, s=10, color=color, alpha=0.45, zorder=2)
+        means = [(p["x"], p["mean"]) for p in ref.points if p["mean"] is not None]
+        ax.scatter(*zip(*means), s=36, color=color, edgecolor="black", linewidth=0.5, zorder=5, label=tag)
+        for f in group_fits:
+            if f.method == "loglog-means":
+                continue  # one line per colour: the nonlinear (or Huber) fit
+            _, style = METHOD_STYLE[f.method]
+            _draw_fit(ax, f, color, style, f"{f.formula}, α={f.constants['alpha'].value:.3g}" if f.ok else None,
+                      floor=floor)
+    ax.set_xscale("log")
+    if limits:
+        ax.set_yscale("log")
+        ax.set_ylim(*limits)
+    else:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(fits[0].x_label or "parameters")
+    ref = fits[0]
+    ax.set_ylabel(f"{ref.metric}" if quantity == "loss" else f"gap in {ref.metric} ({variant} − {ref.baseline})")
+    ax.set_title(f"{task}: {variant}, {quantity} vs parameters", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+FIT_HEADER = ["task", "law", "variant", "held fixed", "method", "model", "constants [CI]", "R²", "leave-one-out RMSE",
+              "largest x held out", "points", "seeds", "excluded", "notes"]
+STATUS_HEADER = ["cell", "completed", "diverged", "pruned", "failed", "in progress", "pending", "metric mean ± sd"]
+DIFF_HEADER = ["a", "b", "α(a) − α(b) [CI]", "paired draws"]
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
 
 
-def _fit_table_rows(fits: list[FitResult]) -> list[list[str]]:
+def _fit_table_rows(fits: Iterable[FitResult]) -> list[list[str]]:
     rows = []
     for fit in fits:
         held = fit.heldout
+        held_text = "–"
+        if held and held.get("rel_error") is not None:
+            held_text = f"x={F._num(held['x']):g}: {held['rel_error']:+.1%}"
+        elif held and held.get("error") is not None:
+            held_text = f"x={F._num(held['x']):g}: {held['error']:+.3g}"
+        consts = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items())
+        loo = fit.loo["rmse"] if fit.loo else None
+        excluded = ", ".join(f"{k} {v}" for k, v in sorted(fit.excluded.items()) if v) or "0"
         rows.append([
-            fit.task, fit.variant, fit.law,
-            fit.constants["C"].fmt(), fit.constants["alpha"].fmt(),
-            _fmt(fit.r2, 3), str(fit.n_points), str(fit.n_seeds),
-            f"d={held['x']:g}: {held['rel_error']:+.1%}" if held else "–",
-            "; ".join(fit.notes) or "",
+            fit.task, fit.law, fit.variant, fit.group_label or "–", fit.method, fit.formula if fit.ok else "–", consts,
+            f"{_fmt(fit.r2, 3)} ({fit.r2_space})" if fit.r2 is not None else "–", _fmt(loo, 3), held_text,
+            str(fit.n_points), str(fit.n_seeds), excluded, "; ".join(fit.notes),
         ])
     return rows
 
 
-FIT_HEADER = ["task", "variant", "law", "C [95% CI]", "alpha [95% CI]", "R²", "points", "seeds", "held-out largest d", "notes"]
-STATUS_HEADER = ["cell", "completed", "diverged", "pruned", "failed", "in progress", "pending", "metric mean ± sd"]
+def _diff_rows(diffs: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for d in diffs:
+        if d["diff"] is None:
+            continue
+        ci = f" [{d['ci_low']:.3g}, {d['ci_high']:.3g}]" if d["ci_low"] is not None else ""
+        rows.append([d["a"], d["b"], f"{d['diff']:+.3g}{ci}", "yes" if d["paired"] else "no (independent)"])
+    return rows
 
 
 def _cell_metric(study: api.StudyResults) -> dict[str, str]:
-    import numpy as np
-
     values: dict[str, list[float]] = {}
     for row in study.done_rows:
         if row["status"] == "completed" and api.finite(row["metric_value"]):
@@ -108,64 +244,293 @@ def _cell_metric(study: api.StudyResults) -> dict[str, str]:
 def _status_rows(study: api.StudyResults) -> list[list[str]]:
     metric = _cell_metric(study)
     return [
-        [cell, *(str(c[k]) for k in ("completed", "diverged", "pruned", "failed", "in_progress", "pending")), metric.get(cell, "–")]
+        [cell, *(str(c[k]) for k in api.STATUS_KEYS), metric.get(cell, "–")]
         for cell, c in sorted(api.status(study).items())
     ]
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+# ---- paper A ------------------------------------------------------------------------------------
+
+def _our_ppl_rows(study: api.StudyResults, task: str) -> tuple[list[dict[str, Any]], str]:
+    """Our rows with perplexity as the metric (from metrics_json when the primary metric is not it)."""
+    rows = [r for r in study.rows if r["task"] == task]
+    if any("ppl" in (r["metric_name"] or "") or "perplex" in (r["metric_name"] or "") for r in rows):
+        return rows, rows[0]["metric_name"]
+    out = []
+    for r in rows:
+        try:
+            ppl = json.loads(r.get("metrics_json") or "{}").get("val_ppl")
+        except ValueError:
+            ppl = None
+        out.append({**r, "metric_value": ppl, "metric_name": "val_ppl"})
+    return out, "val_ppl"
+
+
+def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str) -> dict[str, Any] | None:
+    """Paper A's published numbers beside ours for a task that is one of its set-ups."""
+    preset = paper_a.preset_for(task)
+    if preset in paper_a.LANGUAGE_MODELING:
+        ref = paper_a.LANGUAGE_MODELING[preset]
+        paper_fit = paper_a.paper_gap_fit(preset)
+        rows, metric = _our_ppl_rows(study, task)
+        ours = F.select_rows(rows, task)
+        by_cell: dict[tuple, list[float]] = {}
+        for r in ours.rows:
+            by_cell.setdefault((r["variant"], r["d_osc"]), []).append(float(r["metric_value"]))
+        table = []
+        base_ours = by_cell.get((study.baseline, None), [])
+        table.append(["softmax (baseline)", _mean_sd(ref["softmax"]["mean"], ref["softmax"].get("std"), ref["softmax"]["n_seeds"]),
+                      _ours(base_ours), "–", "–"])
+        our_fit = next((f for f in fits if f.task == task and f.law == "gap_vs_dosc" and f.method == "loglog-means"
+                        and f.variant == "oscillator"), None)
+        our_gap = {p["x"]: p["mean"] for p in our_fit.points} if our_fit else {}
+        for d, entry in sorted(ref["oscillator"].items()):
+            table.append([f"oscillator d_osc={d}", _mean_sd(entry["mean"], entry.get("std"), entry["n_seeds"]),
+                          _ours(by_cell.get(("oscillator", d), [])), f"{paper_fit['gaps'][d]:+.3g}",
+                          _fmt(our_gap.get(float(d))) if float(d) in our_gap else "–"])
+        ours_are_ppl = our_fit is not None and ("ppl" in our_fit.metric or "perplex" in our_fit.metric)
+        extra = []
+        if not ours_are_ppl and any(r["variant"] == "oscillator" and api.finite(r["metric_value"]) for r in ours.rows):
+            # the fits use another metric (e.g. the loss): fit perplexity gaps too, as the paper does
+            sizes = {r["target_params"] for r in ours.rows if r["variant"] == "oscillator"}
+            extra = [F.fit_gap_vs_dosc(rows, study=study.name, task=task, variant="oscillator", baseline=study.baseline,
+                                       metric=metric, n_boot=1000, target_params=size) for size in sorted(sizes, key=str)]
+            if extra and extra[0].points:
+                our_gap = {p["x"]: p["mean"] for p in extra[0].points}
+                for row in table[1:]:
+                    d = float(row[0].split("=")[1])
+                    row[4] = _fmt(our_gap.get(d)) if d in our_gap else "–"
+        fit_rows = [["paper A (recomputed from its per-d means, d = 2..32)", f"{paper_fit['C']:.4g}", f"{paper_fit['alpha']:.4g}",
+                     f"{paper_fit['heldout_predicted_gap']:.3g} vs {paper_fit['heldout_observed_gap']:.3g} "
+                     f"({paper_fit['heldout_rel_error']:+.1%})"]]
+        for f in [f for f in fits if f.task == task and f.law == "gap_vs_dosc" and f.variant == "oscillator"] + extra:
+            held = f.heldout
+            fit_rows.append([f"ours: {f.method} ({f.metric}{', ' + f.group_label if f.group_label else ''})",
+                             f.constants["C"].fmt(), f.constants["alpha"].fmt(),
+                             f"{held['predicted']:.3g} vs {held['observed']:.3g} ({held['rel_error']:+.1%}) at d={F._num(held['x'])}"
+                             if held and held.get("rel_error") is not None else "–"])
+        note = (f"Paper A: {paper_a.SOURCE}. Metric: {ref['metric']}. {ref['softmax']['note']}. "
+                f"Ours: {metric}, mean ± sd over seeds; our gaps are paired by seed.")
+        return {"title": f"Paper A, {preset}", "note": note,
+                "tables": [(["cell", "paper A mean ± sd (n)", "ours mean ± sd (n)", "paper A gap", "our gap (paired)"], table),
+                           (["fit", "C [CI]", "alpha [CI]", "largest d: predicted vs observed gap"], fit_rows)],
+                "paper_fit": paper_fit}
+    if preset == "kws":
+        ref = paper_a.KEYWORD_SPOTTING
+        ours = _cells_by_variant(study, task)
+        table = [["softmax", _mean_sd(ref["softmax"]["mean"], ref["softmax"]["std"], 5), _ours(ours.get(("softmax", None), []))],
+                 ["oscillator d_osc=2", _mean_sd(ref["oscillator_d2"]["mean"], ref["oscillator_d2"]["std"], 5),
+                  _ours(ours.get(("oscillator", 2), []))]]
+        return {"title": "Paper A, keyword spotting", "note": f"Paper A: {ref['metric']} (percent; ours as recorded). "
+                f"Published gain of the oscillator: {ref['published_gain_pp']:+.2f} pp.",
+                "tables": [(["cell", "paper A mean ± sd (n)", "ours mean ± sd (n)"], table)]}
+    if preset == "sva":
+        ref = paper_a.SUBJECT_VERB_AGREEMENT
+        ours = _cells_by_variant(study, task)
+        table = [[name, _mean_sd(ref[key]["overall"]["mean"], ref[key]["overall"]["std"], 5),
+                  _mean_sd(ref[key]["hard"]["mean"], ref[key]["hard"]["std"], 5), str(ref[key]["failures"]),
+                  _ours(ours.get(cell, [])), str(_sva_failures(study, task, *cell))]
+                 for name, key, cell in (("softmax", "softmax", ("softmax", None)),
+                                         ("oscillator d_osc=2", "oscillator_d2", ("oscillator", 2)))]
+        return {"title": "Paper A, subject-verb agreement (config G)", "note": f"Paper A: {ref['metric']}.",
+                "tables": [(["cell", "paper A overall", "paper A hard", "paper A failures", "ours (primary metric)",
+                             "our failures (hard < 85%)"], table)]}
+    return None
+
+
+def _cells_by_variant(study: api.StudyResults, task: str) -> dict[tuple, list[float]]:
+    out: dict[tuple, list[float]] = {}
+    for r in F.select_rows(study.rows, task).rows:
+        out.setdefault((r["variant"], r["d_osc"]), []).append(float(r["metric_value"]))
+    return out
+
+
+def _sva_failures(study: api.StudyResults, task: str, variant: str, d_osc: int | None) -> str:
+    count, known = 0, 0
+    for r in F.select_rows(study.rows, task).rows:
+        if r["variant"] != variant or r["d_osc"] != d_osc:
+            continue
+        hard = json.loads(r.get("metrics_json") or "{}").get("val_accuracy_hard")
+        if hard is not None:
+            known += 1
+            count += (hard * 100 if hard <= 1 else hard) < 85
+    return f"{count} of {known}" if known else "–"
+
+
+def _mean_sd(mean: float, sd: float | None, n: int | None) -> str:
+    return f"{mean:.4g} ± {sd:.2g} (n={n})" if sd is not None else f"{mean:.4g} (n={n})"
+
+
+def _ours(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4g} (n=1)"
+    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g} (n={len(values)})"
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    if not rows:
+        return '<p class="note">none</p>'
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<table class="sortable {cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "none"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#f3f3f3}.plots{display:flex;flex-wrap:wrap;gap:1em}.note{color:#666;font-size:13px}"""
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f3f3f3;cursor:pointer}th.sorted-asc::after{content:" ▲"}th.sorted-desc::after{content:" ▼"}
+.plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}.note{color:#555;font-size:13px}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f5f5f5;padding:0 3px}"""
+
+# Sortable tables, and a check that every embedded plot decoded: a broken image logs a console
+# error, which the browser test treats as a failure.
+SCRIPT = """(function(){
+function key(t){var n=parseFloat(t.replace(/[^0-9eE+\\-.]/g,''));return isNaN(n)?t:n}
+document.querySelectorAll('table.sortable th').forEach(function(th,i){th.addEventListener('click',function(){
+var table=th.closest('table'),body=table.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+var asc=!th.classList.contains('sorted-asc');table.querySelectorAll('th').forEach(function(h){h.classList.remove('sorted-asc','sorted-desc')});
+th.classList.add(asc?'sorted-asc':'sorted-desc');
+rows.sort(function(a,b){var x=key(a.cells[i].textContent),y=key(b.cells[i].textContent);
+if(typeof x!==typeof y){x=String(x);y=String(y)}return (x<y?-1:x>y?1:0)*(asc?1:-1)});
+rows.forEach(function(r){body.appendChild(r)})})});
+window.addEventListener('load',function(){var imgs=document.querySelectorAll('img'),ok=0;
+imgs.forEach(function(img){if(img.complete&&img.naturalWidth>0){ok++}else{console.error('plot failed to render: '+img.alt)}});
+document.body.setAttribute('data-plots-rendered',ok+'/'+imgs.length)});
+})();"""
+
+
+def _figure_html(png: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" width="580" height="410" src="data:image/png;base64,{png}"></figure>'
 
 
 def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     title = f"Scaling report: {study.name}"
     description = study.config.get("description", "")
     n_done = len({r["key"] for r in study.done_rows})
-    plots = "".join(
-        f'<figure><img alt="gap vs d_osc, {html.escape(f.task)} {html.escape(f.variant)}" '
-        f'src="data:image/png;base64,{_plot_gap(f)}"></figure>'
-        for f in fits if f.points
-    )
-    method = fits[0].method if fits else "log-log least squares on per-d mean gaps; seed bootstrap"
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1><p>{html.escape(description)}</p>
-<p class="note">storage: {html.escape(study.storage)} · {n_done} finished trials · baseline: {html.escape(study.baseline)}</p>
-<h2>Fits</h2>{_html_table(FIT_HEADER, _fit_table_rows(fits))}
-<p class="note">Method: {html.escape(method)}; intervals are 95% percentile bootstrap over seeds.</p>
-<div class="plots">{plots}</div>
-<h2>Trials per cell</h2>{_html_table(STATUS_HEADER, _status_rows(study))}
-</body></html>"""
-    markdown = "\n\n".join([
-        f"# {title}", description,
-        f"storage: `{study.storage}` · {n_done} finished trials · baseline: {study.baseline}",
-        "## Fits", _md_table(FIT_HEADER, _fit_table_rows(fits)),
-        f"Method: {method}; intervals are 95% percentile bootstrap over seeds.",
-        "## Trials per cell", _md_table(STATUS_HEADER, _status_rows(study)),
-    ]) + "\n"
-    return page, markdown
+    totals = api.status_totals(api.status(study))
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items() if v)
+    ci = fits[0].ci_level if fits else F.CI_LEVEL
+    n_boot = fits[0].n_boot if fits else F.N_BOOT
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head_html = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(description)}</p>",
+                 f'<p class="note">storage: <code>{html.escape(study.storage)}</code> · {n_done} finished trials '
+                 f"({html.escape(counts)}) · baseline: {html.escape(study.baseline)} · ledger {study.signature()} · {when}</p>"]
+    md = [f"# {title}", description,
+          f"storage: `{study.storage}` · {n_done} finished trials ({counts}) · baseline: {study.baseline} · "
+          f"ledger {study.signature()} · {when}",
+          "The full report with the plots is `report.html` beside this file."]
+    body_html: list[str] = []
+    headline = _headline(fits)
+    if len(headline) > 12:
+        headline = headline[:12] + [f"... and {len(headline) - 12} more fits in the tables below"]
+    if headline:
+        body_html.append("<h2>Headline</h2><ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in headline) + "</ul>")
+        md += ["## Headline", "\n".join(f"- {h}" for h in headline)]
+    for task in study.tasks:
+        task_fits = [f for f in fits if f.task == task]
+        comparison = paper_a_comparison(study, fits, task)
+        body_html.append(f"<h2>Task {html.escape(task)}</h2>")
+        md.append(f"## Task {task}")
+        plots = []
+        for variant in sorted({f.variant for f in task_fits if f.law == "gap_vs_dosc"}):
+            vf = [f for f in task_fits if f.law == "gap_vs_dosc" and f.variant == variant and f.points]
+            for group in sorted({tuple(f.group.items()) for f in vf}, key=str):  # one plot per size
+                gf = [f for f in vf if tuple(f.group.items()) == group]
+                same_units = "ppl" in gf[0].metric or "perplex" in gf[0].metric
+                paper = comparison.get("paper_fit") if comparison and variant == "oscillator" and same_units else None
+                label = f"gap vs d_osc, {task} {variant}" + (f" {gf[0].group_label}" if gf[0].group_label else "")
+                plots.append(_figure_html(plot_gap_vs_dosc(task, variant, gf, paper), label))
+        for law, quantity in (("loss_vs_params", "loss"), ("gap_vs_params", "gap")):
+            for variant in sorted({f.variant for f in task_fits if f.law == law}):
+                vf = [f for f in task_fits if f.law == law and f.variant == variant and f.points]
+                if vf:
+                    plots.append(_figure_html(plot_vs_params(task, variant, vf, quantity), f"{quantity} vs parameters, {task} {variant}"))
+        body_html.append(f'<div class="plots">{"".join(plots)}</div>')
+        body_html.append(f"<h3>Fitted constants ({ci:.0%} intervals)</h3>" + _html_table(FIT_HEADER, _fit_table_rows(task_fits), "fits"))
+        md += [f"### Fitted constants ({ci:.0%} intervals)", _md_table(FIT_HEADER, _fit_table_rows(task_fits))]
+        diffs = _diff_rows(api.exponent_differences(task_fits))
+        if diffs:
+            body_html.append("<h3>Differences of exponents</h3>" + _html_table(DIFF_HEADER, diffs))
+            md += ["### Differences of exponents", _md_table(DIFF_HEADER, diffs)]
+        if comparison:
+            body_html.append(f"<h3>{html.escape(comparison['title'])}: published numbers beside ours</h3>"
+                             f'<p class="note">{html.escape(comparison["note"])}</p>'
+                             + "".join(_html_table(h, r) for h, r in comparison["tables"]))
+            md += [f"### {comparison['title']}: published numbers beside ours", comparison["note"],
+                   *(_md_table(h, r) for h, r in comparison["tables"])]
+    cross = _diff_rows(api.exponent_differences([f for f in fits]) if len(study.tasks) > 1 else [])
+    cross = [r for r in cross if r[0].split("/")[0] != r[1].split("/")[0]]
+    if cross:
+        body_html.append("<h2>Exponents across tasks</h2>" + _html_table(DIFF_HEADER, cross))
+        md += ["## Exponents across tasks", _md_table(DIFF_HEADER, cross)]
+    status_rows = _status_rows(study)
+    body_html.append("<h2>Trials per cell (failures included)</h2>" + _html_table(STATUS_HEADER, status_rows))
+    md += ["## Trials per cell (failures included)", _md_table(STATUS_HEADER, status_rows)]
+    method = _method_text(ci, n_boot)
+    body_html.append("<h2>Method</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in method))
+    md += ["## Method", *method]
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{CSS}</style>'
+            f"</head><body>{''.join(head_html)}{''.join(body_html)}<script>{SCRIPT}</script></body></html>")
+    return page, "\n\n".join(m for m in md if m) + "\n"
 
 
-def write_report(storage_or_study: str) -> WrittenReport:
+def _headline(fits: list[FitResult]) -> list[str]:
+    out = []
+    for f in fits:
+        if f.law == "gap_vs_dosc" and f.ok:
+            group = f" at {f.group_label}" if f.group_label else ""
+            out.append(f"{f.task} / {f.variant}{group}: gap ∝ d_osc^-α with α = {f.constants['alpha'].fmt()} "
+                       f"({f.method}, {f.formula}" + (f", g_inf = {f.constants['g_inf'].fmt()}" if "g_inf" in f.constants else "")
+                       + f"; leave-one-out RMSE {_fmt(f.loo['rmse'] if f.loo else None, 3)})")
+        elif f.law == "loss_vs_params" and f.ok:
+            group = f" at {f.group_label}" if f.group_label else ""
+            out.append(f"{f.task} / {f.variant}{group}: L = E + A N^-α with α = {f.constants['alpha'].fmt()}, "
+                       f"E = {f.constants['E'].fmt()}")
+    return out
+
+
+def _method_text(ci: float, n_boot: int) -> list[str]:
+    return [
+        f"Seeds are the replicate unit. Every interval is a {ci:.0%} interval from {n_boot} bootstrap draws that resample "
+        "the seeds with replacement, every cell keeping the drawn seeds it has (one draw for all fits of a task, so gaps "
+        "stay paired with the baseline and two fits of one task are compared draw by draw). The percentile interval is "
+        "widened by sqrt(n/(n-1)) t_(n-1)/z, n = seeds per cell: the plain percentile bootstrap covers only ~75-80% "
+        "instead of 90% with 5 seeds (tests/test_fits.py measures both on 100 synthetic studies). Positive constants "
+        "(C on log axes, E, A) are widened on the log scale.",
+        "gap_vs_dosc and gap_vs_params: gap = variant − baseline at the same task and size (baseline − variant for "
+        "higher-is-better metrics), paired by seed. loglog-means is paper A's method: least squares of log(mean gap) on "
+        "log x; x values with a mean gap ≤ 0 cannot enter it and are listed in the notes. nonlinear: least squares on "
+        "the mean gaps in linear space (negative gaps are data) of C x^-α and of C x^-α + g_inf, the model with the "
+        "lower leave-one-x-out RMSE kept (its intervals are conditional on that choice).",
+        "loss_vs_params: L = E + A N^-α (N = non-embedding parameters) per variant and d_osc, every trial a point, "
+        "Huber loss on log residuals (δ = 1.345 robust sd of the seed noise, at least 1e-3), minimised from a grid of "
+        "starting points and polished by L-BFGS-B; bootstrap refits by Newton's method from the estimate.",
+        "Held-out checks: leave-one-x-out RMSE over all x, and the largest x predicted from a fit to the others "
+        "(paper A's d = 64 check). R² is in log space for loglog-means, linear space otherwise. Diverged, failed and "
+        "non-finite trials are excluded from every fit and counted (column 'excluded' and the table of cells); "
+        "search-stage trials are not used.",
+    ]
+
+
+def write_report(storage_or_study: str, *, n_boot: int = F.N_BOOT) -> WrittenReport:
     study = api.open_study(storage_or_study)
-    fits = api.fits(study)
+    fits = api.fits(study, n_boot=n_boot)
     page, markdown = render(study, fits)
     fs, root = sfs.resolve(study.storage)
     paths = {name: sfs.join(root, name) for name in ("report.html", "report.md", "fits.json")}
     sfs.write_bytes_atomic(fs, paths["report.html"], page.encode())
     sfs.write_bytes_atomic(fs, paths["report.md"], markdown.encode())
-    sfs.write_bytes_atomic(fs, paths["fits.json"], json.dumps([f.to_dict() for f in fits], indent=1, default=str).encode())
+    sfs.write_bytes_atomic(fs, paths["fits.json"], json.dumps([f.to_dict() for f in fits], indent=1, allow_nan=False).encode())
     return WrittenReport(paths["report.html"], paths["report.md"], paths["fits.json"], [f.to_row() for f in fits])

@@ -8,8 +8,25 @@ import numpy as np
 import pytest
 
 from conftest import make_record, write_synthetic_study
-from scaling import api
+from scaling import api, laws, synthetic
+from scaling import fits as F
 from scaling.fits import fit_gap_vs_dosc, fit_power_law
+
+
+def _gap_fits(rows, *, n_boot=400, level=0.95, rng_seed=0, methods=F.GAP_METHODS, task="lm", metric="val_loss"):
+    data = F.select_rows(rows, task)
+    draws = F.SeedDraws(data.seeds, n_boot, rng_seed, stream=task)
+    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=metric)
+    fits = F.fit_gap_law(cells, study="s", task=task, law="gap_vs_dosc", variant="oscillator", baseline="softmax",
+                         metric=metric, draws=draws, ci_level=level, methods=methods)
+    return {f.method: f for f in fits}
+
+
+def _loss_fit(rows, *, n_boot=400, level=0.95, rng_seed=0, variant="softmax"):
+    data = F.select_rows(rows, "lm")
+    draws = F.SeedDraws(data.seeds, n_boot, rng_seed, stream="lm")
+    return F.fit_loss_vs_params(data.rows, study="s", task="lm", variant=variant, metric="val_loss", draws=draws,
+                                ci_level=level)
 
 
 def test_fit_power_law_exact():
@@ -18,17 +35,38 @@ def test_fit_power_law_exact():
     assert c == pytest.approx(3.0) and alpha == pytest.approx(0.8) and r2 == pytest.approx(1.0)
 
 
+def test_variable_projection_matches_scipy_curve_fit():
+    from scipy.optimize import curve_fit
+
+    x = np.array([2.0, 4, 8, 16, 32])
+    rng = np.random.default_rng(3)
+    Y = 3 * x**-0.8 + 0.5 + rng.normal(0, 0.02, (200, 5))
+    out = laws.power_vp_batch(x, Y, floor=True)  # a bootstrap-sized batch (coarse grid path)
+    for b in range(5):
+        p, _ = curve_fit(lambda x, C, a, g: C * x**-a + g, x, Y[b], p0=[3, 0.8, 0.5], maxfev=20000)
+        assert [out["C"][b], out["alpha"][b], out["g_inf"][b]] == pytest.approx(p, rel=1e-5, abs=1e-6)
+    single = laws.power_vp_batch(x, Y[:1], floor=False)
+    p, _ = curve_fit(lambda x, C, a: C * x**-a, x, Y[0], p0=[3, 0.8], maxfev=20000)
+    assert [single["C"][0], single["alpha"][0]] == pytest.approx(p, rel=1e-5)
+
+
 def test_recovers_known_law_with_ci(tmp_path):
     study = api.open_study(str(write_synthetic_study(tmp_path / "s", C=2.0, alpha=0.7, noise=0.01)))
-    (fit,) = api.fits(study)
-    assert fit.ok and fit.law == "gap_vs_dosc" and fit.variant == "oscillator" and fit.baseline == "softmax"
-    alpha = fit.constants["alpha"]
-    assert alpha.ci_low < 0.7 < alpha.ci_high
-    assert alpha.value == pytest.approx(0.7, abs=0.05)
-    assert fit.constants["C"].ci_low < 2.0 < fit.constants["C"].ci_high
-    assert fit.n_points == 5 and fit.n_seeds == 5 and fit.r2 > 0.98
-    assert fit.heldout["x"] == 32 and abs(fit.heldout["rel_error"]) < 0.2
-    assert all(p["band_low"] <= p["fit"] <= p["band_high"] for p in fit.points)
+    fits = {f.method: f for f in api.fits(study, law="gap_vs_dosc", n_boot=600)}
+    assert set(fits) == {"loglog-means", "nonlinear"}
+    for fit in fits.values():
+        assert fit.ok and fit.variant == "oscillator" and fit.baseline == "softmax"
+        alpha = fit.constants["alpha"]
+        assert alpha.ci_low < 0.7 < alpha.ci_high
+        assert alpha.value == pytest.approx(0.7, abs=0.05)
+        assert fit.constants["C"].ci_low < 2.0 < fit.constants["C"].ci_high
+        assert fit.n_points == 5 and fit.n_seeds == 5 and fit.r2 > 0.98
+        assert fit.heldout["x"] == 32 and abs(fit.heldout["rel_error"]) < 0.2
+        assert len(fit.loo["points"]) == 5 and fit.loo["rmse"] < 0.05
+        assert all(p["band_low"] <= p["fit"] <= p["band_high"] for p in fit.points)
+        assert all(abs(p["residual"]) < 0.05 for p in fit.points)
+    assert fits["nonlinear"].model == "power"  # no floor in the data: the simpler model predicts better
+    assert fits["loglog-means"].r2_space == "log" and fits["nonlinear"].r2_space == "linear"
 
 
 def test_gaps_are_paired_by_seed():
@@ -49,9 +87,12 @@ def test_unpaired_seed_uses_baseline_mean_and_says_so():
     rows += [make_record(key=f"o{d}", seed=7, variant="oscillator", d_osc=d, metric_value=1 + 1 / d).to_dict() for d in (2, 4)]
     fit = fit_gap_vs_dosc(rows, study="s", task="lm", variant="oscillator", baseline="softmax", metric="val_loss", n_boot=50)
     assert fit.ok and any("no baseline with the same seed" in n for n in fit.notes)
+    assert fit.constants["alpha"].value == pytest.approx(1.0)
+    assert fit.constants["alpha"].ci_low is None  # one seed per cell: no interval, and it says so
+    assert any("single seed" in n for n in fit.notes)
 
 
-def test_non_positive_gaps_are_left_out_not_crashed_on(tmp_path):
+def test_non_positive_gaps_are_left_out_of_loglog_but_fitted_by_nonlinear(tmp_path):
     study_dir = write_synthetic_study(tmp_path / "s", C=1.0, alpha=1.0, noise=0.0, ds=(2, 4, 8))
     from storage.ledger import Ledger
 
@@ -59,9 +100,38 @@ def test_non_positive_gaps_are_left_out_not_crashed_on(tmp_path):
     for s in range(5):
         Ledger(str(study_dir)).append(make_record(key=f"lm-osc-d64-s{s}", task="lm", variant="oscillator", d_osc=64,
                                                   seed=s, cell="lm/oscillator/d64", metric_value=2.5))
-    (fit,) = api.fits(api.open_study(str(study_dir)))
-    assert fit.ok and fit.n_points == 3
-    assert any("[64]" in n and "left out" in n for n in fit.notes)
+    fits = {f.method: f for f in api.fits(api.open_study(str(study_dir)), n_boot=300)}
+    loglog, nonlinear = fits["loglog-means"], fits["nonlinear"]
+    assert loglog.ok and loglog.n_points == 3
+    assert any("[64]" in n and "left out" in n for n in loglog.notes)
+    assert nonlinear.ok and nonlinear.n_points == 4  # the negative gap is data here
+    assert [p["used"] for p in nonlinear.points] == [True] * 4
+    assert nonlinear.points[-1]["mean"] == pytest.approx(-0.5)
+
+
+def test_all_negative_gaps_do_not_crash():
+    rows = synthetic.gap_study_rows(C=-1.0, alpha=0.5, seed_effect=0.0, variant_noise=0.01, baseline_noise=0.0)
+    fits = _gap_fits(rows, n_boot=200)
+    assert not fits["loglog-means"].ok and any("no fit" in n for n in fits["loglog-means"].notes)
+    nl = fits["nonlinear"]
+    assert nl.ok and nl.constants["C"].value == pytest.approx(-1.0, rel=0.1)
+    assert nl.constants["alpha"].value == pytest.approx(0.5, abs=0.1)
+
+
+def test_floor_is_chosen_by_held_out_error_when_the_data_have_one():
+    rows = synthetic.gap_study_rows(C=4.0, alpha=1.0, g_inf=1.0, ds=(2, 4, 8, 16, 32, 64), seed_effect=0.0,
+                                    variant_noise=0.01, baseline_noise=0.0, rng=1)
+    fits = _gap_fits(rows)
+    nl = fits["nonlinear"]
+    assert nl.model == "power_floor" and nl.selection["chosen"] == "power_floor"
+    assert nl.selection["loo_rmse"]["power_floor"] < nl.selection["loo_rmse"]["power"]
+    g = nl.constants["g_inf"]
+    assert g.ci_low < 1.0 < g.ci_high and g.value == pytest.approx(1.0, abs=0.05)
+    assert nl.constants["alpha"].value == pytest.approx(1.0, abs=0.05)
+    assert "g_inf" in nl.to_row() and nl.to_row()["g_inf"] == pytest.approx(g.value)
+    # paper A's method cannot see a floor: it reports a flatter exponent and predicts d=64 worse
+    assert fits["loglog-means"].constants["alpha"].value < 0.6
+    assert abs(fits["loglog-means"].heldout["error"]) > abs(nl.heldout["error"])
 
 
 def test_too_few_points_is_a_failed_fit_with_a_reason():
@@ -70,16 +140,39 @@ def test_too_few_points_is_a_failed_fit_with_a_reason():
     fit = fit_gap_vs_dosc(rows, study="s", task="lm", variant="oscillator", baseline="softmax", metric="val_loss")
     assert not fit.ok and math.isnan(fit.constants["alpha"].value)
     assert any("fewer than 2" in n for n in fit.notes)
+    assert fit.to_row()["alpha"] is None  # JSON-safe
 
 
-def test_diverged_and_failed_trials_are_excluded(tmp_path):
+def test_diverged_and_failed_trials_are_excluded_and_counted(tmp_path):
     extra = [make_record(key="lm-osc-d2-s9", task="lm", variant="oscillator", d_osc=2, seed=9, status="diverged",
                          metric_value=None, cell="lm/oscillator/d2"),
              make_record(key="lm-osc-d4-s9", task="lm", variant="oscillator", d_osc=4, seed=9, status="failed",
-                         metric_value=None, cell="lm/oscillator/d4")]
+                         metric_value=None, cell="lm/oscillator/d4"),
+             make_record(key="lm-osc-d8-s9", task="lm", variant="oscillator", d_osc=8, seed=9, status="completed",
+                         metric_value=float("nan"), cell="lm/oscillator/d8")]
     study = api.open_study(str(write_synthetic_study(tmp_path / "s", noise=0.0, extra_rows=extra)))
-    (fit,) = api.fits(study)
-    assert all(p["n_seeds"] == 5 for p in fit.points)
+    for fit in api.fits(study, n_boot=100):
+        assert all(p["n_seeds"] == 5 for p in fit.points)
+        assert fit.excluded == {"diverged": 1, "failed": 1, "non-finite": 1}
+        row = fit.to_row()
+        assert (row["excluded_diverged"], row["excluded_failed"], row["excluded_non_finite"]) == (1, 1, 1)
+
+
+def test_a_failed_attempt_that_was_retried_is_not_counted():
+    rows = synthetic.gap_study_rows(ds=(2, 4, 8), seed_effect=0.0)
+    retried = next(r for r in rows if r["variant"] == "oscillator")
+    rows.append({**retried, "status": "failed", "metric_value": None})
+    assert F.select_rows(rows, "lm").excluded == []
+
+
+def test_search_stage_and_duplicate_trials_do_not_enter_the_fit():
+    rows = synthetic.gap_study_rows(ds=(2, 4, 8), seed_effect=0.0, variant_noise=0.0, baseline_noise=0.0)
+    osc = next(r for r in rows if r["variant"] == "oscillator")
+    rows.append({**osc, "key": "search-1", "stage": "search", "metric_value": 99.0})
+    rows.append({**osc, "key": "older", "metric_value": 55.0, "finished_at": "2025-01-01T00:00:00+00:00"})
+    data = F.select_rows(rows, "lm")
+    assert any("search-stage" in n for n in data.notes) and any("duplicate" in n for n in data.notes)
+    assert 99.0 not in [r["metric_value"] for r in data.rows] and 55.0 not in [r["metric_value"] for r in data.rows]
 
 
 def test_no_baseline_gives_a_reason():
@@ -88,25 +181,198 @@ def test_no_baseline_gives_a_reason():
     assert not fit.ok and any("no completed softmax baseline" in n for n in fit.notes)
 
 
-def test_interval_coverage_on_replicate_studies(tmp_path):
-    """95% bootstrap intervals of alpha cover the truth in most of 40 replicate synthetic studies.
+def test_accuracy_gap_is_positive_when_the_variant_is_worse():
+    rows = synthetic.gap_study_rows(C=-5.0, alpha=0.5, base=90.0, metric_name="val_accuracy", seed_effect=0.0,
+                                    variant_noise=0.01, baseline_noise=0.0)  # accuracy below the baseline's
+    fits = _gap_fits(rows, metric="val_accuracy", n_boot=200)
+    assert fits["loglog-means"].ok and fits["loglog-means"].constants["C"].value == pytest.approx(5.0, rel=0.05)
+    assert any("higher is better" in n for n in fits["loglog-means"].notes)
 
-    With 5 seeds a percentile bootstrap under-covers somewhat (it ignores small-sample widening);
-    the bound is set to catch a broken interval, not to certify nominal coverage (issue 7 owns that)."""
-    hits = 0
-    n = 40
-    for rep in range(n):
-        study = api.open_study(str(write_synthetic_study(tmp_path / f"r{rep}", C=1.5, alpha=0.6, noise=0.05, rng_seed=rep)))
-        (fit,) = api.fits(study, n_boot=400)
+
+def test_widen_factor_is_the_t_correction():
+    assert F.widen_factor(0.9, 5) == pytest.approx(math.sqrt(5 / 4) * 2.131847 / 1.644854, rel=1e-5)
+    assert F.widen_factor(0.9, 1000) == pytest.approx(1.0, abs=0.01)
+
+
+# ---- validity: do the intervals cover the truth? ------------------------------------------------
+
+def _coverage(design: dict, method: str, n_rep: int, n_boot: int = 800, level: float = 0.90):
+    hits = plain_hits = 0
+    tail = (1 - level) / 2 * 100
+    for rep in range(n_rep):
+        rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, rng=rep, **design)
+        fit = _gap_fits(rows, n_boot=n_boot, level=level, rng_seed=rep, methods=[method])[method]
         a = fit.constants["alpha"]
         hits += a.ci_low <= 0.6 <= a.ci_high
-    assert hits / n >= 0.7, f"coverage {hits}/{n}"
+        lo, hi = np.percentile(fit.boot["alpha"][np.isfinite(fit.boot["alpha"])], [tail, 100 - tail])
+        plain_hits += lo <= 0.6 <= hi
+    return hits / n_rep, plain_hits / n_rep
 
+
+DESIGNS = {
+    # the variant's own seed noise dominates: the per-d gaps are independent
+    "independent": dict(seed_effect=0.05, variant_noise=0.03, baseline_noise=0.0),
+    # the baseline's noise dominates: shared by every d through the pairing, so the gaps are correlated
+    "shared-baseline": dict(seed_effect=0.05, variant_noise=0.01, baseline_noise=0.03),
+}
+
+
+@pytest.mark.parametrize("method", F.GAP_METHODS)
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_90_percent_intervals_cover_the_true_exponent(design, method):
+    """Issue 7's validity test: 100 synthetic replicate studies (5 seeds x 5 d_osc, seed noise),
+    90% intervals must cover the true alpha in 80-97% of them. The plain percentile bootstrap
+    under-covers with 5 seeds (its spread is sqrt(4/5) of the truth and it ignores the t law), which
+    is why the intervals are widened; the plain one is checked to be worse, so the widening earns
+    its place."""
+    coverage, plain = _coverage(DESIGNS[design], method, n_rep=100)
+    assert 0.80 <= coverage <= 0.97, f"{design}/{method}: coverage {coverage:.2f} (plain percentile {plain:.2f})"
+    assert plain < coverage
+
+
+def test_loss_law_intervals_cover_quick():
+    """A quick version of the loss-law coverage check (the 100-replicate one is marked slow)."""
+    hits = {"alpha": 0, "E": 0}
+    n = 20
+    with laws.single_threaded_blas():
+        for rep in range(n):
+            fit = _loss_fit(synthetic.loss_study_rows(E=2.0, A=400.0, alpha=0.4, noise=0.01, rng=rep), n_boot=400,
+                            level=0.9, rng_seed=rep)
+            hits["alpha"] += fit.constants["alpha"].ci_low <= 0.4 <= fit.constants["alpha"].ci_high
+            hits["E"] += fit.constants["E"].ci_low <= 2.0 <= fit.constants["E"].ci_high
+    assert hits["alpha"] >= 14 and hits["E"] >= 14, hits  # 90% nominal; >= 70% of 20 is > 3 sd below
+
+
+@pytest.mark.slow
+def test_loss_law_90_percent_intervals_cover_the_truth_100_replicates():
+    hits = {"alpha": 0, "E": 0, "A": 0}
+    truth = {"alpha": 0.4, "E": 2.0, "A": 400.0}
+    with laws.single_threaded_blas():
+        for rep in range(100):
+            fit = _loss_fit(synthetic.loss_study_rows(E=2.0, A=400.0, alpha=0.4, noise=0.01, rng=rep), n_boot=1000,
+                            level=0.9, rng_seed=rep)
+            for k in hits:
+                hits[k] += fit.constants[k].ci_low <= truth[k] <= fit.constants[k].ci_high
+    assert all(80 <= h <= 97 for h in hits.values()), hits
+
+
+# ---- loss vs parameters -------------------------------------------------------------------------
+
+def test_loss_vs_params_recovers_the_law_and_bootstrap_solver_agrees_with_lbfgs():
+    from scipy.optimize import minimize
+
+    rows = synthetic.loss_study_rows(E=2.0, A=400.0, alpha=0.4, noise=0.005, rng=4)
+    fit = _loss_fit(rows, n_boot=400)
+    assert fit.ok and fit.law == "loss_vs_params" and fit.model == "offset_power" and fit.method == "huber-log"
+    for name, true in (("E", 2.0), ("A", 400.0), ("alpha", 0.4)):
+        est = fit.constants[name]
+        assert est.ci_low < true < est.ci_high, (name, est)
+    assert fit.constants["E"].ci_low > 0 and fit.constants["A"].ci_low > 0  # positive constants, log-scale intervals
+    assert fit.r2 > 0.99 and len(fit.loo["points"]) == 5 and fit.heldout["x"] == 16_000_000
+    assert abs(fit.heldout["rel_error"]) < 0.02
+    # the batched Newton refits reach the same optimum L-BFGS finds from there
+    data = F.select_rows(rows, "lm")
+    y = np.array([r["metric_value"] for r in data.rows])
+    x = np.array([r["params_non_embedding"] for r in data.rows], dtype=float)
+    problem = laws.HuberLogProblem(x, y, 0.01)
+    theta, _ = laws.offset_power_point_fit(problem, y)
+    W = np.random.default_rng(0).multinomial(5, [0.2] * 5, size=20)[:, [r["seed"] for r in data.rows]].astype(float)
+    theta_b, values, converged = laws.damped_newton_batch(problem, np.tile(theta, (20, 1)), W)
+    assert converged.all()
+    for b in range(20):
+        res = minimize(problem.fun_and_grad_single, theta_b[b], args=(W[b],), jac=True, method="L-BFGS-B",
+                       options={"gtol": 1e-12, "ftol": 1e-15})
+        assert res.fun >= values[b] - 1e-10
+        assert np.abs(res.x - theta_b[b]).max() < 1e-4
+
+
+def test_loss_fit_from_a_grid_of_starts_finds_the_global_optimum():
+    rows = synthetic.loss_study_rows(E=0.5, A=50.0, alpha=0.25, noise=0.002, rng=2)
+    fit = _loss_fit(rows, n_boot=100)
+    assert fit.constants["alpha"].value == pytest.approx(0.25, abs=0.03)
+    assert fit.constants["E"].value == pytest.approx(0.5, rel=0.1)
+
+
+def test_loss_fit_refuses_accuracy_and_too_few_sizes():
+    rows = synthetic.loss_study_rows(sizes=(1_000_000, 2_000_000))
+    fit = _loss_fit(rows)
+    assert not fit.ok and any("needs >= 3 parameter counts" in n for n in fit.notes)
+    rows = [dict(r, metric_name="val_accuracy") for r in synthetic.loss_study_rows()]
+    data = F.select_rows(rows, "lm")
+    fit = F.fit_loss_vs_params(data.rows, study="s", task="lm", variant="softmax", metric="val_accuracy",
+                               draws=F.SeedDraws(data.seeds, 50, 0, "lm"))
+    assert not fit.ok and any("higher is better" in n for n in fit.notes)
+
+
+def test_a_full_grid_gives_every_law_per_size_and_d():
+    rows = synthetic.scaling_grid_rows(tasks=("lm",), variants={"softmax": None, "oscillator": [2, 4, 8, 16]},
+                                       sizes=(1_000_000, 2_000_000, 4_000_000), seeds=range(3), diverged_every=41)
+    study = api.StudyResults("grid", "/nowhere", {"baseline": "softmax"}, rows, None)
+    fits = api.fits(study, n_boot=200)
+    by_law = {}
+    for f in fits:
+        by_law.setdefault(f.law, []).append(f)
+    assert len(by_law["gap_vs_dosc"]) == 3 * 2  # per size, two methods
+    assert {f.group["target_params"] for f in by_law["gap_vs_dosc"]} == {1_000_000, 2_000_000, 4_000_000}
+    assert len(by_law["gap_vs_params"]) == 4 * 2  # per d_osc, two methods
+    assert len(by_law["loss_vs_params"]) == 1 + 4  # softmax, and oscillator at each d_osc
+    assert all(f.ok for f in fits)
+    # the generating law: gap = 1.5 d^-0.7 times a loss of ~2-2.3, so alpha ~0.7 at every size
+    for f in by_law["gap_vs_dosc"]:
+        assert 0.5 < f.constants["alpha"].value < 0.9
+    assert sum(sum(f.excluded.values()) for f in by_law["loss_vs_params"]) > 0
+    rows_out = [f.to_row() for f in fits]
+    assert len({tuple(sorted(r)) for r in rows_out}) == 1  # the same columns for every law
+
+
+# ---- queries on a fit ---------------------------------------------------------------------------
 
 def test_predict_from_fit(tmp_path):
     study = api.open_study(str(write_synthetic_study(tmp_path / "s", C=2.0, alpha=0.7, noise=0.005)))
-    out = api.predict(study, task="lm", variant="oscillator", d_osc=64)
+    out = api.predict(study, task="lm", variant="oscillator", d_osc=64, n_boot=400)
     assert out["gap"] == pytest.approx(2.0 * 64**-0.7, rel=0.1)
-    assert out["range_low"] <= out["gap"] <= out["range_high"]
-    with pytest.raises(ValueError, match="no usable gap_vs_dosc fit"):
+    assert out["ci_low"] <= out["gap"] <= out["ci_high"]
+    assert out["pi_low"] <= out["ci_low"] and out["pi_high"] >= out["ci_high"]  # a new run also has seed noise
+    assert out["extrapolated"] and out["method"] == "nonlinear"
+    inside = api.predict(study, task="lm", variant="oscillator", d_osc=8, method="loglog-means", n_boot=400)
+    assert not inside["extrapolated"] and inside["method"] == "loglog-means"
+    with pytest.raises(api.QueryError, match="no usable gap_vs_dosc fit"):
         api.predict(study, task="lm", variant="kuramoto", d_osc=64)
+    with pytest.raises(api.QueryError, match="positive point"):
+        api.predict(study, task="lm", variant="oscillator", d_osc=-1)
+
+
+def test_prediction_interval_covers_new_runs():
+    """A 90% prediction interval for one new seed at a new d covers most new runs."""
+    rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, seed_effect=0.0, variant_noise=0.05, baseline_noise=0.0, rng=9)
+    fit = _gap_fits(rows, n_boot=800, level=0.9, methods=["nonlinear"])["nonlinear"]
+    out = fit.predict(24.0, n_seeds=1)
+    rng = np.random.default_rng(0)
+    new_runs = 1.5 * 24.0**-0.6 + rng.normal(0, 0.05, 2000)
+    covered = np.mean((new_runs >= out["pi_low"]) & (new_runs <= out["pi_high"]))
+    assert 0.8 <= covered <= 0.995, covered
+    assert fit.predict(24.0, n_seeds=5)["pi_high"] < out["pi_high"]  # a mean of 5 seeds is less noisy
+
+
+def test_difference_of_exponents():
+    same = synthetic.gap_study_rows(C=1.5, alpha=0.6, rng=1) + [
+        dict(r, variant="oscillator_b", key=r["key"] + "b", cell=r["cell"].replace("oscillator", "oscillator_b"))
+        for r in synthetic.gap_study_rows(C=1.0, alpha=0.6, rng=2) if r["variant"] == "oscillator"]
+    study = api.StudyResults("s", "/nowhere", {"baseline": "softmax"}, same, None)
+    out = api.compare(study, a=("lm", "oscillator"), b=("lm", "oscillator_b"), law="gap_vs_dosc", method="loglog-means")
+    assert out["paired"] and out["ci_low"] < 0 < out["ci_high"]
+    steeper = synthetic.gap_study_rows(C=1.5, alpha=1.2, rng=3, task="lm2", seed_effect=0.0, variant_noise=0.005)
+    study = api.StudyResults("s", "/nowhere", {"baseline": "softmax"}, same + steeper, None)
+    out = api.compare(study, a=("lm2", "oscillator"), b=("lm", "oscillator"), method="loglog-means")
+    assert not out["paired"] and out["diff"] == pytest.approx(0.6, abs=0.15) and out["ci_low"] > 0
+    table = api.exponent_differences(api.fits(study, law="gap_vs_dosc", method="loglog-means"))
+    assert len(table) == 2  # two variants of lm; oscillator across lm and lm2
+
+
+def test_fit_to_dict_is_json_ready():
+    import json
+
+    fits = _gap_fits(synthetic.gap_study_rows(), n_boot=100)
+    for fit in fits.values():
+        text = json.dumps(fit.to_dict(), allow_nan=False)
+        assert "boot" not in json.loads(text)
