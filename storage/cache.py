@@ -257,7 +257,7 @@ class DatasetCache:
             "format_version": FORMAT_VERSION,
             "created": _now(),
             "build_id": build_id,
-            "build_seconds": round(seconds, 3),
+            "build_seconds": round(seconds, 6),
             "splits": splits,
             "meta": meta,
         }

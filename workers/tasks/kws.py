@@ -108,9 +108,11 @@ class KWS(Task):
         features, labels, source_bytes = {}, {}, 0
         with progress(sum(len(v) for v in index.values()), f"{self.name} read wav", unit="clip") as bar:
             for split, items in index.items():
-                waves = np.stack([self._wave(os.path.join(root, rel), options) for rel, _ in items])
-                source_bytes += sum(os.path.getsize(os.path.join(root, rel)) for rel, _ in items)
-                bar.update(len(items))
+                waves = np.empty((len(items), options["clip_samples"]), dtype=np.float32)
+                for i, (rel, _) in enumerate(items):
+                    waves[i] = self._wave(os.path.join(root, rel), options)
+                    source_bytes += os.path.getsize(os.path.join(root, rel))
+                    bar.update(1)
                 features[split] = log_mel(waves, options)
                 labels[split] = np.array([label for _, label in items], dtype=np.int16)
         mean, std = standardise(features["train"])

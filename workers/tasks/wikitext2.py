@@ -72,8 +72,7 @@ class WikiText2(ChunkLMTask):
         tables, stats = {}, {}
         with progress(sum(len(ls) for ls in lines.values()), f"{self.name} tokenise", unit="line") as bar:
             for split, split_lines in lines.items():
-                ids = text.encode_stream(split_lines, text.wikitext_tokens, vocab)
-                bar.update(len(split_lines))
+                ids = text.encode_stream(_counting(split_lines, bar), text.wikitext_tokens, vocab)
                 chunks = text.bookend_chunks(ids, options["seq_len"])
                 tables[split] = text.tokens_table(chunks)
                 stats[split] = {"tokens": int(len(ids)), "chunks": int(len(chunks)),
@@ -82,6 +81,14 @@ class WikiText2(ChunkLMTask):
         meta = {"vocab_size": len(vocab), "seq_len": options["seq_len"], "splits": stats,
                 "source_bytes": source_bytes, "source": where}
         return tables, meta
+
+
+def _counting(lines: list[str], bar, every: int = 1000) -> Iterator[str]:
+    for i, line in enumerate(lines, 1):
+        if i % every == 0:
+            bar.update(every)
+        yield line
+    bar.update(len(lines) % every)
 
 
 def _head(rows, max_bytes: int | None) -> Iterator[str]:
