@@ -434,8 +434,10 @@ def test_sva_accuracy_splits_and_failure(tmp_path, cache):
 @pytest.mark.parametrize("name, option", [("wikitext2", "data_dir"), ("tinystories", "train_file"),
                                           ("enwik8", "data_file"), ("codeparrot", "data_dir"), ("kws", "data_dir")])
 def test_offline_without_local_source_names_the_option(name, option, cache, monkeypatch):
+    pytest.importorskip("datasets")  # imported up front: its import time is not the hub call's
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(cache.root) + "-hf")  # an empty HF cache: nothing downloaded before
 
     def no_network(*args, **kwargs):
         raise AssertionError("an offline build touched the network")
@@ -444,10 +446,130 @@ def test_offline_without_local_source_names_the_option(name, option, cache, monk
     t0 = time.perf_counter()
     with pytest.raises(SourceUnavailable) as error:
         get_task(name).prepare({}, cache)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10  # no retries against an unreachable hub (those take ~20 s)
     message = str(error.value)
     assert f"`{option}`" in message and "offline" in message and f"scaling cache build {name} --option {option}=" in message
     assert cache.entries() == []
+
+
+def test_scaling_offline_alone_stops_before_the_hub(cache, monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SCALING_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was called"))
+    with pytest.raises(SourceUnavailable, match="offline: SCALING_OFFLINE=1"):
+        get_task("wikitext2").prepare({}, cache)
+
+
+# ---- the online code paths, served locally -------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """`datasets.load_dataset` answering from in-memory datasets shaped like the hub's."""
+    import datasets
+
+    from storage.prep.sources import OFFLINE_VARS
+
+    for var in OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    served, calls = {}, []
+
+    def load_dataset(path, name=None, split=None, revision=None, streaming=False, **kwargs):
+        calls.append({"path": path, "name": name, "split": split, "revision": revision, "streaming": streaming})
+        if path not in served:
+            raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
+        return served[path] if split is None else served[path][split]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return datasets, served, calls
+
+
+def test_wikitext2_from_the_hub_matches_local_files(tmp_path, cache, fake_hub):
+    datasets, served, calls = fake_hub
+    local = write_wikitext(tmp_path / "wt2")
+    rows = {split: [line + "\n" for line in (local / f"wiki.{name}.tokens").read_text().splitlines()]
+            for split, name in (("train", "train"), ("validation", "valid"), ("test", "test"))}
+    served["Salesforce/wikitext"] = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in rows.items()})
+    task = get_task("wikitext2")
+    hub = task.prepare({"vocab_size": 8, "seq_len": 6, "hf_revision": "abc123"}, cache)
+    files = task.prepare({"data_dir": str(local), "vocab_size": 8, "seq_len": 6}, cache)
+    assert calls == [{"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": None, "revision": "abc123",
+                      "streaming": False}]
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(hub.arrays[split]["tokens"], files.arrays[split]["tokens"])
+    assert hub.fingerprint != files.fingerprint  # different source identities
+    assert task.prepare({"vocab_size": 8, "seq_len": 6, "hf_revision": "abc123"}, cache).fingerprint == hub.fingerprint
+    assert len(calls) == 1  # the second prepare opened the cache: no hub call
+
+
+def test_tinystories_from_the_hub_matches_local_files(tmp_path, cache, fake_hub):
+    datasets, served, _ = fake_hub
+    stories = ["Once upon a time, Tom's cat sat.", "The dog ran!", "", "A big red ball."]
+    served["roneneldan/TinyStories"] = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": stories}), "validation": datasets.Dataset.from_dict({"text": stories[:2]})})
+    write_tinystories(tmp_path / "train.txt", [s for s in stories if s])
+    write_tinystories(tmp_path / "valid.txt", stories[:2])
+    options = {"vocab_size": 10, "seq_len": 6}
+    hub = get_task("tinystories").prepare(options, cache)
+    files = get_task("tinystories").prepare({**options, "train_file": str(tmp_path / "train.txt"),
+                                             "val_file": str(tmp_path / "valid.txt")}, cache)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(hub.arrays[split]["tokens"], files.arrays[split]["tokens"])
+
+
+def test_codeparrot_streams_from_the_hub_like_a_local_tree(tmp_path, cache, fake_hub):
+    datasets, served, calls = fake_hub
+    files = {f"m{i:03d}.py": f"x = {i}\nprint(x * {i})\n".encode() * (1 + i % 3) for i in range(120)}
+    write_tree(tmp_path / "tree", files)
+    rows = [{"content": files[k].decode(), "repo_name": "r", "path": k} for k in sorted(files)]
+    served["codeparrot/codeparrot-clean"] = {"train": datasets.IterableDataset.from_generator(lambda: iter(rows))}
+    budgets = {"split_bytes": [10**6, 10**6, 10**6], "seq_len": 8}
+    hub = get_task("codeparrot").entry(budgets, cache)
+    local = get_task("codeparrot").entry({**budgets, "data_dir": str(tmp_path / "tree")}, cache)
+    assert calls[0]["streaming"] is True and calls[0]["split"] == "train"
+    for split in ("train", "val", "test"):
+        assert np.asarray(hub[split].column("bytes")).tobytes() == np.asarray(local[split].column("bytes")).tobytes()
+
+
+def test_enwik8_download_once_then_offline(tmp_path, cache, monkeypatch):
+    from storage.prep.sources import OFFLINE_VARS
+
+    for var in OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    data = np.random.default_rng(1).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    (tmp_path / "enwik8").write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as archive:
+        archive.write(tmp_path / "enwik8", "enwik8")
+    url = (tmp_path / "src.zip").as_uri()  # urllib serves file:// like http://
+    prepared = get_task("enwik8").prepare({"url": url, "seq_len": 16}, cache)
+    assert (tmp_path / "downloads" / "src.zip").exists()
+    assert bytes(prepared.arrays["train"]["windows"][0]) == data[:17]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline now: the downloaded archive still serves
+    again = get_task("enwik8").prepare({"url": url, "seq_len": 16}, DatasetCache(str(tmp_path / "fresh")))
+    assert again.fingerprint == prepared.fingerprint
+
+
+def test_kws_from_the_official_archive_layout(tmp_path, cache, monkeypatch):
+    import tarfile
+
+    from storage.prep.sources import OFFLINE_VARS
+
+    for var in OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    root = write_speech_commands(tmp_path / "sc")
+    with tarfile.open(tmp_path / "speech_commands_v0.02.tar.gz", "w:gz") as tar:
+        for path in sorted(root.rglob("*")):
+            tar.add(path, arcname="./" + str(path.relative_to(root)), recursive=False)
+    url = (tmp_path / "speech_commands_v0.02.tar.gz").as_uri()
+    online = get_task("kws").prepare({"url": url, "words": ["yes", "no"]}, cache)
+    local = get_task("kws").prepare({"data_dir": str(root), "words": ["yes", "no"]}, cache)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(online.arrays[split]["features"], local.arrays[split]["features"])
+    unpacked = next((tmp_path / "downloads").glob("speech_commands-*"))
+    assert sorted(p.name for p in unpacked.iterdir()) == ["no", "testing_list.txt", "validation_list.txt", "yes"]
 
 
 def test_missing_local_paths_are_named(tmp_path, cache):
@@ -513,6 +635,20 @@ def test_cache_build_ls_verify_rebuild(tmp_path, capsys):
     assert main(["cache", "build", "--list"]) == 0 and "max_clips_per_word" in capsys.readouterr().out
 
 
+def test_cache_build_for_a_study(tmp_path, capsys):
+    import yaml
+
+    from conftest import tiny_study_dict
+    from scaling.cli import main
+
+    study = tiny_study_dict(tmp_path, tasks=[{"name": "sva", "options": {"train_examples": 100, "val_examples": 50,
+                                                                         "test_examples": 50}}])
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    assert main(["cache", "build", "--study", str(tmp_path / "study.yaml")]) == 0
+    assert "sva-" in capsys.readouterr().out
+    assert [m["name"] for m in DatasetCache(study["cache"]).entries()] == ["sva"]
+
+
 # ---- one short trial per task ----------------------------------------------------------------------------
 
 
@@ -550,3 +686,11 @@ def test_a_short_trial_runs_on_every_task(name, tmp_path):
     assert task.metric in metrics
     assert (task.metric.replace("val_", "test_") in metrics) == (name != "tinystories")  # TinyStories: no test split
     assert record.tokens_seen == 4 * 4 * task.tokens_per_example(task.prepare(options, DatasetCache(str(tmp_path / "c"))))
+
+
+@pytest.mark.parametrize("name, bad", [("sva", {"generator_seeds": [0, 1]}), ("sva", {"val_examples": 0}),
+                                       ("enwik8", {"split_bytes": [90, 10]}), ("codeparrot", {"split_bytes": [1, 0, 1]}),
+                                       ("enwik8", {"seq_len": 0}), ("tinystories", {"val_fraction": 1.0})])
+def test_bad_option_values_are_rejected_before_any_work(name, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        get_task(name).options(bad)

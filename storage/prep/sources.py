@@ -9,8 +9,9 @@
   `hf_revision` to pin the content.
 - Official archives (enwik8, Speech Commands) are identified by their URL (and known checksum).
 
-Offline: with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / SCALING_OFFLINE set, any online source fails
-at once with `SourceUnavailable`, whose message names the task option that points at local files.
+Offline: with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / SCALING_OFFLINE set, an online source that is
+not already in a local cache (HF's, or the downloads folder) fails at once with `SourceUnavailable`,
+whose message names the task option that points at local files.
 """
 
 from __future__ import annotations
@@ -188,17 +189,22 @@ def iter_documents(path: str, separator: str, max_bytes: int | None = None, chun
 
 def hf_load(task: str, hint: str, dataset: str, config: str | None = None, *, split: str | None = None,
             revision: str | None = None, streaming: bool = False):
-    """`datasets.load_dataset`, failing at once with the local-source hint when offline or unreachable."""
+    """`datasets.load_dataset`, failing with the local-source hint when the hub cannot serve it.
+
+    With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, `datasets` itself answers at once: from its local
+    cache when the dataset was downloaded before, else with an error (no retries). SCALING_OFFLINE
+    alone stops here, before `datasets` would retry an unreachable hub for ~20 s."""
     name = dataset + (f" ({config})" if config else "")
     reason = offline()
-    if reason:
+    if reason and reason.startswith("SCALING_OFFLINE"):
         raise unavailable(task, f"the Hugging Face hub dataset {name}", f"offline: {reason}", hint)
     import datasets
 
     try:
         return datasets.load_dataset(dataset, config, split=split, revision=revision, streaming=streaming)
-    except (ConnectionError, OSError, TimeoutError) as error:
-        raise unavailable(task, f"the Hugging Face hub dataset {name}", f"{type(error).__name__}: {error}", hint) from error
+    except Exception as error:  # noqa: BLE001 -- ConnectionError, DatasetNotFoundError, offline-mode errors, ...
+        why = f"{type(error).__name__}: {error}" + (f"; offline: {reason}" if reason else "")
+        raise unavailable(task, f"the Hugging Face hub dataset {name}", why, hint) from error
 
 
 # ---- official archives ------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Legend: N clips, S samples, F frames, M mel bins, C classes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from typing import Any
@@ -94,7 +96,9 @@ class KWS(Task):
         if options["data_dir"] is not None:
             return require_path(self.name, "data_dir", options["data_dir"], "dir")
         archive = download(self.name, self.HINT, options["url"])
-        return speech.extract_archive(archive, os.path.join(downloads_dir(), "speech_commands_v0.02"), list(options["words"]))
+        words = list(options["words"])
+        tag = hashlib.sha1(json.dumps([options["url"], sorted(words)]).encode()).hexdigest()[:10]
+        return speech.extract_archive(archive, os.path.join(downloads_dir(), f"speech_commands-{tag}"), words)
 
     def build(self, options):
         words = list(options["words"])

@@ -68,6 +68,15 @@ class ByteLMTask(LMTask):
     metric = "val_bpb"
     VOCAB = 256
 
+    def options(self, given):
+        options = super().options(given)
+        sizes = options["split_bytes"]
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != 3 or not all(isinstance(b, int) and b > 0 for b in sizes):
+            raise ValueError(f"{self.name}: split_bytes={sizes!r} must be three positive byte counts (train, val, test)")
+        if not isinstance(options["seq_len"], int) or options["seq_len"] < 1:
+            raise ValueError(f"{self.name}: seq_len={options['seq_len']!r} must be a positive integer")
+        return options
+
     def arrays(self, entry: CachedDataset, options: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
         T = int(options["seq_len"])
         out = {}

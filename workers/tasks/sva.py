@@ -56,6 +56,17 @@ class SVA(Task):
         "generator_seeds": [0, 1, 2],  # train, val, test
     }
 
+    def options(self, given):
+        options = super().options(given)
+        seeds = options["generator_seeds"]
+        if not isinstance(seeds, (list, tuple)) or len(seeds) != 3 or not all(isinstance(x, int) for x in seeds):
+            raise ValueError(f"sva: generator_seeds={seeds!r} must be three integers (train, val, test), e.g. [0, 1, 2]")
+        for split in ("train", "val", "test"):
+            n = options[f"{split}_examples"]
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise ValueError(f"sva: {split}_examples={n!r} must be a positive integer or null (all / the paper's size)")
+        return options
+
     def _local(self, options) -> dict[str, str] | None:
         explicit = {s: options[f"{s}_file"] for s in FILE_NAMES}
         return local_split_files(self.name, options["data_dir"], explicit, FILE_NAMES, required=("train", "val", "test"))
