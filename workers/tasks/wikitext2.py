@@ -58,7 +58,7 @@ class WikiText2(ChunkLMTask):
     def _lines(self, options) -> tuple[dict[str, list[str]], dict[str, Any]]:
         files = self._local(options)
         if files is not None:
-            lines = {s: read_text_head(p, options["max_bytes"]).splitlines() for s, p in files.items()}
+            lines = {s: read_text_head(p, options["max_bytes"]).split("\n") for s, p in files.items()}  # "\n" only, as HF rows
             return lines, {"files": files}
         dataset = hf_load(self.name, self.HINT, options["hf_dataset"], options["hf_config"], revision=options["hf_revision"])
         lines = {s: list(_head(dataset[hf]["text"], options["max_bytes"])) for s, hf in HF_SPLITS.items()}
