@@ -154,7 +154,8 @@ def cmd_fits(args) -> int:
     from scaling import api
 
     study = api.open_study(args.study)
-    fits = api.fits(study, task=args.task, variant=args.variant, law=args.law)
+    fits = api.fits(study, task=args.task, variant=args.variant, law=args.law, method=args.method, n_boot=args.n_boot,
+                    ci_level=args.ci_level, params=args.params)
     rows = [f.to_row() for f in fits]
     if args.format == "json":
         print(json.dumps(rows, indent=1, default=str))
@@ -166,26 +167,59 @@ def cmd_fits(args) -> int:
             writer.writerows(rows)
         print(buffer.getvalue(), end="")
     else:
-        from scaling.report import FIT_HEADER, _fit_table_rows
+        from scaling.report import COMPACT_HEADER, compact_fit_rows
 
-        _print_table(FIT_HEADER, _fit_table_rows(fits))
+        if not fits:
+            print(f"no fits match in study {study.name} (tasks: {', '.join(study.tasks) or 'none'})")
+        _print_table(COMPACT_HEADER, compact_fit_rows(fits))
+        for fit in fits:
+            for note in fit.notes:
+                print(f"  note {fit.task}/{fit.variant} {fit.law} {fit.method}: {note}")
     return EXIT_OK
 
 
 def cmd_predict(args) -> int:
     from scaling import api
 
-    out = api.predict(api.open_study(args.study), task=args.task, variant=args.variant, d_osc=args.d_osc)
-    print(json.dumps(out, indent=1))
+    if (args.d_osc is None) == (args.params is None):
+        raise ValueError("give exactly one of --d-osc (gap_vs_dosc) or --params (gap_vs_params, or --law loss_vs_params)")
+    out = api.predict(api.open_study(args.study), task=args.task, variant=args.variant, d_osc=args.d_osc,
+                      params=args.params, law=args.law, method=args.method, n_seeds=args.n_seeds, level=args.level,
+                      n_boot=args.n_boot)
+    if args.format == "json":
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    x_name = "d_osc" if "d_osc" in out else "params"
+    where = f"{out['task']}/{out['variant']} at {x_name}={out[x_name]:g}" + (" (extrapolated)" if out["extrapolated"] else "")
+    print(f"{where}: {out['quantity']} = {out['value']:.4g}   [{out['method']}, {out['formula']}]")
+    if out["ci_low"] is not None:
+        print(f"  {out['level']:.0%} confidence interval of the law:        [{out['ci_low']:.4g}, {out['ci_high']:.4g}]")
+    if out["pi_low"] is not None:
+        print(f"  {out['level']:.0%} prediction interval, mean of {out['n_seeds']} new seed(s): "
+              f"[{out['pi_low']:.4g}, {out['pi_high']:.4g}]")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from scaling.server import serve
+
+    serve(args.host, args.port, args.root, log_level=args.log_level)
     return EXIT_OK
 
 
 def cmd_report(args) -> int:
     from scaling.report import write_report
 
-    written = write_report(args.study)
+    written = write_report(args.study, n_boot=args.n_boot)
     print(f"report:   {written.html_path}\nmarkdown: {written.markdown_path}\nfits:     {written.fits_path}")
     return EXIT_OK
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws per fit (default 2000)")
+    p.add_argument("--ci-level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
+                   help="parameter count of the *_vs_params laws (default non_embedding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,20 +266,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help=study_help)
     p.add_argument("--task")
     p.add_argument("--variant")
-    p.add_argument("--law", choices=["gap_vs_dosc"])
+    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
+    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"],
+                   help="loglog-means: paper A's; nonlinear: with optional floor; huber-log: the loss law")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _fit_options(p)
     p.set_defaults(func=cmd_fits)
 
-    p = sub.add_parser("predict", help="predict the gap at a new d_osc from the fitted law")
+    p = sub.add_parser("predict", help="the fitted law at a new d_osc or parameter count, with intervals")
     p.add_argument("study", help=study_help)
     p.add_argument("--task", required=True)
     p.add_argument("--variant", required=True)
-    p.add_argument("--d-osc", type=float, required=True)
+    p.add_argument("--d-osc", type=float, help="predict the gap at this d_osc (gap_vs_dosc)")
+    p.add_argument("--params", type=float, help="predict at this parameter count (gap_vs_params, or --law loss_vs_params)")
+    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
+    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"], help="default: nonlinear (huber-log for loss)")
+    p.add_argument("--n-seeds", type=int, default=1, help="the prediction interval is for the mean of this many new seeds")
+    p.add_argument("--level", type=float, help="interval level (default 0.95)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default 2000)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="write report.html, report.md and fits.json beside the ledger")
     p.add_argument("study", help=study_help)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws per fit (default 2000)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="the query API over HTTP (bearer token from SCALING_API_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root", default=os.environ.get("SCALING_STUDIES_ROOT"),
+                   help="directory holding the studies' storage directories (default $SCALING_STUDIES_ROOT)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
 

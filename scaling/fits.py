@@ -90,8 +90,9 @@ class FitResult:
     description: str = ""  # the method in words, for reports
     curve: dict[str, list[float]] | None = None  # dense x grid: fit, band_low, band_high
     boot: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
-    noise_sd: float | None = None  # seed noise of one run around its cell mean (log scale for loss_vs_params)
-    noise_df: int = 0  # its degrees of freedom
+    # seed noise of one run around its cell mean (log scale for loss_vs_params), as
+    # log sd = intercept + slope log x (noise often shrinks with d_osc), with its degrees of freedom
+    noise: dict[str, float] | None = None
     boot_stream: str = ""  # fits with the same stream used the same seed draws (paired)
     min_cell_seeds: int = 0
     x_label: str = ""  # axis label of x: "d_osc" or which parameter count
@@ -123,12 +124,14 @@ class FitResult:
         draws = laws.evaluate(self.model, self.boot, np.array([x]))[:, 0]
         positive = self.method in ("loglog-means", "huber-log")
         out["ci_low"], out["ci_high"] = widened_interval(value, draws, level, self.min_cell_seeds, log=positive)
-        if self.noise_sd is not None and self.noise_df >= 1 and out["ci_low"] is not None:
+        if self.noise and self.noise["df"] >= 1 and out["ci_low"] is not None:
             # new runs = the law's value + seed noise: half-widths add in quadrature, the noise part
-            # with t quantiles on the pooled within-cell degrees of freedom
+            # with t quantiles on the within-cell degrees of freedom
             from scipy.special import stdtrit
 
-            spread = float(stdtrit(self.noise_df, (1 + level) / 2)) * self.noise_sd / math.sqrt(n_seeds)
+            sd = math.exp(self.noise["intercept"] + self.noise["slope"] * math.log(x))
+            out["noise_sd"] = sd
+            spread = float(stdtrit(self.noise["df"], (1 + level) / 2)) * sd / math.sqrt(n_seeds)
             log = self.law == "loss_vs_params"  # multiplicative seed noise
             centre, low, high = (np.log([value, out["ci_low"], out["ci_high"]]) if log
                                  else (value, out["ci_low"], out["ci_high"]))
@@ -510,7 +513,7 @@ def fit_gap_law(
     seed_gaps = cells.seed_gaps()
     n_per_cell = [len(g) for g in seed_gaps]
     min_seeds = min(n_per_cell) if n_per_cell else 0
-    noise_sd, noise_df = _noise(seed_gaps)
+    noise = _noise(seed_gaps, x)
     n_seeds = len({s for g in seed_gaps for s in g} | {cells.seeds[s] for s in np.flatnonzero(np.isfinite(cells.baseline).any(axis=0))})
     base_points = [
         {"x": float(xj), "mean": _clean(float(m)), "values": {str(s): g for s, g in sorted(sg.items())}, "n_seeds": len(sg)}
@@ -582,7 +585,7 @@ def fit_gap_law(
             notes=notes, ok=True, model=model, loo=loo, selection=selection, description=description,
             r2_space="log" if method == "loglog-means" else "linear",
             curve=_curve(model, consts, boot, x[usable] if usable.any() else x, ci_level, min_seeds, log=positive),
-            boot=boot, noise_sd=noise_sd, noise_df=noise_df,
+            boot=boot, noise=noise,
         ))
     return out
 
@@ -619,17 +622,30 @@ def _curve(model: str, consts: dict[str, float], boot: dict[str, np.ndarray], x:
     return {"x": grid.tolist(), "fit": fit.tolist(), "band_low": [b[0] for b in bands], "band_high": [b[1] for b in bands]}
 
 
-def _noise(cells: list[dict[Any, float]], log: bool = False) -> tuple[float | None, int]:
-    """(sd, degrees of freedom) of one run around its cell mean, pooled over cells."""
+def _noise(cells: list[dict[Any, float]], x: np.ndarray, log: bool = False) -> dict[str, float] | None:
+    """The seed noise of one run as log sd = intercept + slope log x, from the within-cell spreads:
+    a weighted regression over cells when >= 3 have >= 2 seeds (noise that shrinks or grows with x),
+    else the pooled sd (slope 0). df = the within-cell degrees of freedom (minus 1 for the slope)."""
+    log_sd, weights, xs = [], [], []
     ss, df = 0.0, 0
-    for cell in cells:
-        values = np.array(list(cell.values()), dtype=float)
+    for cell, xj in zip(cells, x):
+        values = np.array([v for v in cell.values() if v is not None], dtype=float)
         if log:
             values = np.log(values)
         if len(values) >= 2:
-            ss += float(np.sum((values - values.mean()) ** 2))
-            df += len(values) - 1
-    return (math.sqrt(ss / df), df) if df else (None, 0)
+            cell_ss = float(np.sum((values - values.mean()) ** 2))
+            ss, df = ss + cell_ss, df + len(values) - 1
+            if cell_ss > 0:
+                log_sd.append(0.5 * math.log(cell_ss / (len(values) - 1)))
+                weights.append(len(values) - 1)
+                xs.append(math.log(float(xj)))
+    if not df or ss <= 0:
+        return None
+    pooled = 0.5 * math.log(ss / df)
+    if len(log_sd) >= 3 and np.ptp(xs) > 0:
+        slope, intercept = np.polyfit(xs, log_sd, 1, w=np.sqrt(weights))
+        return {"intercept": float(intercept), "slope": float(slope), "df": max(df - 1, 1), "pooled_log_sd": pooled}
+    return {"intercept": pooled, "slope": 0.0, "df": df, "pooled_log_sd": pooled}
 
 
 # ---- loss vs parameters -------------------------------------------------------------------------
@@ -708,7 +724,7 @@ def fit_loss_vs_params(
         **common, constants=estimates, r2=laws.r2_score(means, fitted), n_points=len(points),
         heldout=_heldout_largest(loo), points=points, notes=notes, ok=True, loo=loo, description=description,
         curve=_curve("offset_power", consts, boot, x_cells, ci_level, min_seeds, log=True),
-        boot=boot, **dict(zip(("noise_sd", "noise_df"), _noise([p["values"] for p in points], log=True))),
+        boot=boot, noise=_noise([p["values"] for p in points], x_cells, log=True),
     )
 
 

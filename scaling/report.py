@@ -220,6 +220,22 @@ def _fit_table_rows(fits: Iterable[FitResult]) -> list[list[str]]:
     return rows
 
 
+COMPACT_HEADER = ["task", "law", "variant", "fixed", "method", "alpha [CI]", "other constants [CI]", "R²", "LOO RMSE",
+                  "largest x held out", "excluded"]
+
+
+def compact_fit_rows(fits: Iterable[FitResult]) -> list[list[str]]:
+    """The constants table narrowed for a terminal (notes left out; `--format json` has everything)."""
+    rows = []
+    for row, fit in zip(_fit_table_rows(fits), fits):
+        others = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items() if k != "alpha")
+        model = "floor" if fit.model == "power_floor" else ""
+        rows.append([fit.task, fit.law, fit.variant, row[3], fit.method + (f" ({model})" if model else ""),
+                     fit.constants["alpha"].fmt() if "alpha" in fit.constants else "–", others, _fmt(fit.r2, 3),
+                     row[8], row[9], row[12]])
+    return rows
+
+
 def _diff_rows(diffs: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for d in diffs:

@@ -1,0 +1,331 @@
+"""`scaling serve`: the query API over HTTP (FastAPI/ASGI, OpenAPI document at /openapi.json).
+
+    scaling serve --host 0.0.0.0 --port 8000 --root /data/runs     # token from SCALING_API_TOKEN
+
+- `root` holds one storage directory per study (also from SCALING_STUDIES_ROOT).
+- Every endpoint but `GET /healthz` needs `Authorization: Bearer <SCALING_API_TOKEN>` (401 otherwise).
+- Study names are checked against the same pattern as study files (letters, digits, `._-`, no
+  leading dot, <= 64 characters), and the resolved directory must lie inside the root.
+- GET endpoints only read (ledger, study.yaml, plan.json); fits and reports are computed in memory.
+- `POST /studies` writes the study file under `<root>/<name>/submissions/`, validates it in a
+  subprocess and forwards it to the runner as a subprocess (`scaling run FILE`): the server process
+  never imports torch or ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hmac
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from scaling import api
+from scaling import fits as F
+from storage import fs as sfs
+
+TOKEN_ENV, ROOT_ENV, RUN_ADDRESS_ENV = "SCALING_API_TOKEN", "SCALING_STUDIES_ROOT", "SCALING_RUN_ADDRESS"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SUBMISSIONS = "submissions"
+Law = Literal["gap_vs_dosc", "gap_vs_params", "loss_vs_params"]
+Method = Literal["loglog-means", "nonlinear", "huber-log"]
+
+
+# ---- the runner behind POST /studies -----------------------------------------------------------
+
+VALIDATE_CODE = """import sys
+from studies.spec import StudyError, load_study
+try:
+    load_study(sys.argv[1])
+except StudyError as error:
+    print(error, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@dataclass
+class SubprocessRunner:
+    """Validates a study file and runs it, each in a child process (torch and ray load there)."""
+
+    validate_argv: list[str] = field(default_factory=lambda: [sys.executable, "-c", VALIDATE_CODE])
+    run_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "scaling.cli", "run", "--no-progress"])
+    address: str | None = None  # a Ray cluster to run on (scaling run --address)
+    validate_timeout_s: float = 300.0
+
+    def validate(self, study_file: Path) -> str | None:
+        """None when valid, else the validator's message."""
+        try:
+            done = subprocess.run([*self.validate_argv, str(study_file)], capture_output=True, text=True,
+                                  timeout=self.validate_timeout_s, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"validating the study took longer than {self.validate_timeout_s:.0f}s"
+        if done.returncode == 0:
+            return None
+        text = (done.stderr or done.stdout).strip()
+        if done.returncode != 2:  # not a StudyError: keep the end of the traceback
+            text = "\n".join(text.splitlines()[-5:])
+        return text or f"the validator exited with {done.returncode}"
+
+    def launch(self, study_file: Path, log_file: Path) -> subprocess.Popen:
+        argv = [*self.run_argv, str(study_file)] + (["--address", self.address] if self.address else [])
+        with open(log_file, "ab") as log:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=str(study_file.parent))
+
+
+class Submission(BaseModel):
+    """A study to run: the study file's text (YAML), or the same content as a JSON object."""
+
+    study_yaml: str | None = Field(None, max_length=200_000, description="the study file, as YAML text")
+    study: dict[str, Any] | None = Field(None, description="the study file's content as a JSON object")
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+def create_app(root: str | None = None, token: str | None = None, *, runner: SubprocessRunner | None = None) -> FastAPI:
+    root = root or os.environ.get(ROOT_ENV)
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if not root:
+        raise ValueError(f"no studies root: pass --root or set {ROOT_ENV}")
+    if not token:
+        raise ValueError(f"no API token: set {TOKEN_ENV} (every endpoint but /healthz requires it as a bearer token)")
+    root_uri = sfs.absolute_uri(root)
+    local_root = Path(root_uri).resolve() if sfs.is_local(root_uri) else None
+    runner = runner or SubprocessRunner(address=os.environ.get(RUN_ADDRESS_ENV) or None)
+    processes: dict[str, subprocess.Popen] = {}
+    lock = threading.Lock()
+
+    app = FastAPI(
+        title="Oscillator scaling studies",
+        version="1",
+        description="Studies, trials, fitted scaling laws with confidence intervals, predictions, reports; "
+                    "study submission. Bearer token required except on /healthz.",
+    )
+    bearer = HTTPBearer(auto_error=False, description=f"the value of {TOKEN_ENV}")
+
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None or credentials.scheme.lower() != "bearer" or \
+                not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def study_dir(name: str) -> str:
+        """The study's storage under the root; refuses names that would leave it."""
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise HTTPException(422, f"study name {name!r} must match {NAME_PATTERN}")
+        path = sfs.join(root_uri, name)
+        if local_root is not None:
+            resolved = Path(path).resolve()
+            if resolved.parent != local_root:  # a symlink pointing out of the root
+                raise HTTPException(404, f"study {name!r} not found under the root")
+        return path
+
+    def load(name: str) -> api.StudyResults:
+        try:
+            return api.open_study(study_dir(name))
+        except api.StudyNotFound:
+            raise HTTPException(404, f"study {name!r} not found under the root") from None
+
+    @app.exception_handler(api.QueryError)
+    async def _query_error(_: Request, error: api.QueryError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=422)
+
+    Name = PathParam(..., pattern=NAME_PATTERN, max_length=64, description="the study's name (its directory under the root)")
+    common = {"dependencies": [Depends(authorised)],
+              "responses": {401: {"description": "missing or wrong bearer token"},
+                            404: {"description": "no such study"}, 422: {"description": "invalid query"}}}
+
+    @app.get("/healthz", tags=["service"], summary="liveness (no token needed)")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/studies", tags=["studies"], summary="every study under the root", **common)
+    def list_studies() -> list[dict[str, Any]]:
+        out = api.list_studies(root_uri)
+        for entry in out:
+            entry["running"] = _running(entry["name"]) is not None
+        return out
+
+    @app.get("/studies/{name}", tags=["studies"], summary="a study's status per cell", **common)
+    def study_status(name: str = Name) -> dict[str, Any]:
+        study = load(name)
+        cells = api.status(study)
+        return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
+                "baseline": study.baseline, "tasks": study.tasks, "totals": api.status_totals(cells), "cells": cells,
+                "submission": _submission(name)}
+
+    @app.get("/studies/{name}/trials", tags=["studies"], summary="ledger rows (filterable, paged)", **common)
+    def trials(name: str = Name, task: str | None = Query(None, max_length=200),
+               variant: str | None = Query(None, max_length=200),
+               status: Literal["completed", "diverged", "failed", "pruned"] | None = None,
+               limit: int = Query(1000, ge=1, le=10_000), offset: int = Query(0, ge=0, le=10_000_000)) -> list[dict[str, Any]]:
+        return api.trials(load(name), task=task, variant=variant, status=status, limit=limit, offset=offset)
+
+    @app.get("/studies/{name}/fits", tags=["fits"], summary="fitted laws with confidence intervals",
+             responses={**common["responses"], 200: {"content": {"application/json": {}, "text/csv": {}}}},
+             dependencies=common["dependencies"])
+    def fits(name: str = Name, task: str | None = Query(None, max_length=200),
+             variant: str | None = Query(None, max_length=200), law: Law | None = None, method: Method | None = None,
+             format: Literal["json", "csv"] = "json", detail: bool = Query(False, description="points, curves, leave-one-out"),
+             n_boot: int = Query(F.N_BOOT, ge=100, le=5000), ci_level: float = Query(F.CI_LEVEL, gt=0.5, lt=0.999)) -> Response:
+        found = api.fits(load(name), task=task, variant=variant, law=law, method=method, n_boot=n_boot, ci_level=ci_level)
+        rows = [f.to_dict() for f in found] if detail else [f.to_row() for f in found]
+        if format == "csv":
+            return PlainTextResponse(_csv([f.to_row() for f in found]), media_type="text/csv")
+        return JSONResponse(F._clean(rows))
+
+    @app.get("/studies/{name}/predict", tags=["fits"], summary="the fitted law at a new point, with intervals", **common)
+    def predict(name: str = Name, task: str = Query(..., max_length=200), variant: str = Query(..., max_length=200),
+                d_osc: float | None = Query(None, gt=0, lt=1e9), params: float | None = Query(None, gt=0, lt=1e15),
+                law: Law | None = None, method: Method | None = None, n_seeds: int = Query(1, ge=1, le=1000),
+                level: float | None = Query(None, gt=0.5, lt=0.999)) -> dict[str, Any]:
+        if (d_osc is None) == (params is None):
+            raise HTTPException(422, "give exactly one of d_osc or params")
+        return api.predict(load(name), task=task, variant=variant, d_osc=d_osc, params=params, law=law,
+                           method=method, n_seeds=n_seeds, level=level)
+
+    @app.get("/studies/{name}/compare", tags=["fits"], summary="alpha(a) - alpha(b) with its interval", **common)
+    def compare(name: str = Name, task_a: str = Query(..., max_length=200), variant_a: str = Query(..., max_length=200),
+                task_b: str = Query(..., max_length=200), variant_b: str = Query(..., max_length=200),
+                law: Law = "gap_vs_dosc", method: Method | None = None) -> dict[str, Any]:
+        return F._clean(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method))
+
+    @app.get("/studies/{name}/report", tags=["reports"], summary="the HTML report (rendered now, nothing written)",
+             response_class=HTMLResponse, **common)
+    def report(name: str = Name) -> HTMLResponse:
+        from scaling.report import render
+
+        study = load(name)
+        page, _ = render(study, api.fits(study))
+        return HTMLResponse(page)
+
+    @app.get("/studies/{name}/report.md", tags=["reports"], summary="the Markdown summary",
+             response_class=PlainTextResponse, **common)
+    def report_md(name: str = Name) -> PlainTextResponse:
+        from scaling.report import render
+
+        study = load(name)
+        return PlainTextResponse(render(study, api.fits(study))[1], media_type="text/markdown")
+
+    @app.get("/studies/{name}/log", tags=["studies"], summary="the tail of the latest submission's runner log",
+             response_class=PlainTextResponse, **common)
+    def log(name: str = Name, lines: int = Query(200, ge=1, le=10_000)) -> PlainTextResponse:
+        info = _submission(name)
+        if not info or not info.get("log") or not Path(info["log"]).is_file():
+            raise HTTPException(404, f"study {name!r} has no submission log")
+        text = Path(info["log"]).read_text(errors="replace").splitlines()[-lines:]
+        return PlainTextResponse("\n".join(text) + "\n")
+
+    @app.post("/studies", tags=["studies"], status_code=202, summary="submit a study: validated, then run by the runner",
+              dependencies=[Depends(authorised)],
+              responses={401: {"description": "missing or wrong bearer token"}, 409: {"description": "already running"},
+                         422: {"description": "not a valid study"}, 501: {"description": "root is not a local directory"}})
+    def submit(submission: Submission) -> dict[str, Any]:
+        if local_root is None:
+            raise HTTPException(501, "submissions need a local (or mounted) studies root")
+        config = _parse_submission(submission)
+        name = config["name"]
+        directory = Path(study_dir(name))
+        for key in ("storage", "cache"):
+            if key in config:
+                raise HTTPException(422, f"`{key}` is set by the server (studies live under its root); remove it")
+        with lock:
+            if _running(name) is not None:
+                raise HTTPException(409, f"study {name!r} is already running; follow it at /studies/{name}")
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            sub_dir = directory / SUBMISSIONS
+            sub_dir.mkdir(parents=True, exist_ok=True)
+            study_file = sub_dir / f"{stamp}.yaml"
+            study_file.write_text(yaml.safe_dump({**config, "storage": str(directory)}, sort_keys=False))
+        problem = runner.validate(study_file)
+        if problem:
+            study_file.rename(study_file.with_suffix(".rejected.yaml"))
+            raise HTTPException(422, f"not a valid study: {problem}")
+        with lock:
+            if _running(name) is not None:
+                raise HTTPException(409, f"study {name!r} is already running")
+            log_file = sub_dir / f"{stamp}.log"
+            process = runner.launch(study_file, log_file)
+            processes[name] = process
+            info = {"pid": process.pid, "submitted_at": stamp, "study_file": str(study_file), "log": str(log_file)}
+            (sub_dir / "current.json").write_text(json.dumps(info))
+        return {"name": name, "storage": str(directory), "status_url": f"/studies/{name}", **info}
+
+    def _parse_submission(submission: Submission) -> dict[str, Any]:
+        if (submission.study_yaml is None) == (submission.study is None):
+            raise HTTPException(422, "give exactly one of study_yaml (text) or study (object)")
+        if submission.study_yaml is not None:
+            try:
+                config = yaml.safe_load(submission.study_yaml)
+            except yaml.YAMLError as error:
+                raise HTTPException(422, f"study_yaml is not valid YAML: {error}") from None
+        else:
+            config = submission.study
+        if not isinstance(config, dict):
+            raise HTTPException(422, "a study is a mapping (name:, tasks:, variants:, seeds:, ...)")
+        name = config.get("name")
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            raise HTTPException(422, f"study name {name!r} must match {NAME_PATTERN}")
+        return config
+
+    def _submission(name: str) -> dict[str, Any] | None:
+        if local_root is None:
+            return None
+        path = local_root / name / SUBMISSIONS / "current.json"
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        process = processes.get(name)
+        returncode = process.poll() if process is not None and process.pid == info.get("pid") else None
+        info["running"] = _running(name) is not None
+        info["returncode"] = returncode
+        return info
+
+    def _running(name: str) -> int | None:
+        """The pid of the study's runner while it runs."""
+        process = processes.get(name)
+        if process is not None:
+            return process.pid if process.poll() is None else None
+        if local_root is None:
+            return None
+        try:  # a runner started by an earlier server process
+            pid = int(json.loads((local_root / name / SUBMISSIONS / "current.json").read_text())["pid"])
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] if Path(f"/proc/{pid}/stat").exists() else "R"
+            return None if state == "Z" else pid
+        except (OSError, ValueError, KeyError):
+            return None
+
+    app.state.processes = processes
+    app.state.root = root_uri
+    return app
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def serve(host: str, port: int, root: str | None, *, log_level: str = "info") -> None:
+    import uvicorn
+
+    app = create_app(root)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
