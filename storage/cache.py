@@ -162,8 +162,8 @@ class DatasetCache:
         return entry
 
     def open_request(self, name: str, request: dict[str, Any]) -> CachedDataset | None:
-        """The entry last built for this request, or None when there is none (or it is damaged:
-        only a machine that has the source can rebuild it)."""
+        """The entry last built for this request, or None when there is none. Raises CacheCorrupt
+        when it is damaged (only a machine that has the source can rebuild it)."""
         path = self._ref_path(name, request)
         if not sfs.exists(self.fs, path):
             return None
