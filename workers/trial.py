@@ -95,10 +95,14 @@ class Checkpoints:
         self.fs, root = sfs.resolve(storage_uri)
         self.path = sfs.join(root, "checkpoints", key, "last.pt")
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         if not sfs.exists(self.fs, self.path):
             return None
-        return torch.load(io.BytesIO(sfs.read_bytes(self.fs, self.path)), weights_only=False)
+        state = torch.load(io.BytesIO(sfs.read_bytes(self.fs, self.path)), weights_only=False, map_location=device)
+        for name in ("torch_rng", "cuda_rng", "sampler"):  # RNG states are CPU byte tensors
+            if isinstance(state.get(name), torch.Tensor):
+                state[name] = state[name].cpu()
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         buffer = io.BytesIO()
@@ -138,11 +142,13 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     if num_threads:
         torch.set_num_threads(num_threads)
     train = resolve_train(spec.train, spec.hparams)
-    task = get_task(spec.task)
+    # a GPU when the trial was given one (Ray sets CUDA_VISIBLE_DEVICES per trial), else the CPU
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = get_task(spec.task).on_device(device)
     prepared = task.prepare(spec.task_options, DatasetCache(cache_uri))
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
-    model = build_model(spec, task.model_fields(prepared))
+    model = build_model(spec, task.model_fields(prepared)).to(device)
     seq_len = task.tokens_per_example(prepared)
     train = resolve_budget(train, len(next(iter(prepared.arrays["train"].values()))), seq_len)
     state["params"] = model.param_counts()
@@ -155,12 +161,14 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     history: list[dict[str, float]] = []
     checkpoints = Checkpoints(storage_uri, spec.key)
     start_step = 0
-    resumed = checkpoints.load()
+    resumed = checkpoints.load(device)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         sampler.set_state(resumed["sampler"])
         torch.set_rng_state(resumed["torch_rng"])
+        if device.type == "cuda" and resumed.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         best, history, start_step = resumed["best"], resumed["history"], resumed["step"]
 
     train_split, val_split = prepared.arrays["train"], prepared.arrays["val"]
@@ -205,6 +213,7 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
                 checkpoints.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "best": best, "history": history, "step": step + 1,
                 })
             if report:

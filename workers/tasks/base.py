@@ -6,6 +6,7 @@ columns `input_ids` and `labels` (label -100 = not scored).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,21 @@ class Task:
         """ModelConfig fields fixed by the data (vocabulary, length, head)."""
         raise NotImplementedError
 
+    device: torch.device | None = None  # where batches go; set per trial by `on_device`
+
+    def on_device(self, device: torch.device) -> "Task":
+        """A copy of this (registry-shared) task whose batches land on `device`."""
+        placed = copy.copy(self)
+        placed.device = None if device.type == "cpu" else device
+        return placed
+
+    def placed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device is None:
+            return batch
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+
     def batch(self, split: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor]:
-        return {name: torch.from_numpy(np.asarray(array[index], dtype=np.int64)) for name, array in split.items()}
+        return self.placed({name: torch.from_numpy(np.asarray(array[index], dtype=np.int64)) for name, array in split.items()})
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

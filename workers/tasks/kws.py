@@ -160,10 +160,10 @@ class KWS(Task):
         return out
 
     def batch(self, split, index):
-        return {
+        return self.placed({
             "features": torch.from_numpy(np.ascontiguousarray(split["features"][index], dtype=np.float32)),
             "labels": torch.from_numpy(split["label"][index].astype(np.int64)),
-        }
+        })
 
     def loss(self, model, batch):
         return F.cross_entropy(model(batch["features"]), batch["labels"])

@@ -31,7 +31,7 @@ class ChunkLMTask(LMTask):
         chunks_BL = torch.from_numpy(split["tokens"][index].astype(np.int64))
         labels_BT = chunks_BL[:, 1:].clone()
         labels_BT[labels_BT == PAD] = IGNORE
-        return {"input_ids": chunks_BL[:, :-1], "labels": labels_BT}
+        return self.placed({"input_ids": chunks_BL[:, :-1], "labels": labels_BT})
 
     def model_fields(self, prepared: PreparedTask) -> dict[str, Any]:
         return {
@@ -94,7 +94,7 @@ class ByteLMTask(LMTask):
 
     def batch(self, split: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor]:
         windows_BL = torch.from_numpy(split["windows"][index].astype(np.int64))
-        return {"input_ids": windows_BL[:, :-1], "labels": windows_BL[:, 1:]}
+        return self.placed({"input_ids": windows_BL[:, :-1], "labels": windows_BL[:, 1:]})
 
     def model_fields(self, prepared: PreparedTask) -> dict[str, Any]:
         return {"vocab_size": self.VOCAB, "max_seq_len": int(prepared.meta["seq_len"]), "head": "lm", "causal": True}

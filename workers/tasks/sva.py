@@ -120,13 +120,13 @@ class SVA(Task):
 
     def batch(self, split, index):
         tokens_BT = torch.from_numpy(split["tokens"][index].astype(np.int64))
-        return {
+        return self.placed({
             "tokens": tokens_BT,
             "key_padding": tokens_BT == sva.PAD,
             "verb_pos": torch.from_numpy(split["verb_pos"][index].astype(np.int64)),
             "labels": torch.from_numpy(split["label"][index].astype(np.float32)),
             "kind": torch.from_numpy(split["kind"][index].astype(np.int64)),
-        }
+        })
 
     def logits(self, model, batch) -> torch.Tensor:
         return model(batch["tokens"], key_padding_BT=batch["key_padding"], positions_B=batch["verb_pos"]).squeeze(-1)
@@ -142,8 +142,8 @@ class SVA(Task):
             batch = self.batch(split, np.arange(start, min(start + batch_size, n)))
             logits_B = self.logits(model, batch)
             loss_sum += F.binary_cross_entropy_with_logits(logits_B, batch["labels"], reduction="sum").item()
-            correct.append(((logits_B > 0).float() == batch["labels"]).numpy())
-            kinds.append(batch["kind"].numpy())
+            correct.append(((logits_B > 0).float() == batch["labels"]).cpu().numpy())
+            kinds.append(batch["kind"].cpu().numpy())
         accuracy = grouped_accuracy(np.concatenate(correct), np.concatenate(kinds))
         metrics = {
             f"{prefix}_loss": loss_sum / max(n, 1),
