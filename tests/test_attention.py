@@ -1,4 +1,9 @@
-"""Attention variants: causality through gradients, padding invariance, a naive reference, determinism."""
+"""Attention variants: causality through gradients, padding invariance, the fast oscillator path
+against a naive loop and the dense formula, the ODE modes, the Kuramoto reconstruction against an
+explicit loop, determinism, and learning a tiny task. Every test runs in seconds on a CPU.
+
+Legend: B batch, T sequence, D model width, H heads, K head width, d oscillator dimension.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,43 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from workers.attention import VARIANTS, build_attention, oscillator_attention
+from workers.attention import (
+    VARIANT_OPTIONS,
+    VARIANTS,
+    build_attention,
+    oscillator_attention,
+    oscillator_attention_reference,
+)
+from workers.attention.dynamics import antipodal_probability, integrate_euler, integrate_rk45
+from workers.attention.softmax import apply_rotary, rotary_tables
 
 B, T, D, H = 2, 7, 16, 2
+SETUPS = [("softmax", {}), ("oscillator", {"d_osc": 4}), ("oscillator", {"d_osc": 4, "p": 2.0}),
+          ("kuramoto", {}), ("kuramoto", {"gate_per": "head", "readout": "delta", "steps": 2})]
+IDS = ["softmax", "oscillator", "oscillator-p2", "kuramoto", "kuramoto-alt"]
 
 
-def make(name: str, causal: bool = True, **options):
+def make(name: str, causal: bool = True, rotary: bool = False, **options):
     torch.manual_seed(0)
     if name == "oscillator":
         options.setdefault("d_osc", 4)
-    return build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=causal, **options).double()
+    return build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=causal, rotary=rotary, **options).double()
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_causal_through_gradients(name):
-    module = make(name)
+def test_registry_lists_every_variant_with_its_option_defaults():
+    assert set(VARIANTS) == {"softmax", "oscillator", "kuramoto"}
+    assert VARIANT_OPTIONS["oscillator"]["mode"] == "analytic" and VARIANT_OPTIONS["oscillator"]["p"] == 1.0
+    assert VARIANT_OPTIONS["kuramoto"]["gate"] == "softplus"
+    for name, options in VARIANT_OPTIONS.items():  # every default builds
+        build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=True, **options)
+
+
+@pytest.mark.parametrize("name,options", SETUPS, ids=IDS)
+@pytest.mark.parametrize("rotary", [False, True])
+def test_causal_through_gradients(name, options, rotary):
+    module = make(name, rotary=rotary, **options)
     x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
     out = module(x)
     for t in range(T):
@@ -30,24 +56,26 @@ def test_causal_through_gradients(name):
         assert grad[:, : t + 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name,options", SETUPS, ids=IDS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_padding_keys_change_nothing(name, causal):
-    module = make(name, causal=causal)
+def test_padding_keys_change_nothing(name, options, causal):
+    module = make(name, causal=causal, **options)
     x = torch.randn(B, T, D, dtype=torch.float64)
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[:, 5:] = True
+    pad[0, 2] = True  # a padding key in the middle too
     out = module(x, pad)
     x_other = x.clone()
-    x_other[:, 5:] = torch.randn(B, T - 5, D, dtype=torch.float64) * 10
+    x_other[pad] = torch.randn(int(pad.sum()), D, dtype=torch.float64) * 10
     out_other = module(x_other, pad)
-    torch.testing.assert_close(out[:, :5], out_other[:, :5], rtol=0, atol=1e-12)
+    keep = ~pad
+    torch.testing.assert_close(out[keep], out_other[keep], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_same_seed_bit_identical_outputs_and_gradients(name):
+@pytest.mark.parametrize("name,options", SETUPS, ids=IDS)
+def test_same_seed_bit_identical_outputs_and_gradients(name, options):
     def run():
-        module = make(name).float()
+        module = make(name, **options).float()
         torch.manual_seed(1)
         x = torch.randn(B, T, D, requires_grad=True)
         out = module(x)
@@ -60,71 +88,310 @@ def test_same_seed_bit_identical_outputs_and_gradients(name):
     assert all(torch.equal(a, b) for a, b in zip(gp1, gp2))
 
 
-def naive_oscillator(q, k, v, anchors, p=1.0, pad=None):
-    """Per-position loop straight from VARIANTS.md section 2 (causal)."""
+# ---- oscillator: the fast path against a naive loop and the dense formula ---------------------
+
+
+def naive_oscillator(q, k, v, anchors, p=1.0, pad=None, causal=True, readout_pad=True):
+    """Per-position loop straight from VARIANTS.md section 2."""
     Bq, Hq, Tq, K = q.shape
     out = torch.zeros_like(v)
     for b in range(Bq):
         for h in range(Hq):
             for i in range(Tq):
-                keys = [j for j in range(i + 1) if pad is None or not pad[b, j]]
+                span = range(i + 1) if causal else range(Tq)
+                keys = [j for j in span if pad is None or not pad[b, j]]
+                readout_keys = keys if readout_pad else list(span)
                 hvec = torch.zeros(anchors.shape[-1], dtype=q.dtype)
                 for j in keys:
                     w = math.log1p(math.exp(float(q[b, h, i] @ k[b, h, j]) / math.sqrt(K)))
                     hvec += w * anchors[h, j]
                 z = hvec / max(float(hvec.norm()), 1e-8)
                 s = torch.zeros(Tq, dtype=q.dtype)
-                for j in keys:
+                for j in readout_keys:
                     s[j] = max(0.0, 1.0 + float(z @ anchors[h, j])) ** p
                 a = s / max(float(s.sum()), 1e-8)
                 out[b, h, i] = a @ v[b, h]
     return out
 
 
+def qkv_anchors(d_osc, T_=T, anchor_scale=0.7, seed=3, Bq=B):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(Bq, H, T_, 4, dtype=torch.float64) for _ in range(3))
+    anchors = F.normalize(torch.randn(H, T_ + 3, d_osc, dtype=torch.float64), dim=-1)
+    anchors = anchors * anchor_scale * (0.5 + torch.rand(H, T_ + 3, 1, dtype=torch.float64))
+    return q, k, v, anchors
+
+
+@pytest.mark.parametrize("readout", ["auto", "dense", "linear"])
 @pytest.mark.parametrize("p", [1.0, 2.0])
 @pytest.mark.parametrize("d_osc", [2, 5])
-def test_oscillator_matches_naive_loop(p, d_osc):
-    torch.manual_seed(3)
-    q, k, v = (torch.randn(B, H, T, 4, dtype=torch.float64) for _ in range(3))
-    anchors = torch.randn(H, T + 3, d_osc, dtype=torch.float64) * 0.7
+@pytest.mark.parametrize("causal", [True, False])
+def test_oscillator_matches_naive_loop(readout, p, d_osc, causal):
+    # anchors up to norm 1.6: the readout clamp at 0 is active for some pairs
+    q, k, v, anchors = qkv_anchors(d_osc, anchor_scale=1.1)
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, 4:] = True
-    fast, weights = oscillator_attention(q, k, v, anchors, causal=True, key_padding_BT=pad, p=p, return_weights=True)
-    slow = naive_oscillator(q, k, v, anchors, p=p, pad=pad)
-    valid = ~pad  # padded query rows are never read
-    torch.testing.assert_close(fast[valid[:, None].expand(-1, H, -1)], slow[valid[:, None].expand(-1, H, -1)], atol=1e-5, rtol=0)
-    assert torch.allclose(weights.sum(-1)[valid[:, None].expand(-1, H, -1)], torch.ones(1, dtype=torch.float64))
+    fast, _ = oscillator_attention(q, k, v, anchors, causal=causal, key_padding_BT=pad, p=p, readout=readout)
+    slow = naive_oscillator(q, k, v, anchors, p=p, pad=pad, causal=causal)
+    valid = (~pad)[:, None].expand(-1, H, -1)  # padded query rows are never read
+    torch.testing.assert_close(fast[valid], slow[valid], atol=1e-5, rtol=0)
+
+
+def test_reference_readout_flag_keeps_padding_keys_in_the_readout():
+    q, k, v, anchors = qkv_anchors(3)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, 2] = True
+    for readout in ("dense", "linear"):
+        fast, _ = oscillator_attention(q, k, v, anchors, causal=True, key_padding_BT=pad, readout_padding_mask=False,
+                                       readout=readout)
+        slow = naive_oscillator(q, k, v, anchors, pad=pad, readout_pad=False)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    masked, _ = oscillator_attention(q, k, v, anchors, causal=True, key_padding_BT=pad)
+    assert not torch.allclose(masked[0, :, 3:], fast[0, :, 3:])  # the flag changes the result
+
+
+def clamp_is_active(q, k, v, anchors, causal=True):
+    _, weights = oscillator_attention_reference(q, k, v, anchors, causal=causal, return_weights=True)
+    Tq = q.shape[-2]
+    h = torch.einsum("bhij,hjd->bhid", F.softplus(q @ k.transpose(-1, -2) / 2).tril(), anchors[:, :Tq])
+    z = F.normalize(h, dim=-1)
+    raw = 1 + z @ anchors[:, :Tq].transpose(-1, -2)
+    return bool((raw.tril() < 0).any())
+
+
+@pytest.mark.parametrize("anchor_scale", [1.0, 1.6])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fast_path_equals_dense_formula_with_gradients_at_long_sequences(anchor_scale, causal):
+    """T = 300 runs the blocked coupling and the chunked linear readout (T > 128), including the
+    exact correction where anchors outgrew norm 1 and the clamp bites."""
+    q, k, v, anchors = qkv_anchors(3, T_=300, anchor_scale=anchor_scale, Bq=1)
+    q, k = q * 2, k * 2
+    if anchor_scale > 1 and causal:
+        assert clamp_is_active(q, k, v, anchors)
+    pad = torch.zeros(1, 300, dtype=torch.bool)
+    pad[0, 250:] = True
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    fast, _ = oscillator_attention(*tensors, causal=causal, key_padding_BT=pad)
+    dense, _ = oscillator_attention_reference(*tensors, causal=causal, key_padding_BT=pad)
+    torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
+    upstream = torch.randn_like(fast)
+    for g_fast, g_dense in zip(torch.autograd.grad(fast, tensors, upstream), torch.autograd.grad(dense, tensors, upstream)):
+        torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
+
+
+def test_fast_path_float32_stays_close_to_float64():
+    q, k, v, anchors = qkv_anchors(8, T_=512, anchor_scale=1.0, Bq=1)
+    exact, _ = oscillator_attention_reference(q, k, v, anchors, causal=True)
+    fast, _ = oscillator_attention(q.float(), k.float(), v.float(), anchors.float(), causal=True)
+    assert (fast.double() - exact).abs().max() < 1e-4
 
 
 def test_oscillator_rank_bounded_by_d_plus_one():
     torch.manual_seed(0)
     d_osc = 3
     q, k, v = (torch.randn(1, 1, 24, 8, dtype=torch.float64) for _ in range(3))
-    anchors = torch.nn.functional.normalize(torch.randn(1, 24, d_osc, dtype=torch.float64), dim=-1)
+    anchors = F.normalize(torch.randn(1, 24, d_osc, dtype=torch.float64), dim=-1)
     _, weights = oscillator_attention(q, k, v, anchors, causal=False, return_weights=True)
     # unnormalised readout (1 + z.r) has rank <= d + 1; row normalisation keeps it
     assert torch.linalg.matrix_rank(weights[0, 0]).item() <= d_osc + 1
+    assert torch.linalg.matrix_rank(weights[0, 0]).item() == d_osc + 1
 
 
-def test_fixed_point_is_stable_equilibrium_of_the_dynamics():
-    """Integrate dz/dt = (I - z z^T) h by Euler from a random start: it reaches h/|h|."""
+def test_all_padding_row_has_finite_gradients():
+    q, k, v, anchors = qkv_anchors(3)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, :3] = True  # left padding: queries 0-2 of batch 1 have no key at all
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    out, _ = oscillator_attention(*tensors, causal=True, key_padding_BT=pad)
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), tensors))
+
+
+# ---- oscillator: the dynamics -----------------------------------------------------------------
+
+
+def test_euler_and_rk45_follow_the_exact_trajectory():
+    """tan(psi(t)/2) = tan(psi(0)/2) exp(-|h| t) for the angle psi between z and z* = h/|h|."""
     torch.manual_seed(0)
-    h = torch.randn(5, 6, dtype=torch.float64)
-    z = torch.nn.functional.normalize(torch.randn(5, 6, dtype=torch.float64), dim=-1)
-    for _ in range(4000):
-        z = z + 0.01 * (h - (z * h).sum(-1, keepdim=True) * z)
-        z = torch.nn.functional.normalize(z, dim=-1)
-    torch.testing.assert_close(z, torch.nn.functional.normalize(h, dim=-1), atol=1e-6, rtol=0)
+    h = torch.randn(200, 5, dtype=torch.float64) * 0.5
+    z0 = F.normalize(torch.randn(200, 5, dtype=torch.float64), dim=-1)
+    z_star = F.normalize(h, dim=-1)
+    t = 1.5
+    psi0 = torch.acos((z0 * z_star).sum(-1).clamp(-1, 1))
+    psi_t = 2 * torch.atan(torch.tan(psi0 / 2) * torch.exp(-h.norm(dim=-1) * t))
+    z_rk, _ = integrate_rk45(z0, h, t_max=t, rtol=1e-8, atol=1e-8)
+    z_eu, _ = integrate_euler(z0, h, t_max=t, dt=1e-3)
+    for z, tol in ((z_rk, 1e-6), (z_eu, 2e-3)):
+        psi = torch.acos((F.normalize(z, dim=-1) * z_star).sum(-1).clamp(-1, 1))
+        assert (psi - psi_t).abs().max() < tol
+
+
+def ode_run(d_osc, mode, init, scale=1.0, t_max=30.0, seed=0):
+    torch.manual_seed(seed)
+    Tq = 24
+    q, k, v = (torch.randn(4, 4, Tq, 8, dtype=torch.float64) for _ in range(3))
+    q = q * scale
+    anchors = F.normalize(torch.randn(4, Tq, d_osc, dtype=torch.float64), dim=-1)
+    stats: dict = {}
+    out, _ = oscillator_attention(q, k, v, anchors, causal=True, mode=mode, init=init, t_max=t_max, stats=stats)
+    exact, _ = oscillator_attention(q, k, v, anchors, causal=True)
+    return stats, out, exact
+
+
+@pytest.mark.parametrize("mode", ["euler", "rk45"])
+def test_ode_from_sequential_starts_converges_to_the_fixed_point(mode):
+    stats, out, exact = ode_run(32, mode, "sequential")
+    assert stats["oscillators"] == 4 * 4 * 24 and stats["mode"] == mode and stats["init"] == "sequential"
+    assert stats["converged_fraction"] >= 0.99
+    torch.testing.assert_close(out, exact, atol=1e-2, rtol=0)
+
+
+def test_ode_convergence_rate_rises_with_d_osc():
+    """Weak couplings (|h| small) from uniform starts: near-antipodal starts do not escape by t_max,
+    and they are rarer in higher dimension (Proposition 4)."""
+    rates = [ode_run(d, "euler", "random", scale=-4.0, t_max=5.0)[0]["converged_fraction"] for d in (2, 8, 32)]
+    assert rates[0] < rates[1] < rates[2] or rates[0] < rates[1] == rates[2] == 1.0
+    assert rates[0] < 0.95
+
+
+def test_ode_stats_report_near_antipodal_starts():
+    stats, _, _ = ode_run(2, "rk45", "random", scale=-4.0, t_max=5.0)
+    assert 0 < stats["unconverged_near_antipodal"] <= stats["unconverged"]
+    expected = stats["near_antipodal_expected_uniform"]
+    assert expected == pytest.approx(stats["antipodal_angle"] / math.pi)  # d = 2: alpha / pi
+    assert abs(stats["near_antipodal_fraction"] - expected) < 0.05
+
+
+def test_proposition_4_matches_monte_carlo():
+    torch.manual_seed(0)
+    for d, alpha in ((3, 0.5), (8, 1.0)):
+        z = F.normalize(torch.randn(200_000, d, dtype=torch.float64), dim=-1)
+        empirical = float((torch.acos(z[:, 0].clamp(-1, 1)) < alpha).double().mean())
+        assert abs(empirical - antipodal_probability(alpha, d)) < 3e-3
+
+
+def test_ode_module_records_last_stats_and_trains():
+    module = make("oscillator", d_osc=8, mode="rk45", init="sequential")
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    module(x).sum().backward()
+    assert module.last_stats["mode"] == "rk45" and 0 <= module.last_stats["converged_fraction"] <= 1
+    assert module.w_q.weight.grad.abs().sum() > 0  # the fixed point's gradient reaches q and k
+
+
+# ---- kuramoto: the reconstruction against an explicit loop --------------------------------------
+
+
+def naive_kuramoto_delta(theta, gate, causal=True, drift=True, base=10000.0, scale=None):
+    """delta_t = sum_u A_tu sin(theta_u - theta_t), A = softmax_u of sum_m g_tm cos(theta_tm + w_m t - theta_um - w_m u)."""
+    Bq, Hq, Tq, P = theta.shape
+    omega = base ** (-torch.arange(P, dtype=theta.dtype) / P) if drift else torch.zeros(P, dtype=theta.dtype)
+    scale = 1 / math.sqrt(2 * P) if scale is None else scale
+    delta = torch.zeros_like(theta)
+    for b in range(Bq):
+        for h in range(Hq):
+            for t in range(Tq):
+                us = range(t + 1) if causal else range(Tq)
+                scores = torch.stack([(gate[b, h, t] * torch.cos(theta[b, h, t] + omega * t - theta[b, h, u] - omega * u)).sum()
+                                      for u in us]) * scale
+                a = torch.softmax(scores, 0)
+                delta[b, h, t] = sum(a[i] * torch.sin(theta[b, h, u] - theta[b, h, t]) for i, u in enumerate(us))
+    return delta
+
+
+@pytest.mark.parametrize("drift", ["rope", "none"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kuramoto_tangent_update_matches_explicit_loop(drift, causal):
+    module = make("kuramoto", causal=causal, phase_drift=drift)
+    torch.manual_seed(2)
+    theta = torch.randn(B, H, T, D // H, dtype=torch.float64) * 2
+    gate = F.softplus(torch.randn(B, H, T, D // H, dtype=torch.float64))
+    fast = module.tangent_update(theta, gate, None)
+    slow = naive_kuramoto_delta(theta, gate, causal=causal, drift=drift == "rope")
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)  # the rotary tables are float32
+
+
+def test_kuramoto_layer_is_the_phase_step_then_read_out():
+    module = make("kuramoto", kappa_init=0.7)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    theta = module.heads(module.w_in(x))
+    gate = module.heads(F.softplus(module.w_g(x)))
+    theta_new = theta + 0.7 * naive_kuramoto_delta(theta, gate)
+    feats = torch.cat([theta_new.cos(), theta_new.sin()], -1).transpose(1, 2).reshape(B, T, 2 * D)
+    torch.testing.assert_close(module(x), module.w_out(feats), atol=1e-6, rtol=0)  # float32 rotary tables
+    assert module.kappa_M.shape == (D,) and module.w_out.in_features == 2 * D
+
+
+def test_kuramoto_rejects_bad_options():
+    with pytest.raises(ValueError, match="gate='relu'; allowed"):
+        make("kuramoto", gate="relu")
+    with pytest.raises(ValueError, match="phase_dim=3 must be a positive multiple of n_heads=2"):
+        make("kuramoto", phase_dim=3)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    cos, sin = rotary_tables(32, 8)
+    torch.manual_seed(0)
+    q, k = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def score(i, j):
+        qs = apply_rotary(q.expand(1, 1, 32, 8), cos, sin)[0, 0, i]
+        ks = apply_rotary(k.expand(1, 1, 32, 8), cos, sin)[0, 0, j]
+        return float(qs @ ks)
+
+    assert score(5, 2) == pytest.approx(score(20, 17), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+# ---- every variant learns ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", ["a", "b"])
+@pytest.mark.parametrize("name,options", [("softmax", {}), ("oscillator", {"d_osc": 2}), ("kuramoto", {})],
+                         ids=["softmax", "oscillator", "kuramoto"])
+def test_each_variant_learns_a_tiny_task(name, options, backbone):
+    """Predict the previous token: needs attention to one (relative) position; chance = ln 8."""
+    from workers.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    V, T_ = 8, 8
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_seq_len=T_,
+                      positions="sinusoidal" if backbone == "a" else "none", attention=name, attention_options=options,
+                      backbone=backbone)
+    model = Transformer(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        tokens = torch.randint(0, V, (32, T_))
+        logits = model(tokens)[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, V), tokens[:, :-1].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.25 * math.log(V), loss.item()
+
+
+# ---- errors -------------------------------------------------------------------------------------
 
 
 def test_unknown_variant_lists_known_ones():
-    with pytest.raises(ValueError, match="known variants: \\['oscillator', 'softmax'\\]"):
+    with pytest.raises(ValueError, match="known variants: \\['kuramoto', 'oscillator', 'softmax'\\]"):
         build_attention("linear", d_model=D, n_heads=H, max_seq_len=T, causal=True)
 
 
+def test_unknown_option_lists_allowed_ones():
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['temperature'\\]; allowed"):
+        build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=T, causal=True, temperature=2)
+
+
 def test_d_osc_below_two_rejected():
-    with pytest.raises(ValueError, match="d_osc=1 must be >= 2"):
+    with pytest.raises(ValueError, match="d_osc=1 must be an integer >= 2"):
         make("oscillator", d_osc=1)
+
+
+@pytest.mark.parametrize("option,value,message", [("mode", "rk4", "mode='rk4'; allowed"), ("init", "zeros", "init='zeros'"),
+                                                  ("anchor_norm", "never", "anchor_norm='never'"), ("t_max", 0, "t_max=0")])
+def test_bad_oscillator_options_rejected(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        make("oscillator", **{option: value})
 
 
 def test_anchor_norm_always_renormalises():

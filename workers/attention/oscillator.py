@@ -1,11 +1,26 @@
-"""Fixed-query oscillator attention (paper A), VARIANTS.md section 2, analytic fixed point.
+"""Fixed-query oscillator attention (paper A), VARIANTS.md section 2.
 
-Legend: B batch, T sequence, H heads, K head width, d oscillator dimension (d_osc), L max length.
+Legend: B batch, T sequence (query positions), S key positions (S = T; S_blk a block of them),
+H heads, K head width, d oscillator dimension (d_osc), L max length, F = d + 1 readout features,
+V = K + 1 values plus the readout denominator, C chunk length, N chunks, U anchors with norm > 1.
 
 Each query position i holds one oscillator z_i on the sphere S^(d-1) driven by per-position anchors
 r_j with positive couplings w_ij = softplus(q_i.k_j / sqrt K). Its stable equilibrium is
-z_i* = h_i/|h_i|, h_i = sum_j w_ij r_j; the readout s_ij = (1 + <z_i*, r_j>)^p normalised over j
-weights the values. With p = 1 the attention matrix has rank <= d + 1 per head.
+z_i* = h_i/|h_i|, h_i = sum_j w_ij r_j; the readout s_ij = max(0, 1 + <z_i*, r_j>)^p normalised over
+j weights the values. With p = 1 the attention matrix has rank <= d + 1 per head.
+
+Two implementations of the same function:
+- `oscillator_attention_reference`: the dense formula, line by line (the test oracle; also what
+  `return_weights=True` and p != 1 use for the readout).
+- `oscillator_attention` (fast path): the quadratic coupling stage is one autograd Function that
+  keeps a single (T, S) tensor per block for backward and skips key blocks above the causal
+  diagonal; for p = 1 the readout and value stage is linear in T: with phi_i = [1, z_i] and
+  psi_j = [1, r_j], s_ij = phi_i . psi_j, so sum_j s_ij [v_j, 1] is causal linear attention with
+  feature dimension d + 1, computed in chunks with prefix sums over chunk states. The clamp at 0
+  is inactive when |z_i| <= 1 and |r_j| <= 1; anchors may grow past norm 1 (anchor_norm=init
+  never re-normalises them), so those few keys are checked exactly and, where the clamp is
+  active, a sparse correction max(0, -1 - <z_i, r_j>) is added. The result equals the dense
+  formula to float rounding, gradients included.
 """
 
 from __future__ import annotations
@@ -17,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attention.softmax import SoftmaxAttention
+from workers.attention.dynamics import INITS, MODES, integrate_fixed_points
+from workers.attention.softmax import SoftmaxAttention, apply_rotary
+
+ANCHOR_NORMS = ("init", "always")
+READOUTS = ("auto", "dense", "linear")
+DENSE_READOUT_MAX_T = 128  # up to here one (T, T) readout matrix beats chunked prefix sums on CPU
+LINEAR_CHUNK = 32  # keys per chunk of the linear readout: best or near it on CPU at T 256 and 1024, d 2 and 32
 
 
 def allowed_keys(T: int, *, causal: bool, key_padding_BT: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -29,6 +50,316 @@ def allowed_keys(T: int, *, causal: bool, key_padding_BT: torch.Tensor | None, d
         keys = ~key_padding_BT[:, None, None, :]
         allowed = keys if allowed is None else allowed & keys
     return allowed
+
+
+# ---- reference (dense) implementation --------------------------------------------------------
+
+
+def oscillator_attention_reference(
+    q_BHTK: torch.Tensor,
+    k_BHTK: torch.Tensor,
+    v_BHTK: torch.Tensor,
+    anchors_HLd: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_BT: torch.Tensor | None = None,
+    p: float = 1.0,
+    readout_padding_mask: bool = True,
+    eps: float = 1e-8,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense formula of VARIANTS.md section 2, analytic fixed point. Returns (out, weights|None)."""
+    T, K = q_BHTK.shape[-2], q_BHTK.shape[-1]
+    r_1HTd = anchors_HLd[None, :, :T]
+    allowed = allowed_keys(T, causal=causal, key_padding_BT=key_padding_BT, device=q_BHTK.device)
+    # 1. coupling: positive, causal, padding keys contribute nothing; no row normalisation
+    w_BHTT = F.softplus(q_BHTK @ k_BHTK.transpose(-1, -2) / math.sqrt(K))
+    if allowed is not None:
+        w_BHTT = w_BHTT.masked_fill(~allowed, 0.0)
+    # 2-4. the stable fixed point of dz/dt = (I - z z^T) h
+    h_BHTd = w_BHTT @ r_1HTd
+    z_BHTd = h_BHTd / h_BHTd.norm(dim=-1, keepdim=True).clamp_min(eps)
+    out_BHTK, a_BHTT = readout_dense(
+        z_BHTd, anchors_HLd, v_BHTK, causal=causal, key_padding_BT=key_padding_BT, p=p,
+        readout_padding_mask=readout_padding_mask,
+    )
+    return out_BHTK, (a_BHTT if return_weights else None)
+
+
+def readout_dense(
+    z_BHTd: torch.Tensor,
+    anchors_HLd: torch.Tensor,
+    v_BHTK: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_BT: torch.Tensor | None,
+    p: float,
+    readout_padding_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items 5-6 as a (T, T) matrix: any p, any |z|. Returns (out, attention weights)."""
+    T = z_BHTd.shape[-2]
+    r_1HTd = anchors_HLd[None, :, :T]
+    s_BHTT = (1.0 + z_BHTd @ r_1HTd.transpose(-1, -2)).clamp_min(0.0)
+    if p != 1:
+        s_BHTT = s_BHTT.pow(p)
+    # the reference code masks the readout only causally; the padding mask is on by default
+    pad = key_padding_BT if readout_padding_mask else None
+    readout_allowed = allowed_keys(T, causal=causal, key_padding_BT=pad, device=z_BHTd.device)
+    if readout_allowed is not None:
+        s_BHTT = s_BHTT.masked_fill(~readout_allowed, 0.0)
+    a_BHTT = s_BHTT / s_BHTT.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+    return a_BHTT @ v_BHTK, a_BHTT
+
+
+# ---- fast path: coupling stage ---------------------------------------------------------------
+
+
+def _coupling_blocks(T: int, causal: bool, block_size: int | None) -> list[tuple[int, int, int]]:
+    """(query start, query end, key end) per block. Causal blocks skip keys above the diagonal."""
+    if not causal:
+        return [(0, T, T)]
+    if block_size is None:  # measured on CPU: one block while T is small, then 64-query blocks
+        block_size = T if T <= DENSE_READOUT_MAX_T else 64
+    return [(a, min(a + block_size, T), min(a + block_size, T)) for a in range(0, T, block_size)]
+
+
+def _times_anchors(w_BHTS: torch.Tensor, r_bHSd: torch.Tensor) -> torch.Tensor:
+    """w @ r with the layout that CPU GEMM handles well: for small d the narrow operand goes first."""
+    B, H = w_BHTS.shape[:2]
+    if r_bHSd.shape[-1] <= 8:
+        rt_BHdS = r_bHSd.transpose(-1, -2).expand(B, H, -1, -1)
+        return (rt_BHdS @ w_BHTS.transpose(-1, -2)).transpose(-1, -2)
+    return w_BHTS @ r_bHSd.expand(B, H, -1, -1)
+
+
+def _minus_inf_above_diagonal(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((n, n), -math.inf, dtype=like.dtype, device=like.device).triu_(1)
+
+
+class _CouplingField(torch.autograd.Function):
+    """h = softplus(q k^T / sqrt K) @ r with the causal mask.
+
+    Forward keeps, per block, the couplings w and sigmoid(scores) / sqrt K (the softplus derivative
+    with the score scale folded in), so backward needs no transcendental and no mask: masked
+    scores are -inf, where both are 0."""
+
+    @staticmethod
+    def forward(ctx, q_BHTK, k_BHTK, r_bHTd, causal: bool, block_size: int | None):
+        B, H, T, K = q_BHTK.shape
+        scale = 1.0 / math.sqrt(K)
+        blocks = _coupling_blocks(T, causal, block_size)
+        q_scaled_BHTK = q_BHTK * scale
+        h_parts, saved = [], []
+        for start, end, key_end in blocks:
+            scores_BHTS = q_scaled_BHTK[:, :, start:end] @ k_BHTK[:, :, :key_end].transpose(-1, -2)
+            if causal:  # adding a float -inf mask is ~10x faster on CPU than masked_fill_ with a bool one
+                scores_BHTS[..., start:end].add_(_minus_inf_above_diagonal(end - start, scores_BHTS))
+            w_BHTS = F.softplus(scores_BHTS)
+            dw_dscore_BHTS = torch.sigmoid(scores_BHTS).mul_(scale)
+            del scores_BHTS
+            h_parts.append(_times_anchors(w_BHTS, r_bHTd[:, :, :key_end]))
+            saved += [w_BHTS, dw_dscore_BHTS]
+        ctx.blocks = blocks
+        ctx.save_for_backward(q_BHTK, k_BHTK, r_bHTd, *saved)
+        return h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, dh_BHTd):
+        q_BHTK, k_BHTK, r_bHTd, *saved = ctx.saved_tensors
+        B, H, T, d = dh_BHTd.shape
+        narrow = d <= 8
+        r_BHTd = r_bHTd.expand(B, H, T, d)
+        if not narrow:
+            r_BHTd = r_BHTd.contiguous()  # a broadcast operand makes matmul copy it per call anyway
+        dq_BHTK = torch.empty_like(q_BHTK)
+        dk_BHTK = torch.zeros_like(k_BHTK)
+        dr_BHTd = torch.zeros(B, H, T, d, dtype=dh_BHTd.dtype, device=dh_BHTd.device)
+        for i, (start, end, key_end) in enumerate(ctx.blocks):
+            w_BHTS, dw_dscore_BHTS = saved[2 * i], saved[2 * i + 1]
+            dh_blk = dh_BHTd[:, :, start:end]
+            ds_BHTS = (dh_blk @ r_BHTd[:, :, :key_end].transpose(-1, -2)).mul_(dw_dscore_BHTS)  # dL/dscores
+            dq_BHTK[:, :, start:end] = ds_BHTS @ k_BHTK[:, :, :key_end]
+            dk_BHTK[:, :, :key_end] += ds_BHTS.transpose(-1, -2) @ q_BHTK[:, :, start:end]
+            if narrow:
+                dr_BHTd[:, :, :key_end] += (dh_blk.transpose(-1, -2) @ w_BHTS).transpose(-1, -2)
+            else:
+                dr_BHTd[:, :, :key_end] += w_BHTS.transpose(-1, -2) @ dh_blk
+        dr_bHTd = dr_BHTd.sum(0, keepdim=True) if r_bHTd.shape[0] == 1 and B != 1 else dr_BHTd
+        return dq_BHTK, dk_BHTK, dr_bHTd, None, None
+
+
+def coupling_field(
+    q_BHTK: torch.Tensor,
+    k_BHTK: torch.Tensor,
+    r_bHTd: torch.Tensor,
+    *,
+    causal: bool,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """h_i = sum_j softplus(q_i.k_j / sqrt K) r_j over allowed j (padding keys: pass r_j = 0)."""
+    return _CouplingField.apply(q_BHTK, k_BHTK, r_bHTd.contiguous(), causal, block_size)
+
+
+# ---- fast path: dense readout (p = 1, short sequences) ---------------------------------------
+
+
+def _batch_heads(x_bHTX: torch.Tensor, B: int) -> torch.Tensor:
+    """(1 or B, H, T, X) -> (B*H, T, X), materialising the batch broadcast (small tensors only)."""
+    return x_bHTX.expand(B, *x_bHTX.shape[1:]).reshape(-1, *x_bHTX.shape[2:])
+
+
+def _narrow_first_bmm(a_NTS: torch.Tensor, b_NSd: torch.Tensor) -> torch.Tensor:
+    """a @ b for a narrow b (d columns): computed as (b^T a^T)^T, the layout CPU GEMM handles well."""
+    if b_NSd.shape[-1] <= 8:
+        return torch.bmm(b_NSd.transpose(1, 2), a_NTS.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(a_NTS, b_NSd)
+
+
+class _DenseReadout(torch.autograd.Function):
+    """o = A v / rowsum(A), A_ij = max(0, 1 + z_i.r_j) on allowed (i, j), z_i = h_i / max(|h_i|, eps):
+    the exact p = 1 readout (fixed point included) as one (T, T) tensor with a hand-written
+    backward: one saved matrix, no autograd bookkeeping. eps = 0: z is given (no normalisation)."""
+
+    @staticmethod
+    def forward(ctx, h_BHTd, r_bHTd, v_BHTK, keep_bT, causal: bool, eps: float):
+        B, H, T, K = v_BHTK.shape
+        h_NTd, r_NTd, v_NTK = h_BHTd.reshape(B * H, T, -1), _batch_heads(r_bHTd, B), v_BHTK.reshape(B * H, T, K)
+        if eps > 0:
+            norm_NT1 = h_NTd.square().sum(-1, keepdim=True).sqrt_()
+            z_NTd = h_NTd / norm_NT1.clamp_min(eps)
+        else:
+            norm_NT1, z_NTd = None, h_NTd
+        one = torch.ones(1, 1, 1, dtype=z_NTd.dtype, device=z_NTd.device)
+        a_NTT = torch.baddbmm(one, z_NTd, r_NTd.transpose(1, 2)).clamp_min_(0.0)
+        if causal:
+            a_NTT.tril_()
+        if keep_bT is not None:
+            a_NTT.mul_(keep_bT[:, None, None, :].expand(B, H, 1, T).reshape(B * H, 1, T))
+        den_NT1 = a_NTT.sum(-1, keepdim=True).clamp_min_(1e-8)
+        out_NTK = torch.bmm(a_NTT, v_NTK).div_(den_NT1)
+        ctx.save_for_backward(a_NTT, z_NTd, r_NTd, v_NTK, den_NT1, out_NTK, norm_NT1)
+        ctx.shape, ctx.r_batch, ctx.eps = (B, H, T, K), r_bHTd.shape[0], eps
+        return out_NTK.view(B, H, T, K)
+
+    @staticmethod
+    def backward(ctx, dout_BHTK):
+        a_NTT, z_NTd, r_NTd, v_NTK, den_NT1, out_NTK, norm_NT1 = ctx.saved_tensors
+        B, H, T, K = ctx.shape
+        g_NTK = dout_BHTK.reshape(B * H, T, K) / den_NT1
+        c_NT1 = (g_NTK * out_NTK).sum(-1, keepdim=True)
+        # d/dA_ij of (A v)_i / rowsum_i = g_i.v_j - g_i.o_i; zero where A_ij = 0 (masked or clamped)
+        da_NTT = torch.baddbmm(c_NT1.neg_(), g_NTK, v_NTK.transpose(1, 2)).mul_(a_NTT.sign())  # A >= 0
+        dv_NTK = torch.bmm(a_NTT.transpose(1, 2), g_NTK)
+        dz_NTd = _narrow_first_bmm(da_NTT, r_NTd)
+        dr_NTd = _narrow_first_bmm(da_NTT.transpose(1, 2), z_NTd)
+        if ctx.eps > 0:  # through z = h / max(|h|, eps): the tangent part of dz over |h|
+            radial_NT1 = (z_NTd * dz_NTd).sum(-1, keepdim=True) * (norm_NT1 > ctx.eps)
+            dz_NTd = (dz_NTd - z_NTd * radial_NT1) / norm_NT1.clamp_min(ctx.eps)
+        dr_bHTd = dr_NTd.view(B, H, T, -1)
+        if ctx.r_batch == 1 and B != 1:
+            dr_bHTd = dr_bHTd.sum(0, keepdim=True)
+        return dz_NTd.view(B, H, T, -1), dr_bHTd, dv_NTK.view(B, H, T, K), None, None, None
+
+
+# ---- fast path: linear readout (p = 1) -------------------------------------------------------
+
+
+def _chunk(x: torch.Tensor, C: int) -> torch.Tensor:
+    """(..., T, X) -> (..., N, C, X), zero-padding T up to N * C."""
+    T = x.shape[-2]
+    N = -(-T // C)
+    if N * C != T:
+        x = F.pad(x, (0, 0, 0, N * C - T))
+    return x.unflatten(-2, (N, C))
+
+
+def readout_linear(
+    z_BHTd: torch.Tensor,
+    r_bHTd: torch.Tensor,
+    v_BHTK: torch.Tensor,
+    keep_bT: torch.Tensor | None,
+    *,
+    causal: bool,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """o_i = sum_j max(0, 1 + z_i.r_j) v_j / sum_j max(0, 1 + z_i.r_j) over allowed j, in linear time.
+
+    Split s_ij = 1 + z_i.r_j: the "1" part is a prefix sum of the values (and of the key count);
+    the z part, z_i . sum_j r_j v_j^T, is causal linear attention with feature dimension d, in
+    chunks of C keys: quadratic within a chunk, prefix sums of the (d, K) chunk states between
+    chunks. Where an anchor has norm > 1 the clamp can bite; `_clamp_correction` adds it back.
+    `keep_bT` (float 0/1, batch 1 or B) drops padding keys; r must already be zero there."""
+    B, H, T, K = v_BHTK.shape
+    if keep_bT is not None:
+        keep_b1T1 = keep_bT[:, None, :, None]
+        v_BHTK = v_BHTK * keep_b1T1
+        count_bHT1 = keep_b1T1.expand(-1, H, -1, -1)
+    else:
+        count_bHT1 = torch.ones_like(r_bHTd[..., :1])
+    if not causal:
+        num_BHTK = v_BHTK.sum(2, keepdim=True) + z_BHTd @ (r_bHTd.transpose(-1, -2) @ v_BHTK)
+        den_BHT1 = count_bHT1.sum(2, keepdim=True) + z_BHTd @ r_bHTd.sum(2).unsqueeze(-1)
+    else:
+        den_BHT1 = count_bHT1.cumsum(2) + (z_BHTd * r_bHTd.cumsum(2)).sum(-1, keepdim=True)
+        num_BHTK = v_BHTK.cumsum(2) + _causal_linear(z_BHTd, r_bHTd, v_BHTK, chunk_size)
+    num_den_BHTV = _clamp_correction(z_BHTd, r_bHTd, v_BHTK, keep_bT, causal=causal)
+    if num_den_BHTV is not None:
+        num_BHTK = num_BHTK + num_den_BHTV[..., :K]
+        den_BHT1 = den_BHT1 + num_den_BHTV[..., K:]
+    return num_BHTK / den_BHT1.clamp_min(1e-8)
+
+
+def _causal_linear(z_BHTd, r_bHTd, v_BHTK, chunk_size: int | None) -> torch.Tensor:
+    """sum_{j <= i} (z_i . r_j) v_j."""
+    T = v_BHTK.shape[2]
+    if chunk_size is None:
+        chunk_size = LINEAR_CHUNK
+    if chunk_size == 0:  # prefix sums of the (d, K) outer products (chunk_size=0)
+        outer_BHTdK = r_bHTd[..., :, None] * v_BHTK[..., None, :]
+        return (z_BHTd[..., None] * outer_BHTdK.cumsum(2)).sum(-2)
+    C = min(chunk_size, T)
+    z_BHNCd, r_bHNCd, v_BHNCK = _chunk(z_BHTd, C), _chunk(r_bHTd, C), _chunk(v_BHTK, C)
+    causal_CC = torch.ones(C, C, dtype=z_BHTd.dtype, device=z_BHTd.device).tril()
+    out_BHNCK = ((z_BHNCd @ r_bHNCd.transpose(-1, -2)) * causal_CC) @ v_BHNCK
+    if z_BHNCd.shape[2] > 1:  # earlier chunks: exclusive prefix sum of the chunk states sum_j r_j v_j^T
+        state_BHNdK = r_bHNCd.transpose(-1, -2) @ v_BHNCK
+        out_BHNCK = out_BHNCK + z_BHNCd @ (state_BHNdK.cumsum(2) - state_BHNdK)
+    return out_BHNCK.flatten(2, 3)[:, :, :T]
+
+
+def _clamp_correction(z_BHTd, r_bHTd, v_BHTK, keep_bT, *, causal: bool) -> torch.Tensor | None:
+    """max(0, 1 + m) - (1 + m) = max(0, -1 - m) for m = z.r: non-zero only where m < -1, which needs
+    |r_j| > 1 (as |z| <= 1). Finds those pairs exactly; returns their sum_j excess_ij [v_j, 1], or
+    None where the clamp is inactive everywhere (the usual case: then nothing quadratic runs).
+
+    Anchors within 8 float eps of norm 1 (unit anchors after rounding) are not checked: their
+    excess is at most that, below the rounding of the sums it would enter."""
+    T = z_BHTd.shape[-2]
+    with torch.no_grad():
+        limit = 1.0 + 16 * torch.finfo(r_bHTd.dtype).eps  # on |r|^2
+        big_S = (r_bHTd.detach().square().sum(-1) > limit).flatten(0, 1).any(0)
+        if not bool(big_S.any()):
+            return None
+        cols_U = big_S.nonzero().squeeze(1)
+        m_BHTU = z_BHTd.detach() @ r_bHTd.detach()[:, :, cols_U].transpose(-1, -2)
+        active_BHTU = m_BHTU < -1.0
+        if causal:
+            active_BHTU &= cols_U[None, :] <= torch.arange(T, device=z_BHTd.device)[:, None]
+        if keep_bT is not None:
+            active_BHTU &= keep_bT[:, None, None, cols_U] > 0
+        used_U = active_BHTU.flatten(0, 2).any(0)
+        if not bool(used_U.any()):
+            return None
+        cols_U, active_BHTU = cols_U[used_U], active_BHTU[..., used_U]
+    r_bHUd = r_bHTd[:, :, cols_U]
+    excess_BHTU = (-1.0 - z_BHTd @ r_bHUd.transpose(-1, -2)).clamp_min(0.0) * active_BHTU
+    v_BHUK = v_BHTK[:, :, cols_U]
+    vals_BHUV = torch.cat([v_BHUK, torch.ones_like(v_BHUK[..., :1]) if keep_bT is None
+                           else keep_bT[:, None, cols_U, None].expand(*v_BHUK.shape[:-1], 1)], dim=-1)
+    return excess_BHTU @ vals_BHUV
+
+
+# ---- the variant ------------------------------------------------------------------------------
 
 
 def oscillator_attention(
@@ -43,31 +374,59 @@ def oscillator_attention(
     readout_padding_mask: bool = True,
     eps: float = 1e-8,
     return_weights: bool = False,
+    mode: str = "analytic",
+    init: str = "random",
+    t_max: float = 30.0,
+    dt: float = 0.05,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    jitter: float = 0.05,
+    converge_tol: float = 0.01,
+    antipodal_angle: float = 0.1,
+    stats: dict | None = None,
+    generator: torch.Generator | None = None,
+    block_size: int | None = None,
+    chunk_size: int | None = None,
+    readout: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (output_BHTK, attention_BHTT or None)."""
-    T, K = q_BHTK.shape[-2], q_BHTK.shape[-1]
-    r_1HTd = anchors_HLd[None, :, :T]
-    allowed = allowed_keys(T, causal=causal, key_padding_BT=key_padding_BT, device=q_BHTK.device)
+    """Returns (output_BHTK, attention_BHTT or None). `key_padding_BT` is True at padding keys.
 
-    # 1. coupling: positive, causal, padding keys contribute nothing; no row normalisation
-    w_BHTT = F.softplus(q_BHTK @ k_BHTK.transpose(-1, -2) / math.sqrt(K))
-    if allowed is not None:
-        w_BHTT = w_BHTT.masked_fill(~allowed, 0.0)
-    # 2-4. the stable fixed point of dz/dt = (I - z z^T) h
-    h_BHTd = w_BHTT @ r_1HTd
-    z_BHTd = h_BHTd / h_BHTd.norm(dim=-1, keepdim=True).clamp_min(eps)
-    # 5. readout: the only global operation
-    s_BHTT = (1.0 + z_BHTd @ r_1HTd.transpose(-1, -2)).clamp_min(0.0)
-    if p != 1:
-        s_BHTT = s_BHTT.pow(p)
-    readout_allowed = allowed
-    if not readout_padding_mask:  # the reference code masks only causally in the readout
-        readout_allowed = allowed_keys(T, causal=causal, key_padding_BT=None, device=q_BHTK.device)
-    if readout_allowed is not None:
-        s_BHTT = s_BHTT.masked_fill(~readout_allowed, 0.0)
-    a_BHTT = s_BHTT / s_BHTT.sum(dim=-1, keepdim=True).clamp_min(1e-8)
-    # 6. values
-    return a_BHTT @ v_BHTK, (a_BHTT if return_weights else None)
+    mode: `analytic` uses the closed-form fixed point; `euler` / `rk45` integrate the dynamics to
+    `t_max` from `init` starts (random | sequential) and use z(t_max); then the gradient is the
+    fixed point's (implicit-function) gradient, exact where the oscillator converged. In ODE modes
+    the convergence statistics are written into `stats` when a dict is given."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout={readout!r}; allowed: {list(READOUTS)}")
+    T = q_BHTK.shape[-2]
+    r_1HTd = anchors_HLd[None, :, :T]
+    keep_BT = None if key_padding_BT is None else (~key_padding_BT).to(q_BHTK.dtype)
+    r_coupling = r_1HTd if keep_BT is None else r_1HTd * keep_BT[:, None, :, None]  # padding keys: r = 0
+    h_BHTd = coupling_field(q_BHTK, k_BHTK, r_coupling, causal=causal, block_size=block_size)
+    r_read, keep_read = (r_coupling, keep_BT) if readout_padding_mask else (r_1HTd, None)  # False: reference
+    if readout == "auto":
+        # the linear form's clamp check assumes |z| <= 1, exact only for the closed form
+        readout = "dense" if T <= DENSE_READOUT_MAX_T or mode != "analytic" else "linear"
+    if mode == "analytic" and p == 1 and not return_weights and readout == "dense":
+        return _DenseReadout.apply(h_BHTd, r_read, v_BHTK, keep_read, causal, eps), None  # normalises h itself
+    z_BHTd = h_BHTd / h_BHTd.square().sum(-1, keepdim=True).clamp_min(eps * eps).sqrt()  # no NaN grad at h = 0
+    if mode != "analytic":
+        valid_1BT = None if key_padding_BT is None else ~key_padding_BT[:, None, :]
+        z_ode, ode_stats = integrate_fixed_points(
+            h_BHTd, z_BHTd, mode=mode, init=init, t_max=t_max, dt=dt, rtol=rtol, atol=atol, jitter=jitter,
+            tol=converge_tol, antipodal_angle=antipodal_angle, valid_NT=valid_1BT, generator=generator,
+        )
+        if stats is not None:
+            stats.update(ode_stats)
+        z_BHTd = z_ode + (z_BHTd - z_BHTd.detach())  # value z(t_max), gradient of the fixed point
+    if return_weights or p != 1:
+        out, a_BHTT = readout_dense(z_BHTd, anchors_HLd, v_BHTK, causal=causal, key_padding_BT=key_padding_BT, p=p,
+                                    readout_padding_mask=readout_padding_mask)
+        return out, (a_BHTT if return_weights else None)
+    if readout == "dense":
+        return _DenseReadout.apply(z_BHTd, r_read, v_BHTK, keep_read, causal, 0.0), None
+    return readout_linear(z_BHTd, r_read, v_BHTK, keep_read, causal=causal, chunk_size=chunk_size), None
 
 
 class OscillatorAttention(SoftmaxAttention):
@@ -75,9 +434,16 @@ class OscillatorAttention(SoftmaxAttention):
 
     DEFAULTS: dict[str, Any] = {
         "d_osc": 2,
-        "p": 1.0,
+        "p": 1.0,  # readout exponent; 1 in the paper's headline results (and the only linear-time case)
         "anchor_norm": "init",  # init (as the reference code) | always
         "readout_padding_mask": True,  # False reproduces the reference code
+        "mode": "analytic",  # analytic (closed-form fixed point) | euler | rk45 (verification)
+        "init": "random",  # ODE starts: random (uniform on the sphere) | sequential
+        "t_max": 30.0,  # ODE horizon
+        "dt": 0.05,  # Euler step
+        "rtol": 1e-4,  # RK45 tolerances
+        "atol": 1e-4,
+        "jitter": 0.05,  # std of the sequential starts' noise
     }
 
     def __init__(
@@ -87,18 +453,40 @@ class OscillatorAttention(SoftmaxAttention):
         n_heads: int,
         max_seq_len: int,
         causal: bool,
+        rotary: bool = False,
         d_osc: int = 2,
         p: float = 1.0,
         anchor_norm: str = "init",
         readout_padding_mask: bool = True,
+        mode: str = "analytic",
+        init: str = "random",
+        t_max: float = 30.0,
+        dt: float = 0.05,
+        rtol: float = 1e-4,
+        atol: float = 1e-4,
+        jitter: float = 0.05,
     ) -> None:
-        super().__init__(d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, causal=causal)
-        if int(d_osc) < 2:
-            raise ValueError(f"d_osc={d_osc} must be >= 2 (the oscillator lives on the sphere S^(d_osc-1))")
-        if anchor_norm not in ("init", "always"):
-            raise ValueError(f"anchor_norm={anchor_norm!r}; allowed: 'init', 'always'")
+        super().__init__(d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, causal=causal, rotary=rotary)
+        if int(d_osc) != d_osc or int(d_osc) < 2:
+            raise ValueError(f"d_osc={d_osc} must be an integer >= 2 (the oscillator lives on the sphere S^(d_osc-1))")
+        if anchor_norm not in ANCHOR_NORMS:
+            raise ValueError(f"anchor_norm={anchor_norm!r}; allowed: {list(ANCHOR_NORMS)}")
+        if not float(p) > 0:
+            raise ValueError(f"p={p}: the readout exponent must be > 0 (1 in the paper)")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
+        for name, value in (("t_max", t_max), ("dt", dt), ("rtol", rtol), ("atol", atol)):
+            if not float(value) > 0:
+                raise ValueError(f"{name}={value} must be > 0")
+        if float(jitter) < 0:
+            raise ValueError(f"jitter={jitter} must be >= 0")
         self.d_osc, self.p = int(d_osc), float(p)
         self.anchor_norm, self.readout_padding_mask = anchor_norm, bool(readout_padding_mask)
+        self.ode = {"mode": mode, "init": init, "t_max": float(t_max), "dt": float(dt), "rtol": float(rtol),
+                    "atol": float(atol), "jitter": float(jitter)}
+        self.last_stats: dict[str, Any] | None = None  # ODE modes: convergence statistics of the last forward
         anchors = torch.randn(n_heads, max_seq_len, self.d_osc)
         self.anchors_HLd = nn.Parameter(anchors / anchors.norm(dim=-1, keepdim=True))
 
@@ -110,22 +498,36 @@ class OscillatorAttention(SoftmaxAttention):
     def forward(
         self, x_BTD: torch.Tensor, key_padding_BT: torch.Tensor | None = None, return_weights: bool = False
     ):
-        q, k, v = (self.split_heads(w(x_BTD)) for w in (self.w_q, self.w_k, self.w_v))
+        q, k, v = self.project(x_BTD)
+        stats: dict[str, Any] | None = {} if self.ode["mode"] != "analytic" else None
         o_BHTK, a_BHTT = oscillator_attention(
-            q,
-            k,
-            v,
-            self.anchors(),
-            causal=self.causal,
-            key_padding_BT=key_padding_BT,
-            p=self.p,
-            readout_padding_mask=self.readout_padding_mask,
-            return_weights=return_weights,
+            q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
+            readout_padding_mask=self.readout_padding_mask, return_weights=return_weights, stats=stats, **self.ode,
         )
+        self.last_stats = stats
         out = self.w_o(self.merge_heads(o_BHTK))
         return (out, a_BHTT) if return_weights else out
 
+    def extra_params(self) -> int:
+        return self.anchors_HLd.numel()
+
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        context = (seq_len + 1) / 2 if self.causal else seq_len
-        # q.k and a.v over D, plus w.r and z.r over H*d
-        return 2 * context * (2 * d_model + 2 * self.n_heads * self.d_osc)
+        """Forward matmul FLOPs of the mixing per token, for the algorithm `oscillator_attention` runs,
+        counting the full context even when causal (as `SoftmaxAttention`).
+
+        Coupling: q.k over K and w.r over d: 2 T (D + H d). Readout: dense (T <= 128, p != 1, or an
+        ODE mode): z.r and a.v, 2 T (H d + D); linear (p = 1, T > 128): causal, chunks of C = 32 keys
+        over d and K plus building and reading the (d, K) chunk states, 2 C H (d + K) + 4 H d K;
+        bidirectional, one (d, K) state, 4 H d K + 2 H d. The clamp correction (only where anchors
+        outgrew norm 1) depends on the data and is not counted."""
+        T, H, d = seq_len, self.n_heads, self.d_osc
+        K = d_model // H
+        coupling = 2 * T * (d_model + H * d)
+        dense = self.p != 1 or self.ode["mode"] != "analytic" or T <= DENSE_READOUT_MAX_T
+        if dense:
+            readout = 2 * T * (H * d + d_model)
+        elif self.causal:
+            readout = 2 * min(T, LINEAR_CHUNK) * H * (d + K) + 4 * H * d * K
+        else:
+            readout = 4 * H * d * K + 2 * H * d
+        return coupling + readout
