@@ -237,6 +237,14 @@ def _exp(value: float | None) -> float | None:
     return None if value is None else float(math.exp(value))
 
 
+def _unique_rows(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, index of each original row among them)."""
+    if counts.shape[1] == 0:
+        return counts[:1], np.zeros(len(counts), dtype=int)
+    patterns, which = np.unique(counts, axis=0, return_inverse=True)
+    return patterns, which.reshape(-1)
+
+
 def _column_quantiles(draws: np.ndarray, counts: np.ndarray, q: float) -> np.ndarray:
     """np.nanpercentile(draws, 100 q, axis=0) (linear interpolation) without its slow per-column loop."""
     ordered = np.sort(np.where(np.isfinite(draws), draws, np.inf), axis=0)  # non-finite sorts last
@@ -509,7 +517,10 @@ def fit_gap_law(
     n_boot = draws.n_boot
     counts = draws.counts[:, [draws.index[s] for s in cells.seeds]] if len(x) else np.zeros((n_boot, 0))
     point = cells.mean_gaps(np.ones((1, len(cells.seeds))))[0] if len(x) else np.zeros(0)
-    boot_means = cells.mean_gaps(counts) if len(x) else np.zeros((n_boot, 0))
+    # the fit depends on a draw only through its seed counts, and with few seeds most draws repeat
+    # one of a few hundred patterns: fit each pattern once (exactly the same numbers, ~10x faster)
+    patterns, which = _unique_rows(counts)
+    boot_means = cells.mean_gaps(patterns) if len(x) else np.zeros((len(patterns), 0))
     seed_gaps = cells.seed_gaps()
     n_per_cell = [len(g) for g in seed_gaps]
     min_seeds = min(n_per_cell) if n_per_cell else 0
@@ -554,7 +565,7 @@ def fit_gap_law(
                                  r2_space="log" if method == "loglog-means" else "linear"))
             continue
         fit_pt = _fit_gap_method(method, x, point[None, :], model=model)
-        fit_bt = _fit_gap_method(method, x, boot_means, model=model)
+        fit_bt = {k: v[which] for k, v in _fit_gap_method(method, x, boot_means, model=model).items()}
         consts = {k: float(v[0]) for k, v in fit_pt.items() if not k.startswith("_")}
         boot = {k: v for k, v in fit_bt.items() if not k.startswith("_")}
         failed = int((~np.isfinite(boot["alpha"])).sum())
@@ -697,12 +708,14 @@ def fit_loss_vs_params(
     theta, info = laws.offset_power_point_fit(problem, y)
     consts = {k: float(v[0]) for k, v in problem.constants(theta).items()}
     # bootstrap: a trial's weight is how often its seed was drawn
-    W = draws.counts[:, [draws.index[int(r["seed"])] for r in pts]]
+    seed_cols = sorted({draws.index[int(r["seed"])] for r in pts})
+    patterns, which = _unique_rows(draws.counts[:, seed_cols])  # each distinct draw refitted once
+    W = patterns[:, [seed_cols.index(draws.index[int(r["seed"])]) for r in pts]]
     cells_present = np.stack([(W[:, cell_of == j].sum(axis=1) > 0) for j in range(len(keys))], axis=1).sum(axis=1)
     W_ok = cells_present >= 3
-    theta_b, _, conv = laws.damped_newton_batch(problem, np.tile(theta, (draws.n_boot, 1)), np.where(W_ok[:, None], W, 1.0))
-    boot = {k: np.where(W_ok & conv, v, np.nan) for k, v in problem.constants(theta_b).items()}
-    dropped = int((~(W_ok & conv)).sum())
+    theta_b, _, conv = laws.damped_newton_batch(problem, np.tile(theta, (len(W), 1)), np.where(W_ok[:, None], W, 1.0))
+    boot = {k: np.where(W_ok & conv, v, np.nan)[which] for k, v in problem.constants(theta_b).items()}
+    dropped = int((~(W_ok & conv))[which].sum())
     if dropped > 0.02 * draws.n_boot:
         notes.append(f"{dropped} of {draws.n_boot} bootstrap refits dropped (< 3 sizes drawn or no convergence)")
     if not info.get("converged", True):

@@ -376,3 +376,75 @@ def test_fit_to_dict_is_json_ready():
     for fit in fits.values():
         text = json.dumps(fit.to_dict(), allow_nan=False)
         assert "boot" not in json.loads(text)
+
+
+# ---- speed (issue 7: a 500-trial ledger, 2,000 bootstrap draws per fit, all fits <= 5 s on 2 cores) ----
+
+@pytest.mark.bench
+def test_bench_all_fits_on_a_500_trial_ledger(tmp_path):
+    """Reproduce: .venv/bin/python -m pytest -m bench tests/test_fits.py -s
+    (SCALING_BENCH_OUT=DIR also writes DIR/fits_bench.json). Ratios are taken within this one run."""
+    import contextlib
+    import json
+    import os
+    import time
+
+    import yaml
+
+    from scaling.report import render
+    from storage.ledger import Ledger
+    from storage.records import TrialRecord
+
+    rows = synthetic.scaling_grid_rows(diverged_every=37)  # 2 tasks x 4 sizes x 5 seeds x (softmax + 2 x 6 d_osc)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "bench", "baseline": "softmax"}))
+    ledger = Ledger(str(tmp_path))
+    for row in rows:
+        ledger.append(TrialRecord(**row))
+
+    def timed(fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        return out, time.perf_counter() - wall, time.process_time() - cpu
+
+    def calibration():  # a fixed single-threaded numpy workload, to compare machines and loads
+        rng = np.random.default_rng(0)
+        with laws.single_threaded_blas():
+            for _ in range(10):
+                a = rng.normal(size=(2000, 60))
+                np.sort(np.exp(a) @ a.T, axis=1)
+
+    F.widen_factor(0.95, 5)  # one-off imports (scipy.special, scipy.optimize) outside the timings
+    import scipy.optimize  # noqa: F401
+
+    _, cal_wall, cal_cpu = timed(calibration)
+    study, read_wall, _ = timed(lambda: api.open_study(str(tmp_path)))
+    api._CACHE.clear()
+    fits, fit_wall, fit_cpu = timed(lambda: api.fits(study, n_boot=2000))
+    api._CACHE.clear()
+    original = laws.single_threaded_blas
+    laws.single_threaded_blas = contextlib.nullcontext  # the same fits with OpenBLAS threads left on
+    try:
+        _, threaded_wall, _ = timed(lambda: api.fits(study, n_boot=2000))
+    finally:
+        laws.single_threaded_blas = original
+    _, render_wall, _ = timed(lambda: render(study, fits))
+    by_law = {}
+    for f in fits:
+        by_law[f.law] = by_law.get(f.law, 0) + 1
+    result = {
+        "trials": len(rows), "fits": len(fits), "fits_by_law": by_law, "n_boot": 2000, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "seconds": {"read_ledger": read_wall, "all_fits_wall": fit_wall, "all_fits_cpu": fit_cpu,
+                    "all_fits_blas_threads_on_wall": threaded_wall, "render_report": render_wall,
+                    "calibration_wall": cal_wall, "calibration_cpu": cal_cpu},
+        "ratios": {"fits_wall_over_5s_budget": fit_wall / 5.0, "fits_cpu_over_5s_budget": fit_cpu / 5.0,
+                   "fits_over_calibration": fit_wall / cal_wall, "blas_threads_on_over_off": threaded_wall / fit_wall},
+    }
+    print(json.dumps(result, indent=1))
+    out = os.environ.get("SCALING_BENCH_OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "fits_bench.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+    assert len(rows) >= 500 and all(f.n_boot == 2000 for f in fits) and all(f.ok for f in fits)
+    assert fit_cpu <= 5.0, result  # CPU time: what the fits cost on an otherwise idle core
