@@ -1,6 +1,16 @@
-"""Paper A backbone: embedding + positions, pre-LayerNorm blocks, GELU FFN, dropout, task head.
+"""The transformer around the attention variants, in two backbones, and its task heads.
 
-Legend: B batch, T sequence, D model width, V vocabulary, C classes.
+- backbone "a" (paper A, as its reference code): embedding + positions (sinusoidal | learned |
+  none) + dropout, pre-LayerNorm blocks, FFN = Linear-GELU-Dropout-Linear-Dropout (no dropout on
+  the attention branch), final LayerNorm (optional: the KWS model has none), untied head.
+- backbone "b" (paper B): RoPE on q and k inside attention, pre-RMSNorm blocks, SwiGLU FFN
+  (W_2 (silu(W_1 x) * W_3 x), no biases), dropout on both branches, final RMSNorm, untied head;
+  use it with positions "none".
+Heads: lm (next-token logits), classify (mean-pool over non-padding positions), token (read at a
+given position per example). `input_dim` reads continuous features through Linear instead of an
+embedding.
+
+Legend: B batch, T sequence, D model width, F FFN width, V vocabulary, C classes, L max length.
 """
 
 from __future__ import annotations
@@ -10,12 +20,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workers.attention import build_attention
 
 POSITIONS = ("sinusoidal", "learned", "none")
 HEADS = ("lm", "classify", "token")
+BACKBONES = ("a", "b")
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,12 @@ class ModelConfig:
     input_dim: int | None = None  # None: token ids through an embedding; int: feature vectors through Linear
     attention: str = "softmax"
     attention_options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
+    final_norm: bool = True  # norm before the head (paper A's KWS model has none)
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r}; allowed: {list(BACKBONES)} (a: paper A, b: paper B)")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}; allowed: {list(POSITIONS)}")
         if self.head not in HEADS:
@@ -58,27 +74,50 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     return table_LD
 
 
+class SwiGLU(nn.Module):
+    """Paper B's FFN: W_2 (silu(W_1 x) * W_3 x), no biases."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w_3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w_2 = nn.Linear(d_ff, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w_2(F.silu(self.w_1(x_BTD)) * self.w_3(x_BTD)))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.backbone == "a" else nn.RMSNorm(cfg.d_model)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.ln_attn = make_norm(cfg)
         self.attn = build_attention(
             cfg.attention,
             d_model=cfg.d_model,
             n_heads=cfg.n_heads,
             max_seq_len=cfg.max_seq_len,
             causal=cfg.causal,
+            rotary=cfg.backbone == "b",
             **cfg.attention_options,
         )
-        self.ln_ffn = nn.LayerNorm(cfg.d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.d_ff, cfg.d_model),
-            nn.Dropout(cfg.dropout),
-        )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ln_ffn = make_norm(cfg)
+        if cfg.backbone == "a":
+            self.ffn = nn.Sequential(
+                nn.Linear(cfg.d_model, cfg.d_ff),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.d_ff, cfg.d_model),
+                nn.Dropout(cfg.dropout),
+            )
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg.dropout)
+        # paper A's reference code drops out inside the FFN only, not on the attention branch
+        self.drop = nn.Dropout(cfg.dropout) if cfg.backbone == "b" else nn.Identity()
 
     def forward(self, x_BTD: torch.Tensor, key_padding_BT: torch.Tensor | None) -> torch.Tensor:
         x_BTD = x_BTD + self.drop(self.attn(self.ln_attn(x_BTD), key_padding_BT))
@@ -101,7 +140,7 @@ class Transformer(nn.Module):
             self.pos_LD = None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.ln_final = make_norm(cfg) if cfg.final_norm else nn.Identity()
         out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
         self.head = nn.Linear(cfg.d_model, out)  # untied from the embedding, as in paper A
 
@@ -144,11 +183,26 @@ class Transformer(nn.Module):
         return total, total - embedding
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token: 2 per multiply-accumulate of every matmul, plus attention mixing."""
-        cfg = self.cfg
-        per_layer = 2 * (4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff)
-        per_layer += self.blocks[0].attn.attention_flops_per_token(seq_len, cfg.d_model) if self.blocks else 0
-        head_out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
-        head = 2 * cfg.d_model * head_out if cfg.head == "lm" else 2 * cfg.d_model * head_out / max(seq_len, 1)
-        read_in = 2 * cfg.input_dim * cfg.d_model if cfg.input_dim else 0
-        return cfg.n_layers * per_layer + head + read_in
+        """Forward FLOPs per token at sequence length `seq_len`: 2 per multiply-add of every matmul
+        (read-in, attention projections, mixing, FFN, head); norms, activations and softmax are
+        not counted. Attention mixing counts the full context even when causal (the Kaplan /
+        Chinchilla / nanoGPT convention and what torch's flop counter measures). A training step
+        costs about 3x this (forward + backward)."""
+        return flops_per_token(self.cfg, seq_len, self.blocks[0].attn if self.blocks else None)
+
+
+def ffn_flops_per_token(cfg: ModelConfig) -> float:
+    return 2 * (2 if cfg.backbone == "a" else 3) * cfg.d_model * cfg.d_ff
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, attn: nn.Module | None = None) -> float:
+    if attn is None:
+        with torch.device("meta"):
+            attn = Block(cfg).attn
+    per_layer = attn.projection_flops_per_token(cfg.d_model) + attn.attention_flops_per_token(seq_len, cfg.d_model)
+    per_layer += ffn_flops_per_token(cfg)
+    head_out = cfg.vocab_size if cfg.head == "lm" else cfg.num_classes
+    # lm: logits at every position; classify / token: one read-out per sequence, spread over its tokens
+    head = 2 * cfg.d_model * head_out if cfg.head == "lm" else 2 * cfg.d_model * head_out / max(seq_len, 1)
+    read_in = 2 * cfg.input_dim * cfg.d_model if cfg.input_dim else 0
+    return cfg.n_layers * per_layer + head + read_in
