@@ -36,10 +36,11 @@ def cmd_run(args) -> int:
     print(f"ledger:  {os.path.join(result.storage, 'ledger')}")
     if result.report_path:
         print(f"report:  {result.report_path}")
-        for row in result.fits:
+        for row in result.fits:  # every law and method; `scaling fits DIR` has the full table
             if row["ok"]:
-                print(f"fit {row['task']}/{row['variant']}: gap = C d^-alpha, alpha = {row['alpha']:.3g} "
-                      f"[{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}], C = {row['C']:.3g}")
+                group = f" ({row['group']})" if row.get("group") else ""
+                print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: {row['formula']}, "
+                      f"alpha = {_f(row['alpha'])} [{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}]")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
