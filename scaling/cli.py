@@ -201,6 +201,25 @@ def cmd_predict(args) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args) -> int:
+    from scaling import api
+
+    def pair(text: str) -> tuple[str, str]:
+        if text.count("/") != 1:
+            raise ValueError(f"{text!r}: give TASK/VARIANT, e.g. wikitext2/oscillator")
+        task, variant = text.split("/")
+        return task, variant
+
+    out = api.compare(api.open_study(args.study), a=pair(args.a), b=pair(args.b), law=args.law, method=args.method)
+    if args.format == "json" or out["diff"] is None:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK if out["diff"] is not None else EXIT_FAILED
+    ci = f" [{out['ci_low']:.3g}, {out['ci_high']:.3g}]" if out["ci_low"] is not None else " (no interval)"
+    print(f"alpha({out['a']}) - alpha({out['b']}) = {out['diff']:+.3g}{ci} at {out['level']:.0%}"
+          f" ({'paired' if out['paired'] else 'independent'} seed draws)")
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     from scaling.server import serve
 
@@ -287,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default 2000)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("compare", help="the difference of two fitted exponents, with its interval")
+    p.add_argument("study", help=study_help)
+    p.add_argument("--a", required=True, metavar="TASK/VARIANT")
+    p.add_argument("--b", required=True, metavar="TASK/VARIANT")
+    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"], default="gap_vs_dosc")
+    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"])
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write report.html, report.md and fits.json beside the ledger")
     p.add_argument("study", help=study_help)

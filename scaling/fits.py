@@ -530,8 +530,9 @@ def fit_gap_law(
         {"x": float(xj), "mean": _clean(float(m)), "values": {str(s): g for s, g in sorted(sg.items())}, "n_seeds": len(sg)}
         for xj, m, sg in zip(x, point, seed_gaps)
     ]
-    if x_name == "d_osc":
-        for p in base_points:
+    for p in base_points:  # the names the first report and tests used
+        p["gap_mean"], p["gaps"] = p["mean"], p["values"]
+        if x_name == "d_osc":
             p["d_osc"] = int(p["x"])
     out = []
     for method in methods:

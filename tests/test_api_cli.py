@@ -121,3 +121,22 @@ def test_scaling_serve_without_a_token_refuses_to_start(study_dir):
     done = subprocess.run([sys.executable, "-m", "scaling.cli", "serve", "--root", str(study_dir.parent)], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "SCALING_API_TOKEN" in done.stderr
+
+
+def test_compare_two_variants(tmp_path, capsys):
+    from scaling import synthetic
+    from test_server import write_study
+
+    rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, rng=1) + [
+        dict(r, variant="steeper", key=r["key"] + "s", cell=r["cell"].replace("oscillator", "steeper"))
+        for r in synthetic.gap_study_rows(C=1.5, alpha=1.2, rng=2, seed_effect=0.0, variant_noise=0.005)
+        if r["variant"] == "oscillator"]
+    study = write_study(tmp_path / "cmp", rows, "cmp")
+    code, out, _ = run_cli(capsys, "compare", str(study), "--a", "lm/steeper", "--b", "lm/oscillator", "--method",
+                           "loglog-means")
+    assert code == 0 and "alpha(lm/steeper gap_vs_dosc loglog-means) - alpha(lm/oscillator" in out and "paired" in out
+    code, out, _ = run_cli(capsys, "compare", str(study), "--a", "lm/steeper", "--b", "lm/oscillator", "--format", "json")
+    result = json.loads(out)
+    assert result["diff"] == pytest.approx(0.6, abs=0.15) and result["ci_low"] > 0
+    code, _, err = run_cli(capsys, "compare", str(study), "--a", "steeper", "--b", "lm/oscillator")
+    assert code == 2 and "TASK/VARIANT" in err

@@ -230,21 +230,8 @@ def test_90_percent_intervals_cover_the_true_exponent(design, method):
     assert plain < coverage
 
 
-def test_loss_law_intervals_cover_quick():
-    """A quick version of the loss-law coverage check (the 100-replicate one is marked slow)."""
-    hits = {"alpha": 0, "E": 0}
-    n = 20
-    with laws.single_threaded_blas():
-        for rep in range(n):
-            fit = _loss_fit(synthetic.loss_study_rows(E=2.0, A=400.0, alpha=0.4, noise=0.01, rng=rep), n_boot=400,
-                            level=0.9, rng_seed=rep)
-            hits["alpha"] += fit.constants["alpha"].ci_low <= 0.4 <= fit.constants["alpha"].ci_high
-            hits["E"] += fit.constants["E"].ci_low <= 2.0 <= fit.constants["E"].ci_high
-    assert hits["alpha"] >= 14 and hits["E"] >= 14, hits  # 90% nominal; >= 70% of 20 is > 3 sd below
-
-
-@pytest.mark.slow
 def test_loss_law_90_percent_intervals_cover_the_truth_100_replicates():
+    """The same validity check for L = E + A N^-alpha: 5 sizes x 5 seeds, 1% multiplicative seed noise."""
     hits = {"alpha": 0, "E": 0, "A": 0}
     truth = {"alpha": 0.4, "E": 2.0, "A": 400.0}
     with laws.single_threaded_blas():
