@@ -242,7 +242,18 @@ def find_fit(
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
         )
     groups = [f.group_label for f in usable]
-    raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}: give the group, one of {groups}")
+    option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+    raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
+
+
+def group_of(law: str | None, *, target_params: int | None = None, at_d_osc: int | None = None) -> dict[str, Any] | None:
+    """The group that picks one fit: a size for gap_vs_dosc, a d_osc for the laws in parameters."""
+    group: dict[str, Any] = {}
+    if target_params is not None:
+        group["target_params"] = int(target_params)
+    if at_d_osc is not None:
+        group["d_osc"] = int(at_d_osc)
+    return group or None
 
 
 def predict(

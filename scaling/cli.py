@@ -186,7 +186,8 @@ def cmd_predict(args) -> int:
         raise ValueError("give exactly one of --d-osc (gap_vs_dosc) or --params (gap_vs_params, or --law loss_vs_params)")
     out = api.predict(api.open_study(args.study), task=args.task, variant=args.variant, d_osc=args.d_osc,
                       params=args.params, law=args.law, method=args.method, n_seeds=args.n_seeds, level=args.level,
-                      n_boot=args.n_boot)
+                      n_boot=args.n_boot, group=api.group_of(args.law, target_params=args.target_params,
+                                                             at_d_osc=args.at_d_osc))
     if args.format == "json":
         print(json.dumps(out, indent=1))
         return EXIT_OK
@@ -210,7 +211,9 @@ def cmd_compare(args) -> int:
         task, variant = text.split("/")
         return task, variant
 
-    out = api.compare(api.open_study(args.study), a=pair(args.a), b=pair(args.b), law=args.law, method=args.method)
+    group = api.group_of(args.law, target_params=args.target_params, at_d_osc=args.at_d_osc)
+    out = api.compare(api.open_study(args.study), a=pair(args.a), b=pair(args.b), law=args.law, method=args.method,
+                      group_a=group, group_b=group)
     if args.format == "json" or out["diff"] is None:
         print(json.dumps(out, indent=1))
         return EXIT_OK if out["diff"] is not None else EXIT_FAILED
@@ -240,6 +243,11 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ci-level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--params", choices=["non_embedding", "total"], default="non_embedding",
                    help="parameter count of the *_vs_params laws (default non_embedding)")
+
+
+def _group_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-params", type=int, help="which size, when a study has several (gap_vs_dosc)")
+    p.add_argument("--at-d-osc", type=int, help="which d_osc (gap_vs_params, loss_vs_params)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
     p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"], help="default: nonlinear (huber-log for loss)")
     p.add_argument("--n-seeds", type=int, default=1, help="the prediction interval is for the mean of this many new seeds")
+    _group_options(p)
     p.add_argument("--level", type=float, help="interval level (default 0.95)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default 2000)")
     p.add_argument("--format", choices=["text", "json"], default="text")
@@ -314,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"], default="gap_vs_dosc")
     p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"])
     p.add_argument("--format", choices=["text", "json"], default="text")
+    _group_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write report.html, report.md and fits.json beside the ledger")

@@ -191,17 +191,24 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def predict(name: str = Name, task: str = Query(..., max_length=200), variant: str = Query(..., max_length=200),
                 d_osc: float | None = Query(None, gt=0, lt=1e9), params: float | None = Query(None, gt=0, lt=1e15),
                 law: Law | None = None, method: Method | None = None, n_seeds: int = Query(1, ge=1, le=1000),
-                level: float | None = Query(None, gt=0.5, lt=0.999)) -> dict[str, Any]:
+                level: float | None = Query(None, gt=0.5, lt=0.999),
+                target_params: int | None = Query(None, ge=0, le=10**15, description="the size (gap_vs_dosc)"),
+                at_d_osc: int | None = Query(None, ge=0, le=10**9, description="the d_osc (laws in parameters)")) -> dict[str, Any]:
         if (d_osc is None) == (params is None):
             raise HTTPException(422, "give exactly one of d_osc or params")
         return api.predict(load(name), task=task, variant=variant, d_osc=d_osc, params=params, law=law,
-                           method=method, n_seeds=n_seeds, level=level)
+                           method=method, n_seeds=n_seeds, level=level,
+                           group=api.group_of(law, target_params=target_params, at_d_osc=at_d_osc))
 
     @app.get("/studies/{name}/compare", tags=["fits"], summary="alpha(a) - alpha(b) with its interval", **common)
     def compare(name: str = Name, task_a: str = Query(..., max_length=200), variant_a: str = Query(..., max_length=200),
                 task_b: str = Query(..., max_length=200), variant_b: str = Query(..., max_length=200),
-                law: Law = "gap_vs_dosc", method: Method | None = None) -> dict[str, Any]:
-        return F._clean(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method))
+                law: Law = "gap_vs_dosc", method: Method | None = None,
+                target_params: int | None = Query(None, ge=0, le=10**15, description="the size (gap_vs_dosc)"),
+                at_d_osc: int | None = Query(None, ge=0, le=10**9, description="the d_osc (laws in parameters)")) -> dict[str, Any]:
+        group = api.group_of(law, target_params=target_params, at_d_osc=at_d_osc)
+        return F._clean(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method,
+                                    group_a=group, group_b=group))
 
     @app.get("/studies/{name}/report", tags=["reports"], summary="the HTML report (rendered now, nothing written)",
              response_class=HTMLResponse, **common)

@@ -122,7 +122,15 @@ def test_fits_predict_compare_report(client):
     assert loss["quantity"] == "loss" and loss["loss"] == pytest.approx(2.0 + 300.0 * 8e6**-0.35, rel=0.03)  # the generating law
     diff = client.get("/studies/grid/compare", params={"task_a": "lm", "variant_a": "oscillator", "task_b": "lm",
                                                        "variant_b": "oscillator", "law": "gap_vs_params"}, headers=AUTH)
-    assert diff.status_code == 422  # two fits (one per d_osc) match: the error says which exist
+    assert diff.status_code == 422 and "at_d_osc" in diff.json()["detail"]  # one fit per d_osc: the error says so
+    diff = client.get("/studies/grid/compare", params={"task_a": "lm", "variant_a": "oscillator", "task_b": "lm",
+                                                       "variant_b": "softmax", "law": "loss_vs_params", "at_d_osc": 8},
+                      headers=AUTH)
+    assert diff.status_code == 422  # softmax has no d_osc=8 fit
+    at = {"task": "lm", "variant": "oscillator", "d_osc": 32}
+    assert client.get("/studies/grid/predict", params=at, headers=AUTH).status_code == 422  # three sizes
+    out = client.get("/studies/grid/predict", params={**at, "target_params": 2_000_000}, headers=AUTH).json()
+    assert out["group"] == {"target_params": 2_000_000} and out["gap"] > 0
     page = client.get("/studies/demo/report", headers=AUTH)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<img" in page.text and "Fitted constants" in page.text
