@@ -41,8 +41,7 @@ N_BOOT = 2000
 LAWS = ("gap_vs_dosc", "gap_vs_params", "loss_vs_params")
 GAP_METHODS = ("loglog-means", "nonlinear")
 PARAM_FIELDS = {"non_embedding": "params_non_embedding", "total": "params_total"}
-INTERVAL_METHOD = ("percentile bootstrap over seeds, half-widths widened by sqrt(n/(n-1)) t_(n-1)/z "
-                   "(n = seeds per cell)")
+
 
 
 # ---- results -----------------------------------------------------------------------------------

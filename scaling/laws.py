@@ -200,9 +200,6 @@ class HuberLogProblem:
         a, e, alpha = theta[:, 0], theta[:, 1], theta[:, 2]
         return {"E": np.exp(e), "A": np.exp(a + alpha * self.log_x0), "alpha": alpha}
 
-    def theta_from(self, E: float, A: float, alpha: float) -> np.ndarray:
-        return np.array([math.log(A) - alpha * self.log_x0, math.log(E), alpha])
-
     def _parts(self, theta: np.ndarray):
         a, e, alpha = theta[:, :1], theta[:, 1:2], theta[:, 2:3]
         z = a - alpha * self.u[None, :]
@@ -334,16 +331,3 @@ def offset_power_point_fit(problem: HuberLogProblem, y: np.ndarray) -> tuple[np.
             grad_ok = float(np.abs(problem.fun_and_grad_single(res.x, w1)[1]).max()) < 1e-5
             info.update(converged=bool(res.success) or grad_ok, message=str(res.message), objective=best_value)
     return np.asarray(best_theta), info
-
-
-def offset_power_vp_start(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
-    """(E, A, alpha) from linear least squares in (E, A) over a grid of alpha: a sanity reference."""
-    best = None
-    for alpha in ALPHA_GRID_FLOOR:
-        f = np.asarray(x, float) ** (-alpha)
-        M = np.stack([np.ones_like(f), f], axis=1)
-        coef, *_ = np.linalg.lstsq(M, y, rcond=None)
-        sse = float(np.sum((M @ coef - y) ** 2))
-        if coef[0] > 0 and coef[1] > 0 and (best is None or sse < best[0]):
-            best = (sse, float(coef[0]), float(coef[1]), float(alpha))
-    return None if best is None else best[1:]

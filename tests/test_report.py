@@ -203,3 +203,22 @@ def test_fit_table_goes_to_the_wandb_summary_run(written, tmp_path, monkeypatch)
     logged = sorted(round(r[column], 9) for r in table["data"] if r[column] is not None)
     assert logged == sorted(round(r["alpha_ci_low"], 9) for r in written.fit_rows if r["alpha_ci_low"] is not None)
     assert {"law", "method", "group", "excluded_diverged", "loo_rmse"} <= set(table["columns"])
+
+
+def test_paper_a_tables_for_keyword_spotting_and_agreement(tmp_path):
+    rows = []
+    for s in range(5):
+        rows.append(synthetic.row(key=f"k-s{s}", cell="kws/softmax", task="kws", seed=s, metric_name="val_accuracy",
+                                  metric_value=0.877 + 0.007 * (s - 2)))
+        rows.append(synthetic.row(key=f"k-o-s{s}", cell="kws/oscillator/d2", task="kws", variant="oscillator", d_osc=2,
+                                  seed=s, metric_name="val_accuracy", metric_value=0.888 + 0.003 * (s - 2)))
+        for variant, d, hard in (("softmax", None, 0.80 if s == 0 else 0.95), ("oscillator", 2, 0.974)):
+            rows.append(synthetic.row(key=f"s-{variant}-{s}", cell=f"sva/{variant}", task="sva", variant=variant, d_osc=d,
+                                      seed=s, metric_name="val_accuracy", metric_value=0.95,
+                                      metrics_json=json.dumps({"val_accuracy_hard": hard})))
+    study = api.open_study(str(write_study(tmp_path / "a", rows, "a")))
+    _, markdown = render(study, api.fits(study, n_boot=200))
+    assert "Paper A, keyword spotting" in markdown and "| softmax | 87.71 ± 0.7 (n=5) | 0.877 ± 0.011 (n=5) |" in markdown
+    agreement = markdown.split("Paper A, subject-verb agreement")[1]
+    assert "| softmax | 92.19 ± 7.8 (n=5) | 92.11 ± 7.9 (n=5) | 1 |" in agreement and "| 1 of 5 |" in agreement  # our failure
+    assert "| oscillator d_osc=2 | 97.81 ± 0.15 (n=5) |" in agreement and "| 0 of 5 |" in agreement
