@@ -238,6 +238,18 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args) -> int:
+    from workers.bench import format_table, run_bench, write_json
+
+    result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
+                       repeats=args.repeats, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
+                       device=args.device, compile_model=args.compile)
+    print(format_table(result))
+    write_json(result, args.json)
+    print(f"json:     {args.json}")
+    return EXIT_OK
+
+
 def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws per fit (default 2000)")
     p.add_argument("--ci-level", type=float, default=0.95, help="interval level (default 0.95)")
@@ -338,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory holding the studies' storage directories (default $SCALING_STUDIES_ROOT)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="attention speed: fwd+bwd tokens/s and peak memory per variant, op and training step")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[50, 256, 1024], help="sequence lengths (default 50 256 1024)")
+    p.add_argument("--d-osc", type=int, nargs="+", default=[2, 32], help="oscillator dimensions (default 2 32)")
+    p.add_argument("--batch-size", type=int, help="fixed batch (default 64 at T 50, else about 3200 tokens)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per case, interleaved (default 10)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in the training-step cases")
+    p.add_argument("--no-steps", action="store_true", help="attention op only, no training steps")
+    p.add_argument("--no-naive", action="store_true", help="leave out the naive (dense-formula) oscillator")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    p.set_defaults(func=cmd_bench)
 
     from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
 

@@ -1,0 +1,87 @@
+"""The speed benchmark: its harness (fast, default) and the issue's targets (marked `bench`, minutes).
+
+    pytest -m bench tests/test_bench.py     # the targets, measured as ratios in one run
+    scaling bench --json bench.json          # the full table (T 50, 256, 1024)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workers.bench import format_table, peak_memory_bytes, run_bench, write_json
+
+
+def test_bench_reports_every_case_and_the_target_ratios(tmp_path):
+    result = run_bench(seq_lens=(50,), batch_size=2, repeats=2, warmup=1, vocab_size=64)
+    cases = {(r["part"], r["case"]) for r in result["rows"]}
+    for part in ("attention", "step"):
+        for case in ("softmax", "oscillator d2", "oscillator d32", "oscillator-naive d2", "kuramoto"):
+            assert (part, case) in cases
+    row = next(r for r in result["rows"] if r["part"] == "attention" and r["case"] == "softmax")
+    assert row["tokens_per_s"] == pytest.approx(2 * 50 / (row["median_ms"] / 1e3))
+    assert row["peak_mb"] > 0 and row["min_ms"] <= row["median_ms"]
+    ratios = {t["target"]: t for t in result["targets"]}
+    key = "attention fwd+bwd time oscillator d2 / softmax at T=50: <= 1.5"
+    base = next(r for r in result["rows"] if r["part"] == "attention" and r["case"] == "softmax")["median_ms"]
+    osc = next(r for r in result["rows"] if r["part"] == "attention" and r["case"] == "oscillator d2")["median_ms"]
+    assert ratios[key]["ratio"] == pytest.approx(osc / base, abs=1e-3)
+    assert ratios[key]["met"] == (osc / base <= 1.5)
+    assert "training-step tokens/s oscillator d32 / softmax at T=50: >= 0.9" in ratios
+    assert "oscillator d2" in format_table(result)
+    write_json(result, str(tmp_path / "bench.json"))
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+
+
+def test_scaling_bench_command_writes_json(tmp_path, capsys):
+    from scaling.cli import main
+
+    out = tmp_path / "b.json"
+    code = main(["bench", "--seq-lens", "50", "--batch-size", "2", "--repeats", "1", "--no-naive", "--no-steps",
+                 "--d-osc", "2", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert {r["case"] for r in data["rows"]} == {"softmax", "oscillator d2", "kuramoto"}
+    assert "targets" in capsys.readouterr().out
+
+
+def test_cpu_peak_memory_counts_live_bytes():
+    def two_live_then_one():
+        a = torch.ones(256, 1024)  # 1 MiB
+        b = torch.ones(256, 1024)  # 2 MiB live
+        del a
+        c = torch.ones(256, 1024)  # back to 2 MiB
+        return b, c
+
+    peak = peak_memory_bytes(two_live_then_one, "cpu")
+    assert 2 * 2**20 <= peak < 2.5 * 2**20
+
+
+# ---- the targets (a benchmark, not a timed test) -------------------------------------------------
+
+ON_GPU = torch.cuda.is_available()
+CPU_D32 = ("at d_osc 32 the oscillator does 12 (T, T)-sized matmuls per fwd+bwd against SDPA's 7, so on a "
+           "CPU, where matmuls dominate, it stays near 1.7-1.9x fused softmax (see the issue note)")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return run_bench(seq_lens=(50, 1024), repeats=15)
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("target", [
+    "attention fwd+bwd time oscillator d2 / softmax at T=50: <= 1.5",
+    pytest.param("attention fwd+bwd time oscillator d32 / softmax at T=50: <= 1.5",
+                 marks=pytest.mark.xfail(not ON_GPU, reason=CPU_D32, strict=False)),
+    "attention fwd+bwd time oscillator d2 / softmax at T=1024: <= 3.0",
+    "attention fwd+bwd time oscillator d32 / softmax at T=1024: <= 3.0",
+    "training-step tokens/s oscillator d2 / softmax at T=50: >= 0.9",
+    "training-step tokens/s oscillator d32 / softmax at T=50: >= 0.9",
+])
+def test_issue_target(measured, target):
+    print(format_table(measured))
+    found = {t["target"]: t for t in measured["targets"]}
+    assert found[target]["met"], (target, found[target]["ratio"])

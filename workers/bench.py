@@ -1,0 +1,304 @@
+"""Speed benchmark of the attention variants (`scaling bench`): forward + backward tokens/s and peak
+memory for (a) the attention operation alone and (b) a full training step, at paper A's WikiText-2
+preset shape (B 64, T 50, D 128, H 4, d_osc 2 and 32) and at longer sequences.
+
+Legend: B batch, T sequence, D model width, H heads, K head width, d oscillator dimension, V vocabulary.
+
+Method: every configuration's cases run interleaved, round-robin, `repeats` times after `warmup`
+calls, so load from other processes hits them alike; times are wall-clock medians (min reported
+too), and target ratios divide medians from the same run. Peak memory is measured in one extra call:
+on CUDA with the allocator's peak counter, on CPU by replaying the profiler's allocation events
+(bytes live at the peak, above what was live before the call). At T > 50 the batch is chosen to keep
+about B*T = 3200 tokens per step, as at the preset (override with `batch_size`).
+
+Cases: `softmax` (fused SDPA), `oscillator` (this repository's fast exact path), `oscillator-naive`
+(the dense formula: `oscillator_attention_reference`, what a direct implementation does), and
+`kuramoto`. The targets of issue 4: oscillator fwd+bwd <= 1.5x the fused softmax time at the preset
+shape and <= 3x at T = 1024; the oscillator training step >= 0.9x softmax tokens/s at the preset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from workers.attention import build_attention, oscillator_attention, oscillator_attention_reference, softmax_attention
+from workers.model import ModelConfig, Transformer
+from workers.presets import paper_preset
+
+TOKENS_PER_STEP = 3200  # the preset's B 64 x T 50
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    variant: str
+    options: dict = field(default_factory=dict)
+    naive: bool = False
+
+
+def default_cases(d_osc: tuple[int, ...] = (2, 32), naive: bool = True, kuramoto: bool = True) -> list[Case]:
+    cases = [Case("softmax", "softmax")]
+    for d in d_osc:
+        cases.append(Case(f"oscillator d{d}", "oscillator", {"d_osc": d}))
+        if naive:
+            cases.append(Case(f"oscillator-naive d{d}", "oscillator", {"d_osc": d}, naive=True))
+    if kuramoto:
+        cases.append(Case("kuramoto", "kuramoto"))
+    return cases
+
+
+# ---- what is timed -----------------------------------------------------------------------------
+
+
+def attention_op(case: Case, B: int, T: int, D: int, H: int, device) -> Callable[[], None]:
+    """fwd + bwd of the mixing alone, from its inputs (q, k, v [, anchors]) to its output."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    K = D // H
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    if case.variant == "softmax":
+        q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
+        inputs, fn = (q, k, v), lambda: softmax_attention(q, k, v, causal=True)
+    elif case.variant == "oscillator":
+        q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
+        anchors = F.normalize(torch.randn(H, T, case.options["d_osc"], generator=g), dim=-1).to(device).requires_grad_()
+        attend = oscillator_attention_reference if case.naive else oscillator_attention
+        inputs, fn = (q, k, v, anchors), lambda: attend(q, k, v, anchors, causal=True)[0]
+    elif case.variant == "kuramoto":
+        module = build_attention("kuramoto", d_model=D, n_heads=H, max_seq_len=T, causal=True, **case.options).to(device)
+        P = module.phase_dim // H
+        theta, gate = leaf(B, H, T, P), leaf(B, H, T, P)
+        inputs, fn = (theta, gate), lambda: module.tangent_update(theta, F.softplus(gate), None)
+    else:
+        raise ValueError(f"no benchmark for variant {case.variant!r}")
+    upstream = None
+
+    def run() -> None:
+        nonlocal upstream
+        out = fn()
+        if upstream is None:
+            upstream = torch.randn(out.shape, generator=g).to(device)
+        torch.autograd.grad(out, inputs, upstream)
+
+    return run
+
+
+def _use_naive_oscillator(model: Transformer) -> None:
+    def forward(self, x_BTD, key_padding_BT=None):
+        q, k, v = self.project(x_BTD)
+        o_BHTK, _ = oscillator_attention_reference(q, k, v, self.anchors(), causal=self.causal,
+                                                   key_padding_BT=key_padding_BT, p=self.p,
+                                                   readout_padding_mask=self.readout_padding_mask)
+        return self.w_o(self.merge_heads(o_BHTK))
+
+    for block in model.blocks:
+        block.attn.forward = types.MethodType(forward, block.attn)
+
+
+def training_step(case: Case, B: int, T: int, model_shape: dict[str, Any], vocab_size: int, device,
+                  compile_model: bool = False) -> Callable[[], None]:
+    """One AdamW step of the LM: forward, cross-entropy, backward, clip, update."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=T, attention=case.variant, attention_options=case.options,
+                      **model_shape)
+    model = Transformer(cfg).to(device).train()
+    if case.naive:
+        _use_naive_oscillator(model)
+    forward = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens = torch.randint(0, vocab_size, (B, T + 1), generator=g).to(device)
+
+    def run() -> None:
+        logits_BTV = forward(tokens[:, :-1])
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return run
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], *, repeats: int, warmup: int, device) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_bytes(fn: Callable[[], None], device) -> int:
+    """Bytes allocated at the peak of one call, above what was live before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if event.self_cpu_memory_usage:
+            live += event.self_cpu_memory_usage
+            peak = max(peak, live)
+    return int(peak)
+
+
+def measure(fns: dict[str, Callable[[], None]], tokens: int, *, repeats: int, warmup: int, device,
+            memory: bool = True) -> dict[str, dict[str, float]]:
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
+    out = {}
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        out[label] = {"median_ms": 1e3 * median, "min_ms": 1e3 * min(ts), "tokens_per_s": tokens / median,
+                      "peak_mb": peak_memory_bytes(fns[label], device) / 2**20 if memory else float("nan")}
+    return out
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+def run_bench(
+    *,
+    seq_lens: tuple[int, ...] = (50, 256, 1024),
+    d_osc: tuple[int, ...] = (2, 32),
+    batch_size: int | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    steps: bool = True,
+    naive: bool = True,
+    kuramoto: bool = True,
+    threads: int | None = None,
+    device: str | None = None,
+    compile_model: bool = False,
+    memory: bool = True,
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict with every figure and the target ratios.
+    `vocab_size` overrides the preset's 10,000 (only to make tests of the harness cheap)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    preset = paper_preset("wikitext2")
+    shape = {k: preset["model"][k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout", "positions")}
+    D, H, vocab = shape["d_model"], shape["n_heads"], vocab_size or preset["expects"]["vocab_size"]
+    cases = default_cases(tuple(d_osc), naive=naive, kuramoto=kuramoto)
+    rows = []
+    for T in seq_lens:
+        B = batch_size or (64 if T == 50 else max(1, round(TOKENS_PER_STEP / T)))
+        reps = repeats if T <= 256 else max(3, repeats // 3)
+        ops = {c.label: attention_op(c, B, T, D, H, device) for c in cases}
+        for label, fig in measure(ops, B * T, repeats=reps, warmup=warmup, device=device, memory=memory).items():
+            rows.append({"part": "attention", "T": T, "B": B, "case": label, **fig})
+        if steps:
+            step_cases = [c for c in cases if not (c.naive and T > 256)]  # the naive step at T 1024: minutes
+            fns = {c.label: training_step(c, B, T, shape, vocab, device, compile_model) for c in step_cases}
+            for label, fig in measure(fns, B * T, repeats=reps, warmup=warmup, device=device, memory=memory).items():
+                rows.append({"part": "step", "T": T, "B": B, "case": label, **fig})
+    return {
+        "device": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": {**shape, "vocab_size": vocab},
+        "repeats": repeats,
+        "compile": compile_model,
+        "rows": rows,
+        "targets": targets(rows, d_osc),
+    }
+
+
+def _device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _median(rows, part, T, case) -> float | None:
+    for row in rows:
+        if row["part"] == part and row["T"] == T and row["case"] == case:
+            return row["median_ms"]
+    return None
+
+
+def targets(rows: list[dict], d_osc) -> list[dict[str, Any]]:
+    """The issue's targets as ratios of medians from this run, with pass/fail."""
+    out = []
+    checks = [("attention", 50, "time", 1.5), ("attention", 1024, "time", 3.0), ("step", 50, "speed", 0.9)]
+    for part, T, kind, limit in checks:
+        base = _median(rows, part, T, "softmax")
+        for d in d_osc:
+            for label in (f"oscillator d{d}", f"oscillator-naive d{d}"):
+                value = _median(rows, part, T, label)
+                if base is None or value is None:
+                    continue
+                if kind == "time":  # oscillator time / softmax time, at most `limit`
+                    ratio, ok = value / base, value / base <= limit
+                    text = f"{part} fwd+bwd time {label} / softmax at T={T}: <= {limit}"
+                else:  # oscillator tokens/s / softmax tokens/s, at least `limit`
+                    ratio, ok = base / value, base / value >= limit
+                    text = f"training-step tokens/s {label} / softmax at T={T}: >= {limit}"
+                out.append({"target": text, "ratio": round(ratio, 3), "met": bool(ok),
+                            "reference_only": "naive" in label})
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device']}, threads {result['threads']}, torch {result['torch']}, "
+             f"model D {result['model']['d_model']} H {result['model']['n_heads']} "
+             f"L {result['model']['n_layers']} V {result['model']['vocab_size']}",
+             f"{'part':<9} {'T':>5} {'B':>3}  {'case':<22} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'peak MB':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['part']:<9} {r['T']:>5} {r['B']:>3}  {r['case']:<22} {r['median_ms']:>10.2f} "
+                     f"{r['min_ms']:>9.2f} {r['tokens_per_s']:>10.0f} {r['peak_mb']:>8.1f}")
+    lines.append("targets (ratios of medians in this run):")
+    for t in result["targets"]:
+        mark = "info" if t["reference_only"] else ("met" if t["met"] else "NOT MET")
+        lines.append(f"  {t['target']:<70} {t['ratio']:>6.2f}  {mark}")
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(_finite(result), handle, indent=1)
