@@ -50,7 +50,7 @@ def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, cap
 
     # the fit is the one the ledger implies: gap(d) = oscillator(d) - softmax (one seed, paired)
     base = next(r["metric_value"] for r in rows if r["variant"] == "softmax")
-    (fit,) = api.fits(api.open_study(str(storage)))
+    (fit,) = api.fits(api.open_study(str(storage)), method="loglog-means")
     expected = {r["d_osc"]: r["metric_value"] - base for r in rows if r["variant"] == "oscillator"}
     assert {p["d_osc"]: p["gap_mean"] for p in fit.points} == pytest.approx(expected)
     assert fit.law == "gap_vs_dosc" and fit.task == "mqar"
