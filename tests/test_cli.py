@@ -27,7 +27,7 @@ def test_status_fits_report_on_a_study_dir(tmp_path, capsys):
     assert main(["fits", str(storage), "--format", "csv"]) == 0
     header, row = capsys.readouterr().out.strip().splitlines()[:2]
     assert header.startswith("study,task,law") and ",gap_vs_dosc," in row
-    assert main(["predict", str(storage), "--task", "lm", "--variant", "oscillator", "--d-osc", "64"]) == 0
+    assert main(["predict", str(storage), "--task", "lm", "--variant", "oscillator", "--d-osc", "64", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["d_osc"] == 64
     assert main(["report", str(storage)]) == 0
     assert (storage / "report.html").read_text().count("data:image/png;base64,") == 1
