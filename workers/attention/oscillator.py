@@ -171,21 +171,32 @@ class _CouplingField(torch.autograd.Function):
         r_BHTd = r_bHTd.expand(B, H, T, d)
         if not narrow:
             r_BHTd = r_BHTd.contiguous()  # a broadcast operand makes matmul copy it per call anyway
-        dq_BHTK = torch.empty_like(q_BHTK)
-        dk_BHTK = torch.zeros_like(k_BHTK)
-        dr_BHTd = torch.zeros(B, H, T, d, dtype=dh_BHTd.dtype, device=dh_BHTd.device)
-        for i, (start, end, key_end) in enumerate(ctx.blocks):
-            w_BHTS, dw_dscore_BHTS = saved[2 * i], saved[2 * i + 1]
-            dh_blk = dh_BHTd[:, :, start:end]
-            ds_BHTS = (dh_blk @ r_BHTd[:, :, :key_end].transpose(-1, -2)).mul_(dw_dscore_BHTS)  # dL/dscores
-            dq_BHTK[:, :, start:end] = ds_BHTS @ k_BHTK[:, :, :key_end]
-            dk_BHTK[:, :, :key_end] += ds_BHTS.transpose(-1, -2) @ q_BHTK[:, :, start:end]
-            if narrow:
-                dr_BHTd[:, :, :key_end] += (dh_blk.transpose(-1, -2) @ w_BHTS).transpose(-1, -2)
-            else:
-                dr_BHTd[:, :, :key_end] += w_BHTS.transpose(-1, -2) @ dh_blk
+        if len(ctx.blocks) == 1:  # the common short-sequence case: no accumulation buffers
+            w_BHTS, dw_dscore_BHTS = saved
+            ds_BHTS = (dh_BHTd @ r_BHTd.transpose(-1, -2)).mul_(dw_dscore_BHTS)  # dL/dscores
+            dq_BHTK = ds_BHTS @ k_BHTK
+            dk_BHTK = ds_BHTS.transpose(-1, -2) @ q_BHTK
+            dr_BHTd = _anchor_grad(w_BHTS, dh_BHTd, narrow)
+        else:
+            dq_BHTK = torch.empty_like(q_BHTK)
+            dk_BHTK = torch.zeros_like(k_BHTK)
+            dr_BHTd = torch.zeros(B, H, T, d, dtype=dh_BHTd.dtype, device=dh_BHTd.device)
+            for i, (start, end, key_end) in enumerate(ctx.blocks):
+                w_BHTS, dw_dscore_BHTS = saved[2 * i], saved[2 * i + 1]
+                dh_blk = dh_BHTd[:, :, start:end]
+                ds_BHTS = (dh_blk @ r_BHTd[:, :, :key_end].transpose(-1, -2)).mul_(dw_dscore_BHTS)
+                torch.matmul(ds_BHTS, k_BHTK[:, :, :key_end], out=dq_BHTK[:, :, start:end])
+                dk_BHTK[:, :, :key_end] += ds_BHTS.transpose(-1, -2) @ q_BHTK[:, :, start:end]
+                dr_BHTd[:, :, :key_end] += _anchor_grad(w_BHTS, dh_blk, narrow)
         dr_bHTd = dr_BHTd.sum(0, keepdim=True) if r_bHTd.shape[0] == 1 and B != 1 else dr_BHTd
         return dq_BHTK, dk_BHTK, dr_bHTd, None, None
+
+
+def _anchor_grad(w_BHTS: torch.Tensor, dh_BHTd: torch.Tensor, narrow: bool) -> torch.Tensor:
+    """w^T @ dh, (B, H, S, d); for small d as (dh^T w)^T, the layout CPU GEMM handles well."""
+    if narrow:
+        return (dh_BHTd.transpose(-1, -2) @ w_BHTS).transpose(-1, -2)
+    return w_BHTS.transpose(-1, -2) @ dh_BHTd
 
 
 def coupling_field(
