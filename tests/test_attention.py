@@ -179,6 +179,24 @@ def test_fast_path_equals_dense_formula_with_gradients_at_long_sequences(anchor_
         torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("per_query", [32, 0], ids=["sparse-pairs", "dense-columns"])
+def test_clamp_correction_both_ways(per_query, monkeypatch):
+    import workers.attention.oscillator as osc
+
+    monkeypatch.setattr(osc, "SPARSE_CORRECTION_PER_QUERY", per_query)
+    q, k, v, anchors = qkv_anchors(2, T_=160, anchor_scale=1.6, Bq=2)
+    assert clamp_is_active(q[:1], k[:1], v[:1], anchors)
+    pad = torch.zeros(2, 160, dtype=torch.bool)
+    pad[1, 100:] = True
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    fast, _ = oscillator_attention(*tensors, causal=True, key_padding_BT=pad, readout="linear")
+    dense, _ = oscillator_attention_reference(*tensors, causal=True, key_padding_BT=pad)
+    torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
+    upstream = torch.randn_like(fast)
+    for g_fast, g_dense in zip(torch.autograd.grad(fast, tensors, upstream), torch.autograd.grad(dense, tensors, upstream)):
+        torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
+
+
 def test_fast_path_float32_stays_close_to_float64():
     q, k, v, anchors = qkv_anchors(8, T_=512, anchor_scale=1.0, Bq=1)
     exact, _ = oscillator_attention_reference(q, k, v, anchors, causal=True)

@@ -38,6 +38,7 @@ from workers.attention.softmax import SoftmaxAttention, apply_rotary
 ANCHOR_NORMS = ("init", "always")
 READOUTS = ("auto", "dense", "linear")
 DENSE_READOUT_MAX_T = 128  # up to here one (T, T) readout matrix beats chunked prefix sums on CPU
+SPARSE_CORRECTION_PER_QUERY = 32  # clamp corrections gathered pair by pair up to this many per query
 LINEAR_CHUNK = 32  # keys per chunk of the linear readout: best or near it on CPU at T 256 and 1024, d 2 and 32
 
 
@@ -340,27 +341,40 @@ def _causal_linear(z_BHTd, r_bHTd, v_BHTK, chunk_size: int | None) -> torch.Tens
 
 def _clamp_correction(z_BHTd, r_bHTd, v_BHTK, keep_bT, *, causal: bool) -> torch.Tensor | None:
     """max(0, 1 + m) - (1 + m) = max(0, -1 - m) for m = z.r: non-zero only where m < -1, which needs
-    |r_j| > 1 (as |z| <= 1). Finds those pairs exactly; returns their sum_j excess_ij [v_j, 1], or
-    None where the clamp is inactive everywhere (the usual case: then nothing quadratic runs).
+    |r_j| > 1 (as |z| <= 1). Finds those pairs exactly and returns sum_j excess_ij [v_j, 1] as
+    (B, H, T, K + 1), or None where the clamp is inactive everywhere (then nothing quadratic runs
+    beyond the no-grad check of the anchors with norm > 1).
 
+    Active pairs are few (for d = 2 and anchors a little past norm 1, about 1 in 100; rarer as d
+    grows), so they are gathered and scattered one by one; past an average of 32 per query the
+    correction is computed densely over the anchors involved instead.
     Anchors within 8 float eps of norm 1 (unit anchors after rounding) are not checked: their
     excess is at most that, below the rounding of the sums it would enter."""
-    T = z_BHTd.shape[-2]
+    B, H, T, K = v_BHTK.shape
     with torch.no_grad():
         limit = 1.0 + 16 * torch.finfo(r_bHTd.dtype).eps  # on |r|^2
         big_S = (r_bHTd.detach().square().sum(-1) > limit).flatten(0, 1).any(0)
         if not bool(big_S.any()):
             return None
         cols_U = big_S.nonzero().squeeze(1)
-        m_BHTU = z_BHTd.detach() @ r_bHTd.detach()[:, :, cols_U].transpose(-1, -2)
-        active_BHTU = m_BHTU < -1.0
+        active_BHTU = (z_BHTd.detach() @ r_bHTd.detach()[:, :, cols_U].transpose(-1, -2)) < -1.0
         if causal:
             active_BHTU &= cols_U[None, :] <= torch.arange(T, device=z_BHTd.device)[:, None]
         if keep_bT is not None:
             active_BHTU &= keep_bT[:, None, None, cols_U] > 0
-        used_U = active_BHTU.flatten(0, 2).any(0)
-        if not bool(used_U.any()):
+        pairs = active_BHTU.nonzero()  # (n, 4): b, h, i, u
+        if len(pairs) == 0:
             return None
+    if len(pairs) <= SPARSE_CORRECTION_PER_QUERY * B * H * T:
+        b, h, i, j = pairs[:, 0], pairs[:, 1], pairs[:, 2], cols_U[pairs[:, 3]]
+        r_nd = r_bHTd[b if r_bHTd.shape[0] > 1 else torch.zeros_like(b), h, j]
+        excess_n = (-1.0 - (z_BHTd[b, h, i] * r_nd).sum(-1)).clamp_min(0.0)
+        vals_nV = torch.cat([v_BHTK[b, h, j], torch.ones_like(excess_n)[:, None]], dim=-1)
+        rows_n = (b * H + h) * T + i
+        out = torch.zeros(B * H * T, K + 1, dtype=v_BHTK.dtype, device=v_BHTK.device)
+        return out.index_add(0, rows_n, excess_n[:, None] * vals_nV).view(B, H, T, K + 1)
+    with torch.no_grad():
+        used_U = active_BHTU.flatten(0, 2).any(0)
         cols_U, active_BHTU = cols_U[used_U], active_BHTU[..., used_U]
     r_bHUd = r_bHTd[:, :, cols_U]
     excess_BHTU = (-1.0 - z_BHTd @ r_bHUd.transpose(-1, -2)).clamp_min(0.0) * active_BHTU
