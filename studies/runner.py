@@ -126,8 +126,7 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
         if best is not None:
             scalars[OBJECTIVE] = sign * best  # lower is better, for Tune's schedulers
-        if run is not None:
-            run.log(scalars, step=int(scalars.get("step", 0)))
+        tracking.log_metrics(run, scalars, step=int(scalars.get("step", 0)))
         tune.report(scalars)
 
     try:

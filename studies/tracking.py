@@ -7,13 +7,17 @@ itself is read by wandb from the environment and never enters a config, the ledg
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
+import uuid
 from typing import Any
 
 from storage.records import TrialSpec, stable_hash
 from studies.spec import WandbEntry
 
+log = logging.getLogger(__name__)
 _ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -38,14 +42,31 @@ def prepare_environment(wandb_dir: str) -> None:
 
 
 def start_trial_run(spec: TrialSpec, cfg: WandbEntry, wandb_dir: str):
+    """The trial's W&B run, or None. Tracking never fails a trial: when the stable id cannot be
+    taken (a killed worker's W&B service may still hold it), retry once, then log under a
+    `-retry-N` id in the same group, and as a last resort train untracked."""
     mode = resolve_mode(cfg)
     if mode == "disabled":
         return None
     import wandb
 
+    stable = run_id(spec.study, spec.key)
+    ids = [stable, stable, f"{stable[:52]}-retry-{uuid.uuid4().hex[:4]}"]
+    for attempt, wandb_id in enumerate(ids):
+        try:
+            return _init_trial_run(wandb, spec, cfg, wandb_dir, mode, wandb_id)
+        except Exception as error:  # noqa: BLE001 -- tracking must not fail the trial
+            log.warning("W&B init for %s failed (%s: %s)", wandb_id, type(error).__name__, error)
+            if attempt + 1 < len(ids):
+                time.sleep(2.0)
+    log.warning("training %s without W&B tracking", spec.key)
+    return None
+
+
+def _init_trial_run(wandb, spec: TrialSpec, cfg: WandbEntry, wandb_dir: str, mode: str, wandb_id: str):
     tags = [spec.task, spec.variant, spec.stage] + ([f"d_osc={spec.d_osc}"] if spec.d_osc else [])
     return wandb.init(
-        id=run_id(spec.study, spec.key),
+        id=wandb_id,
         name=f"{spec.cell}/s{spec.seed}",
         project=cfg.project,
         entity=cfg.entity,
@@ -63,9 +84,21 @@ def start_trial_run(spec: TrialSpec, cfg: WandbEntry, wandb_dir: str):
 def finish_trial_run(run, record_summary: dict[str, Any], exit_code: int) -> None:
     if run is None:
         return
-    for name, value in record_summary.items():
-        run.summary[name] = value
-    run.finish(exit_code=exit_code)
+    try:
+        for name, value in record_summary.items():
+            run.summary[name] = value
+        run.finish(exit_code=exit_code)
+    except Exception as error:  # noqa: BLE001 -- tracking must not fail the trial
+        log.warning("W&B finish of %s failed (%s: %s)", run.id, type(error).__name__, error)
+
+
+def log_metrics(run, metrics: dict[str, Any], step: int) -> None:
+    if run is None:
+        return
+    try:
+        run.log(metrics, step=step)
+    except Exception as error:  # noqa: BLE001 -- tracking must not fail the trial
+        log.warning("W&B log to %s failed (%s: %s)", run.id, type(error).__name__, error)
 
 
 def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows: list[dict[str, Any]], report_path: str | None) -> str | None:

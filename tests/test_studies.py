@@ -59,8 +59,8 @@ def test_unknown_nested_key(tmp_path):
 
 def test_unknown_task_and_variant(tmp_path):
     message = _error(tmp_path, tasks=[{"name": "wikitext3"}], variants=[{"name": "linear"}])
-    assert "tasks[0]: unknown task 'wikitext3'; allowed: ['mqar']" in message
-    assert "variants[0]: unknown variant 'linear'; allowed: ['oscillator', 'softmax']" in message
+    assert "tasks[0]: unknown task 'wikitext3'; allowed: ['codeparrot', 'enwik8', 'kws', 'mqar'," in message
+    assert "variants[0]: unknown variant 'linear'; allowed: ['kuramoto', 'oscillator', 'softmax']" in message
 
 
 def test_d_osc_below_two(tmp_path):
