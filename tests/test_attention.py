@@ -363,10 +363,20 @@ def test_rotary_scores_depend_on_relative_position_only():
 # ---- every variant learns ---------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and steady on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 @pytest.mark.parametrize("backbone", ["a", "b"])
 @pytest.mark.parametrize("name,options", [("softmax", {}), ("oscillator", {"d_osc": 2}), ("kuramoto", {})],
                          ids=["softmax", "oscillator", "kuramoto"])
-def test_each_variant_learns_a_tiny_task(name, options, backbone):
+def test_each_variant_learns_a_tiny_task(name, options, backbone, one_thread):
     """Predict the previous token: needs attention to one (relative) position; chance = ln 8."""
     from workers.model import ModelConfig, Transformer
 
