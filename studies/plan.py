@@ -16,37 +16,76 @@ def expand(study: StudySpec) -> list[TrialSpec]:
     from workers.attention import VARIANT_OPTIONS
     from workers.tasks import get_task
 
-    model = study.model.model_dump()
-    # unset optional fields stay out of the key, so adding an option later keeps old keys valid
-    train = {k: v for k, v in study.train.model_dump().items() if v is not None}
     trials = []
     for task_entry in study.tasks:
         task = get_task(task_entry.name)
         task_options = task.options(task_entry.options)
         data_fp = fingerprint(task.identity(task_options))
+        model, train = model_and_train(study, task.name)
         for variant in study.variants:
             defaults = {k: v for k, v in VARIANT_OPTIONS[variant.name].items() if k != "d_osc"}
             options = {**defaults, **variant.options}
             for d_osc in variant.d_osc or [None]:
                 variant_options = dict(options) if d_osc is None else {**options, "d_osc": d_osc}
-                for seed in study.seeds:
-                    trials.append(
-                        TrialSpec(
-                            study=study.name,
-                            task=task.name,
-                            task_options=task_options,
-                            variant=variant.name,
-                            variant_options=variant_options,
-                            model=model,
-                            train=train,
-                            seed=seed,
-                            code_version=CODE_VERSION,
-                            data_fingerprint=data_fp,
+                for target in study.target_params or [None]:
+                    shaped = model if target is None else sized_model(study, task, task_options, model, variant.name, variant_options, target)
+                    for seed in study.seeds:
+                        trials.append(
+                            TrialSpec(
+                                study=study.name,
+                                task=task.name,
+                                task_options=task_options,
+                                variant=variant.name,
+                                variant_options=variant_options,
+                                model=shaped,
+                                train=train,
+                                seed=seed,
+                                target_params=None if target is None else int(target),
+                                code_version=CODE_VERSION,
+                                data_fingerprint=data_fp,
+                            )
                         )
-                    )
     keys = [t.key for t in trials]
     assert len(set(keys)) == len(keys), "two trials share a key: the grid has duplicate cells"
     return trials
+
+
+BUDGETS = ("steps", "epochs", "tokens")
+
+
+def model_and_train(study: StudySpec, task: str) -> tuple[dict, dict]:
+    """The model and recipe of one task: the study's, or paper A's preset overridden by what the
+    study file sets explicitly. Unset optional fields stay out (and out of the trial key)."""
+    model = study.model.model_dump()
+    train = {k: v for k, v in study.train.model_dump().items() if v is not None}
+    if study.preset != "paper":
+        return model, train
+    from workers.presets import paper_preset
+
+    preset = paper_preset(task)
+    model = {**preset["model"], **{k: getattr(study.model, k) for k in study.model.model_fields_set}}
+    explicit = {k: getattr(study.train, k) for k in study.train.model_fields_set if getattr(study.train, k) is not None}
+    base = preset["train"]
+    if any(b in explicit for b in BUDGETS):  # the study's budget replaces the preset's
+        base = {k: v for k, v in base.items() if k not in BUDGETS}
+    return model, {**base, **explicit}
+
+
+def sized_model(study: StudySpec, task, task_options: dict, model: dict, variant: str, variant_options: dict, target: float) -> dict:
+    """The study's model with depth, width, heads and FFN chosen for `target` parameters."""
+    from storage.cache import DatasetCache
+    from workers.sizing import model_fields, shape_for_target
+
+    fields = task.model_fields(task.prepare(task_options, DatasetCache(study.cache)))
+    sizing = study.sizing
+    shape = shape_for_target(
+        target, variant=variant, variant_options=variant_options, vocab_size=fields.get("vocab_size", 0),
+        seq_len=fields["max_seq_len"], backbone=model.get("backbone", "a"), head=fields.get("head", "lm"),
+        num_classes=fields.get("num_classes", 0), input_dim=fields.get("input_dim"), positions=model.get("positions"),
+        causal=fields.get("causal", True), count=sizing.count, head_width=sizing.head_width,
+        aspect_ratio=sizing.aspect_ratio, tolerance=sizing.tolerance,
+    )
+    return {**model, **model_fields(shape)}
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ class ModelEntry(_Strict):
     n_heads: int = Field(2, ge=1)
     d_ff: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    positions: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
+    positions: Literal["sinusoidal", "learned", "none", "rope"] = "sinusoidal"
+    backbone: Literal["a", "b"] = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
+    final_norm: bool = True
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelEntry":
@@ -222,6 +224,16 @@ class TrackingEntry(_Strict):
     wandb: WandbEntry = Field(default_factory=WandbEntry)
 
 
+class SizingEntry(_Strict):
+    """How `target_params` becomes a shape (workers/sizing.py): shared depth, width and heads across
+    variants; the FFN width absorbs what a variant adds (anchors, couplings)."""
+
+    count: Literal["total", "non_embedding"] = "total"
+    head_width: int = Field(32, ge=4)
+    aspect_ratio: float = Field(64.0, gt=0)  # d_model / n_layers
+    tolerance: float = Field(0.01, gt=0, lt=0.2)
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -236,7 +248,12 @@ class StudySpec(_Strict):
     search: SearchEntry | None = None  # optional per-cell Optuna search, then replicate seeds at the best
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
-    fits: list[Literal["gap_vs_dosc"]] = Field(default_factory=lambda: ["gap_vs_dosc"])
+    fits: list[Literal["gap_vs_dosc", "loss_vs_params", "gap_vs_params"]] = Field(default_factory=lambda: ["gap_vs_dosc"])
+    # paper: each task's model and recipe from paper A (workers/presets.py); keys given under
+    # `model:` / `train:` override the preset (e.g. fewer epochs for a reduced run)
+    preset: Literal["paper"] | None = None
+    target_params: list[float] | None = None  # a grid factor: each variant sized to each count
+    sizing: SizingEntry = Field(default_factory=lambda: SizingEntry())
 
     @field_validator("name")
     @classmethod
@@ -267,6 +284,32 @@ class StudySpec(_Strict):
         if any(s < 0 for s in value):
             raise ValueError(f"{value}: seeds must be >= 0")
         return value
+
+    @field_validator("target_params")
+    @classmethod
+    def _targets(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("is empty; give parameter counts such as [1.0e6, 5.0e6], or remove it")
+        if any(v < 1e3 for v in value):
+            raise ValueError(f"{value}: parameter counts must be >= 1000")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} has repeated counts")
+        return value
+
+    @model_validator(mode="after")
+    def _preset(self) -> "StudySpec":
+        if self.preset is None:
+            return self
+        from workers.presets import PAPER_A
+
+        missing = [t.name for t in self.tasks if t.name not in PAPER_A]
+        if missing:
+            raise ValueError(f"preset: paper has no set-up for task(s) {missing}; paper A presets exist for {sorted(PAPER_A)}")
+        if self.target_params:
+            raise ValueError("preset: paper fixes each task's model shape; remove target_params (or the preset)")
+        return self
 
     @model_validator(mode="after")
     def _search_seeds(self) -> "StudySpec":

@@ -153,3 +153,38 @@ def test_good_study_parses(tmp_path):
     path.write_text(GOOD)
     study = load_study(path)
     assert study.train.steps == 1000 and len(expand(study)) == 6
+
+
+def test_target_params_size_every_variant_within_two_percent(tmp_path):
+    from storage.cache import DatasetCache
+    from workers.tasks import get_task
+    from workers.trial import build_model
+
+    study = parse_study(tiny_study_dict(tmp_path, target_params=[2.0e5, 5.0e5], variants=[
+        {"name": "softmax"}, {"name": "oscillator", "d_osc": [2, 16]}]))
+    trials = expand(study)
+    assert len(trials) == 2 * 3 and {t.target_params for t in trials} == {200000, 500000}
+    assert "mqar/oscillator/d16/N500000" in {t.cell for t in trials}
+    for t in trials:
+        task = get_task(t.task)
+        fields = task.model_fields(task.prepare(t.task_options, DatasetCache(study.cache)))
+        total, _ = build_model(t, fields).param_counts()
+        assert abs(total - t.target_params) <= 0.02 * t.target_params, (t.cell, total)
+
+
+def test_paper_preset_with_explicit_overrides(tmp_path):
+    data = tiny_study_dict(tmp_path, preset="paper", tasks=[{"name": "sva"}, {"name": "wikitext2"}])
+    data.pop("model")
+    data["train"] = {"epochs": 2, "batch_size": 32}
+    study = parse_study(data)
+    from studies.plan import model_and_train
+
+    model, train = model_and_train(study, "sva")
+    assert (model["d_model"], model["n_layers"], model["n_heads"], model["d_ff"]) == (32, 1, 1, 64)
+    assert train["epochs"] == 2 and train["batch_size"] == 32 and train["lr"] == 5e-4 and "steps" not in train
+    model, train = model_and_train(study, "wikitext2")
+    assert (model["d_model"], model["n_layers"], model["n_heads"], model["d_ff"]) == (128, 2, 4, 512)
+
+
+def test_paper_preset_rejects_tasks_without_one(tmp_path):
+    assert "no set-up for task(s) ['mqar']" in _error(tmp_path, preset="paper")
