@@ -224,11 +224,11 @@ def run_bench(
         ops = {c.label: attention_op(c, B, T, D, H, device) for c in cases}
         for label, fig in measure(ops, B * T, repeats=reps, warmup=warmup, device=device, memory=memory).items():
             rows.append({"part": "attention", "T": T, "B": B, "case": label, **fig})
-        if steps:  # a step is ~100x an attention op: fewer repeats
+        if steps:  # a step is ~100x an attention op: fewer repeats, except at the preset (a target)
             step_cases = [c for c in cases if not (c.naive and T > 256)]  # the naive step at T 1024: minutes
             fns = {c.label: training_step(c, B, T, shape, vocab, device, compile_model) for c in step_cases}
-            for label, fig in measure(fns, B * T, repeats=max(3, reps // 2), warmup=1, device=device,
-                                      memory=memory).items():
+            step_reps = reps if T == 50 else max(3, reps // 2)
+            for label, fig in measure(fns, B * T, repeats=step_reps, warmup=1, device=device, memory=memory).items():
                 rows.append({"part": "step", "T": T, "B": B, "case": label, **fig})
     return {
         "device": _device_name(device),
