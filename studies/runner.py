@@ -7,6 +7,7 @@ re-running a finished or interrupted study runs only the missing trials.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -118,15 +119,14 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if spec.key in ledger.keys():  # a retry after the record was written
         tune.report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1})
         return
-    wandb_cfg = WandbEntry(**ctx["wandb"])
-    run = tracking.start_trial_run(spec, wandb_cfg, ctx["wandb_dir"])
+    tracker = tracking.TrialTracker(spec, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"])
 
     def report(metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
         if best is not None:
             scalars[OBJECTIVE] = sign * best  # lower is better, for Tune's schedulers
-        tracking.log_metrics(run, scalars, step=int(scalars.get("step", 0)))
+        tracker.log(scalars, step=int(scalars.get("step", 0)))
         tune.report(scalars)
 
     try:
@@ -136,19 +136,21 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             cache_uri=ctx["cache"],
             report=report,
             num_threads=ctx["threads"],
-            wandb_run_id=run.id if run is not None else None,
+            wandb_run_id=tracker.intended_id,
         )
     except BaseException:  # Tune stops a trial (ASHA) by raising SystemExit inside tune.report
-        tracking.finish_trial_run(run, {"status": "pruned"}, exit_code=0)
+        tracker.finish({"status": "pruned"}, exit_code=0)
         raise
-    ledger.append(record)
     summary = {
         "status": record.status,
         record.metric_name or "metric": record.metric_value,
         "params_total": record.params_total,
         "wall_seconds": record.wall_seconds,
     }
-    tracking.finish_trial_run(run, summary, exit_code=1 if record.status == "failed" else 0)
+    tracker.finish(summary, exit_code=1 if record.status == "failed" else 0)
+    if tracker.actual_id != record.wandb_run_id:  # W&B fell back to another id, or to none
+        record = dataclasses.replace(record, wandb_run_id=tracker.actual_id)
+    ledger.append(record)
     if record.status == "failed":  # Tune retries it up to resources.max_failures
         raise RuntimeError(f"trial {spec.key} failed:\n{record.error}")
     value = record.metric_value if record.metric_value is not None else float("nan")
