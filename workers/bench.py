@@ -20,10 +20,13 @@ shape and <= 3x at T = 1024; the oscillator training step >= 0.9x softmax tokens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -156,6 +159,21 @@ def interleaved_times(fns: dict[str, Callable[[], None]], *, repeats: int, warmu
     return times
 
 
+@contextlib.contextmanager
+def _quiet_profiler_log():
+    """The CPU profiler's C++ side logs start/stop lines straight to fd 2; keep them off the console
+    (only around the memory pass: the same call already ran, unredirected, while timing)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], None], device) -> int:
     """Bytes allocated at the peak of one call, above what was live before it."""
     if torch.device(device).type == "cuda":
@@ -167,7 +185,7 @@ def peak_memory_bytes(fn: Callable[[], None], device) -> int:
         return int(torch.cuda.max_memory_allocated() - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
