@@ -13,14 +13,16 @@ Two implementations of the same function:
 - `oscillator_attention_reference`: the dense formula, line by line (the test oracle; also what
   `return_weights=True` and p != 1 use for the readout).
 - `oscillator_attention` (fast path): the quadratic coupling stage is one autograd Function that
-  keeps a single (T, S) tensor per block for backward and skips key blocks above the causal
-  diagonal; for p = 1 the readout and value stage is linear in T: with phi_i = [1, z_i] and
-  psi_j = [1, r_j], s_ij = phi_i . psi_j, so sum_j s_ij [v_j, 1] is causal linear attention with
-  feature dimension d + 1, computed in chunks with prefix sums over chunk states. The clamp at 0
-  is inactive when |z_i| <= 1 and |r_j| <= 1; anchors may grow past norm 1 (anchor_norm=init
-  never re-normalises them), so those few keys are checked exactly and, where the clamp is
-  active, a sparse correction max(0, -1 - <z_i, r_j>) is added. The result equals the dense
-  formula to float rounding, gradients included.
+  keeps two (T, S) tensors per block for backward (the couplings and their slope, so backward has
+  no transcendental and no mask) and, past T = 128, skips key blocks above the causal diagonal.
+  The readout and value stage (p = 1) is either one autograd Function over a (T, T) matrix with a
+  hand-written backward and the normalisation of h folded in (T <= 128: fastest on CPU), or
+  linear in T: with phi_i = [1, z_i] and psi_j = [1, r_j], s_ij = phi_i . psi_j, so
+  sum_j s_ij [v_j, 1] is causal linear attention with feature dimension d + 1, computed in chunks
+  with prefix sums over chunk states. The clamp at 0 is inactive when |z_i| <= 1 and |r_j| <= 1;
+  anchors may grow past norm 1 (anchor_norm=init never re-normalises them), so those keys are
+  checked exactly and, where the clamp is active, a sparse correction max(0, -1 - <z_i, r_j>) is
+  added. Both equal the dense formula to float rounding, gradients included (tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.dynamics import INITS, MODES, integrate_fixed_points
-from workers.attention.softmax import SoftmaxAttention, apply_rotary
+from workers.attention.softmax import SoftmaxAttention
 
 ANCHOR_NORMS = ("init", "always")
 READOUTS = ("auto", "dense", "linear")
