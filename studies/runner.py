@@ -259,6 +259,8 @@ def _scheduler(study: StudySpec):
         def on_trial_result(self, tune_controller, trial, result):
             if trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
                 return TrialScheduler.CONTINUE
+            if result.get("step", 0) >= study.train.steps:  # the final evaluation: let it finish and record
+                return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 
     asha = study.search.asha

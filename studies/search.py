@@ -91,11 +91,20 @@ class CellSearch:
     def finished(self) -> bool:
         return self.settled_count() >= self.search.trials_per_cell and not self.pending
 
-    def best_params(self) -> dict[str, Any] | None:
+    def best_params(self, ledger_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The best completed search trial's parameters; when ASHA pruned every one, the pruned
+        trial with the best value reached (from the ledger), so the cell still gets replicates."""
+        import json
+
         from optuna.trial import TrialState
 
         done = self.optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return min(done, key=lambda t: t.value).params if done else None
+        if done:
+            return min(done, key=lambda t: t.value).params
+        sign = _task_sign(self.template.task)
+        pruned = [r for r in ledger_rows if r["cell"] == self.cell and r["stage"] == "search"
+                  and r["status"] == "pruned" and r["metric_value"] is not None and math.isfinite(r["metric_value"])]
+        return json.loads(min(pruned, key=lambda r: sign * r["metric_value"])["hparams_json"]) if pruned else None
 
 
 class StudySearcher(Searcher):
@@ -184,7 +193,7 @@ class StudySearcher(Searcher):
                 return self._next()
             if cell.finished() and not cell.replicates_queued:
                 cell.replicates_queued = True
-                best = cell.best_params()
+                best = cell.best_params(self.ledger.rows())
                 if best is not None:
                     self.queue.extend(cell.spec(best, seed, "replicate") for seed in cell.replicate_seeds)
                     return self._next()
