@@ -25,7 +25,7 @@ from storage.records import TrialRecord, TrialSpec, canonical_json
 from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
 
-CODE_VERSION = "1"  # bump when a change alters what a trial computes: old ledger keys then re-run
+CODE_VERSION = "2"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     # budget: `steps`, or `epochs` / `tokens` converted to steps once the data is known
