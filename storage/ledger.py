@@ -107,6 +107,3 @@ class Ledger:
     def rows(self) -> list[dict[str, Any]]:
         return self.table().to_pylist()
 
-
-def records_from_table(table: pa.Table) -> Iterable[TrialRecord]:
-    return (TrialRecord(**row) for row in table.to_pylist())

@@ -1,16 +1,13 @@
-"""storage: record keys, the Parquet ledger and the content-addressed Arrow cache (no torch)."""
+"""storage: record keys and the Parquet ledger (the cache has tests/test_cache.py)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import subprocess
 import sys
 
-import pyarrow as pa
 import pytest
 
 from conftest import make_record, tiny_spec
-from storage.cache import CacheCorrupt, DatasetCache, fingerprint
 from storage.ledger import Ledger, LedgerError
 from storage.records import TrialRecord, TrialSpec
 
@@ -62,75 +59,6 @@ def test_failed_attempts_are_kept_but_not_done(tmp_path):
     ledger.append(make_record(key="x"))
     assert ledger.keys() == {"x"}
     assert ledger.table(include_failed=False).num_rows == 1
-
-
-def _tables(n=100):
-    return {"train": pa.table({"x": list(range(n))}), "val": pa.table({"x": [1, 2, 3]})}, {"vocab_size": 7}
-
-
-def test_cache_builds_once_and_memory_maps(tmp_path):
-    cache = DatasetCache(str(tmp_path))
-    calls = []
-
-    def build():
-        calls.append(1)
-        return _tables()
-
-    first = cache.get_or_build("toy", {"n": 100}, build)
-    second = DatasetCache(str(tmp_path)).get_or_build("toy", {"n": 100}, build)
-    assert len(calls) == 1
-    assert first.fingerprint == second.fingerprint == fingerprint({"n": 100})
-    assert second["train"].column("x").to_pylist() == list(range(100))
-    assert second.meta == {"vocab_size": 7}
-    assert [e["name"] for e in cache.entries()] == ["toy"]
-    other = cache.get_or_build("toy", {"n": 101}, lambda: _tables(101))
-    assert other.fingerprint != first.fingerprint  # any change, a new entry
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_cache_detects_damage_and_rebuilds(tmp_path, damage):
-    cache = DatasetCache(str(tmp_path))
-    entry = cache.get_or_build("toy", {"n": 100}, _tables)
-    path = tmp_path / entry.path.rsplit("/", 1)[1] / "train.arrow"
-    data = bytearray(path.read_bytes())
-    if damage == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    else:
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-    fresh = DatasetCache(str(tmp_path))
-    with pytest.raises(CacheCorrupt):
-        fresh.open("toy", entry.fingerprint)
-    rebuilt = fresh.get_or_build("toy", {"n": 100}, _tables)
-    assert rebuilt["train"].column("x").to_pylist() == list(range(100))
-
-
-def _concurrent_builder(root, marker_dir, queue):
-    import os
-    import time
-
-    def build():
-        open(os.path.join(marker_dir, f"build-{os.getpid()}"), "w").close()
-        time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
-        return _tables()
-
-    entry = DatasetCache(root).get_or_build("toy", {"n": 100}, build)
-    queue.put(entry["train"].num_rows)
-
-
-def test_concurrent_builders_make_one_build(tmp_path):
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_builder, args=(str(tmp_path / "cache"), str(markers), queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [queue.get(timeout=5) for _ in procs] == [100, 100]
-    assert len(list(markers.iterdir())) == 1
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_storage_and_scaling_import_without_torch_or_ray():
