@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
