@@ -226,7 +226,7 @@ def cmd_compare(args) -> int:
 def cmd_serve(args) -> int:
     from scaling.server import serve
 
-    serve(args.host, args.port, args.root, log_level=args.log_level)
+    serve(args.host, args.port, args.root, log_level=args.log_level, read_only=args.read_only)
     return EXIT_OK
 
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=os.environ.get("SCALING_STUDIES_ROOT"),
                    help="directory holding the studies' storage directories (default $SCALING_STUDIES_ROOT)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--read-only", action="store_true",
+                   help="queries only: refuse study submissions (a server on a read-only volume)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="attention speed: fwd+bwd tokens/s and peak memory per variant, op and training step")

@@ -96,7 +96,9 @@ class Submission(BaseModel):
 
 # ---- the app ------------------------------------------------------------------------------------
 
-def create_app(root: str | None = None, token: str | None = None, *, runner: SubprocessRunner | None = None) -> FastAPI:
+def create_app(root: str | None = None, token: str | None = None, *, runner: SubprocessRunner | None = None,
+               read_only: bool = False) -> FastAPI:
+    """read_only: queries only; POST /studies answers 501 (a server on a read-only volume)."""
     root = root or os.environ.get(ROOT_ENV)
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     if not root:
@@ -241,6 +243,9 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
               responses={401: {"description": "missing or wrong bearer token"}, 409: {"description": "already running"},
                          422: {"description": "not a valid study"}, 501: {"description": "root is not a local directory"}})
     def submit(submission: Submission) -> dict[str, Any]:
+        if read_only:
+            raise HTTPException(501, "this server is read-only (--read-only): submit with `scaling submit STUDY.yaml "
+                                     "--address http://HEAD:8265` or the RayJob template in k8s/")
         if local_root is None:
             raise HTTPException(501, "submissions need a local (or mounted) studies root")
         config = _parse_submission(submission)
@@ -331,8 +336,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def serve(host: str, port: int, root: str | None, *, log_level: str = "info") -> None:
+def serve(host: str, port: int, root: str | None, *, log_level: str = "info", read_only: bool = False) -> None:
     import uvicorn
 
-    app = create_app(root)
+    app = create_app(root, read_only=read_only)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

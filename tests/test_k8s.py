@@ -42,7 +42,7 @@ SAMPLE_STUDY = "a" * 36 + "-k8s1"  # 41 characters: the longest STUDY the README
 PVC_NAME = "scaling-data"
 DATA_PATH = "/data"
 RAY_KINDS = {"RayCluster", "RayJob"}
-SERVE_COMMAND = ["scaling", "serve", "--host", "0.0.0.0", "--port", "8000", "--root", "/data/runs"]
+SERVE_COMMAND = ["scaling", "serve", "--host", "0.0.0.0", "--port", "8000", "--root", "/data/runs", "--read-only"]
 STUDY_ENTRYPOINT = "scaling run /studies/study.yaml --address auto"
 PLACEHOLDER_IMAGES = {"scaling-ray-image", "scaling-api-image"}
 # The oldest Kubernetes we support and the newest kubernetes-validate knows.

@@ -257,3 +257,12 @@ def test_fuzz_openapi_no_server_errors(case):
         if zlib.crc32(repr(case.query).encode()) % 2 == 0:
             case.path_parameters["name"] = "demo"
     case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
+
+
+def test_read_only_server_refuses_submissions_with_the_alternative(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    client = TestClient(create_app(str(root), TOKEN, runner=recording_runner(tmp_path), read_only=True))
+    response = client.post("/studies", headers=AUTH, json={"study_yaml": "name: x\n"})
+    assert response.status_code == 501 and "scaling submit" in response.json()["detail"]
+    assert not list(root.iterdir())  # nothing written
