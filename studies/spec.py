@@ -340,7 +340,9 @@ class StudySpec(_Strict):
         return study_storage_uri(self.name, self.storage)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The study as written (unset keys stay unset, so defaults and presets resolve the same
+        way when the copy is loaded again)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

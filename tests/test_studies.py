@@ -188,3 +188,17 @@ def test_paper_preset_with_explicit_overrides(tmp_path):
 
 def test_paper_preset_rejects_tasks_without_one(tmp_path):
     assert "no set-up for task(s) ['mqar']" in _error(tmp_path, preset="paper")
+
+
+def test_saved_study_copy_plans_the_same_trials(tmp_path):
+    """The copy beside the ledger keeps unset keys unset, so presets and defaults resolve alike."""
+    data = tiny_study_dict(tmp_path, preset="paper", tasks=[{"name": "sva"}])
+    data.pop("model")
+    data["train"] = {"epochs": 1}
+    study = parse_study(data)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(study.model_copy(update={"storage": study.storage_uri()}).to_yaml())
+    from studies.plan import model_and_train
+
+    assert model_and_train(load_study(copy), "sva") == model_and_train(study, "sva")
+    assert "d_model" not in yaml.safe_load(copy.read_text()).get("model", {})
