@@ -338,10 +338,10 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
     if preset == "kws":
         ref = paper_a.KEYWORD_SPOTTING
         ours = _cells_by_variant(study, task)
-        table = [["softmax", _mean_sd(ref["softmax"]["mean"], ref["softmax"]["std"], 5), _ours(ours.get(("softmax", None), []))],
+        table = [["softmax", _mean_sd(ref["softmax"]["mean"], ref["softmax"]["std"], 5), _ours(_percent(ours.get(("softmax", None), [])))],
                  ["oscillator d_osc=2", _mean_sd(ref["oscillator_d2"]["mean"], ref["oscillator_d2"]["std"], 5),
-                  _ours(ours.get(("oscillator", 2), []))]]
-        return {"title": "Paper A, keyword spotting", "note": f"Paper A: {ref['metric']} (percent; ours as recorded). "
+                  _ours(_percent(ours.get(("oscillator", 2), [])))]]
+        return {"title": "Paper A, keyword spotting", "note": f"Paper A: {ref['metric']} (percent, ours too). "
                 f"Published gain of the oscillator: {ref['published_gain_pp']:+.2f} pp.",
                 "tables": [(["cell", "paper A mean ± sd (n)", "ours mean ± sd (n)"], table)]}
     if preset == "sva":
@@ -349,13 +349,18 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
         ours = _cells_by_variant(study, task)
         table = [[name, _mean_sd(ref[key]["overall"]["mean"], ref[key]["overall"]["std"], 5),
                   _mean_sd(ref[key]["hard"]["mean"], ref[key]["hard"]["std"], 5), str(ref[key]["failures"]),
-                  _ours(ours.get(cell, [])), str(_sva_failures(study, task, *cell))]
+                  _ours(_percent(ours.get(cell, []))), str(_sva_failures(study, task, *cell))]
                  for name, key, cell in (("softmax", "softmax", ("softmax", None)),
                                          ("oscillator d_osc=2", "oscillator_d2", ("oscillator", 2)))]
-        return {"title": "Paper A, subject-verb agreement (config G)", "note": f"Paper A: {ref['metric']}.",
-                "tables": [(["cell", "paper A overall", "paper A hard", "paper A failures", "ours (primary metric)",
+        return {"title": "Paper A, subject-verb agreement (config G)", "note": f"Paper A: {ref['metric']}. Ours in percent.",
+                "tables": [(["cell", "paper A overall", "paper A hard", "paper A failures", "ours (primary metric, %)",
                              "our failures (hard < 85%)"], table)]}
     return None
+
+
+def _percent(values: list[float]) -> list[float]:
+    """Accuracies recorded as fractions, shown in percent beside the paper's percentages."""
+    return [v * 100 if abs(v) <= 1 else v for v in values]
 
 
 def _cells_by_variant(study: api.StudyResults, task: str) -> dict[tuple, list[float]]:
