@@ -72,9 +72,10 @@ def cmd_plan(args) -> int:
         slots = study.resources.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // study.resources.cpus_per_trial))
         total = sum(c.seconds_per_trial * c.trials for c in costs) / slots
         print(f"estimated wall time: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
-              "(FLOP rate measured on this study's finished trials)")
+              "(FLOP rate of this study's finished trials, else of `scaling bench` in bench.json / $SCALING_BENCH_JSON)")
     else:
-        print("estimated wall time: unknown until some trials of this study have finished (their measured FLOP rate is used)")
+        print("estimated wall time: unknown: no finished trials in this study and no `scaling bench` figures "
+              "(run `scaling bench --json bench.json`, or set SCALING_BENCH_JSON)")
     return EXIT_OK
 
 

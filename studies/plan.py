@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 from storage.cache import fingerprint
@@ -176,7 +177,8 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
 
 
 def _flop_rates(study: StudySpec) -> dict[str, float]:
-    """Measured training FLOP/s per variant (and '*' for all) from this study's completed trials."""
+    """Training FLOP/s per variant (and '*' for all): measured on this study's completed trials,
+    else from `scaling bench` figures ($SCALING_BENCH_JSON, default ./bench.json) when present."""
     import statistics
 
     rows = [r for r in Ledger(study.storage_uri()).rows() if r["status"] == "completed" and r["wall_seconds"] > 0 and r["flops"] > 0]
@@ -185,4 +187,36 @@ def _flop_rates(study: StudySpec) -> dict[str, float]:
         rate = row["flops"] / row["wall_seconds"]
         rates.setdefault(row["variant"], []).append(rate)
         rates.setdefault("*", []).append(rate)
+    if not rates:
+        rates = bench_flop_rates(os.environ.get("SCALING_BENCH_JSON", "bench.json"))
     return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def bench_flop_rates(path: str) -> dict[str, list[float]]:
+    """FLOP/s of whole training steps measured by `scaling bench` (its model, its sequence lengths)."""
+    import json
+
+    if not os.path.exists(path):
+        return {}
+    from workers.model import ModelConfig, Transformer
+
+    with open(path) as f:
+        bench = json.load(f)
+    rates: dict[str, list[float]] = {}
+    for row in bench.get("rows", []):
+        if row.get("part") != "step" or "naive" in row["case"] or not row.get("tokens_per_s"):
+            continue
+        variant, _, d = row["case"].partition(" d")
+        options = {"d_osc": int(d)} if d.isdigit() else {}
+        cfg = ModelConfig(**{**bench["model"], "max_seq_len": row["T"]}, attention=variant, attention_options=options)
+        with torch_meta():
+            flops = 3 * Transformer(cfg).flops_per_token(row["T"]) * row["tokens_per_s"]
+        rates.setdefault(variant, []).append(flops)
+        rates.setdefault("*", []).append(flops)
+    return rates
+
+
+def torch_meta():
+    import torch
+
+    return torch.device("meta")

@@ -202,3 +202,22 @@ def test_saved_study_copy_plans_the_same_trials(tmp_path):
 
     assert model_and_train(load_study(copy), "sva") == model_and_train(study, "sva")
     assert "d_model" not in yaml.safe_load(copy.read_text()).get("model", {})
+
+
+def test_plan_estimates_time_from_bench_figures(tmp_path, monkeypatch):
+    import json
+
+    from studies.plan import cell_costs
+
+    bench = {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "vocab_size": 100},
+             "rows": [{"part": "step", "T": 50, "case": "softmax", "tokens_per_s": 1000.0},
+                      {"part": "step", "T": 50, "case": "oscillator d2", "tokens_per_s": 500.0},
+                      {"part": "attention", "T": 50, "case": "softmax", "tokens_per_s": 9e9}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    monkeypatch.setenv("SCALING_BENCH_JSON", str(tmp_path / "bench.json"))
+    study = parse_study(tiny_study_dict(tmp_path))
+    costs = {c.cell: c for c in cell_costs(study, make_plan(study))}
+    assert all(c.seconds_per_trial and c.seconds_per_trial > 0 for c in costs.values())
+    assert all(c.params_total > 0 and c.flops_per_trial > 0 for c in costs.values())
+    monkeypatch.setenv("SCALING_BENCH_JSON", str(tmp_path / "missing.json"))
+    assert all(c.seconds_per_trial is None for c in cell_costs(study, make_plan(study)))
