@@ -396,7 +396,8 @@ def parse_study(data: Any, source: str = "study") -> StudySpec:
 def load_study(path: str | os.PathLike) -> StudySpec:
     """Load a study from a YAML file, or from a study's storage directory (its saved study.yaml)."""
     path = Path(path)
-    if path.is_dir():
+    storage_dir = path.is_dir()
+    if storage_dir:
         path = path / "study.yaml"
     if not path.exists():
         raise StudyError(f"{path}: no such study file (give a study .yaml or a study's storage directory)")
@@ -404,4 +405,8 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise StudyError(f"{path}: not valid YAML: {error}") from None
+    if storage_dir and isinstance(data, dict):
+        # the copy lives beside its ledger: the directory it is in is the storage, wherever the
+        # directory has been moved or cloned to since (the copy records the absolute path it had)
+        data["storage"] = str(path.parent.resolve())
     return parse_study(data, str(path))

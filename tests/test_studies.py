@@ -221,3 +221,19 @@ def test_plan_estimates_time_from_bench_figures(tmp_path, monkeypatch):
     assert all(c.params_total > 0 and c.flops_per_trial > 0 for c in costs.values())
     monkeypatch.setenv("SCALING_BENCH_JSON", str(tmp_path / "missing.json"))
     assert all(c.seconds_per_trial is None for c in cell_costs(study, make_plan(study)))
+
+
+def test_storage_directory_that_moved_is_its_own_storage(tmp_path):
+    """A study directory copied elsewhere (a clone, committed results) reads its own ledger, not
+    the absolute path recorded in its study copy."""
+    import shutil
+
+    study = parse_study(tiny_study_dict(tmp_path))
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "study.yaml").write_text(study.model_copy(update={"storage": str(original)}).to_yaml())
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)
+    assert load_study(moved).storage_uri().rstrip("/").endswith(str(moved.resolve()).lstrip("/"))
+    assert load_study(moved / "study.yaml").storage == str(original)  # a file is taken as written
