@@ -9,6 +9,7 @@ Needs no torch and no ray.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -130,7 +131,7 @@ _CACHE_SIZE = 32
 def fits(
     study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None,
     method: str | None = None, n_boot: int = F.N_BOOT, ci_level: float = F.CI_LEVEL, params: str = "non_embedding",
-    seed: int = 0,
+    seed: int = 0, min_d_osc: float | None = None, max_d_osc: float | None = None,
 ) -> list[FitResult]:
     """Every law the study's data supports, for each task and variant (filters narrow the list):
 
@@ -138,7 +139,9 @@ def fits(
     - gap_vs_params (both methods) per variant and d_osc with >= 2 sizes;
     - loss_vs_params per variant and d_osc with >= 2 sizes (a fit needs >= 3).
 
-    Results are cached per ledger state and arguments."""
+    min_d_osc / max_d_osc fit on that part of the grid only (`within_d_osc`). Results are cached
+    per ledger state and arguments."""
+    study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if law is not None and law not in F.LAWS:
         raise QueryError(f"unknown law {law!r}; known: {list(F.LAWS)}")
     if method is not None and method not in (*F.GAP_METHODS, "huber-log"):
@@ -260,10 +263,15 @@ def predict(
     study: StudyResults, *, task: str, variant: str, x: float | None = None, d_osc: float | None = None,
     params: float | None = None, law: str | None = None, method: str | None = None,
     group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = F.N_BOOT,
+    min_d_osc: float | None = None, max_d_osc: float | None = None,
 ) -> dict[str, Any]:
     """The fitted law at a new point, with the confidence interval of the law and a prediction
     interval for the mean of `n_seeds` new runs. `d_osc=` implies gap_vs_dosc, `params=`
-    gap_vs_params (or pass law and x)."""
+    gap_vs_params (or pass law and x). With min_d_osc / max_d_osc the law is fitted on that part of
+    the grid only, and `observed` holds the study's measured gap at `d_osc` when it has one (the
+    out-of-sample check: fit d 2-32, predict 64)."""
+    full = study
+    study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if d_osc is not None:
         x, law = d_osc, law or "gap_vs_dosc"
     elif params is not None:
@@ -279,7 +287,14 @@ def predict(
     out = fit.predict(float(x), n_seeds=n_seeds, level=level)
     constants = {k: e.value for k, e in fit.constants.items()}
     quantity = "gap" if law.startswith("gap") else "loss"
-    return F._clean({"task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
+    observed = None
+    if law == "gap_vs_dosc":
+        observed = observed_gap(full, task=task, variant=variant, d_osc=float(x),
+                                target_params=fit.group.get("target_params"))
+        if observed is not None:
+            observed["within_prediction_interval"] = (
+                out["pi_low"] is not None and out["pi_low"] <= observed["gap"] <= out["pi_high"])
+    return F._clean({"observed": observed, "task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
                      "formula": fit.formula, "group": fit.group, "quantity": quantity, quantity: out["value"],
                      "d_osc" if fit.x_name == "d_osc" else "params": float(x), **out, "constants": constants,
                      "fitted_range": [min(p["x"] for p in fit.points if p.get("used", True)),
@@ -362,6 +377,48 @@ def trials(
             and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
     rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
     return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
+
+
+def within_d_osc(study: StudyResults, *, min_d_osc: float | None = None, max_d_osc: float | None = None) -> StudyResults:
+    """The study with the trials whose d_osc lies outside [min_d_osc, max_d_osc] left out (baseline
+    trials, which have no d_osc, are kept): fit a law on part of the grid, e.g. paper A's d 2-32,
+    and predict the rest (d 64) out of sample."""
+    if min_d_osc is None and max_d_osc is None:
+        return study
+    for name, value in (("min_d_osc", min_d_osc), ("max_d_osc", max_d_osc)):
+        if value is not None and (not math.isfinite(float(value)) or float(value) <= 0):
+            raise QueryError(f"{name}={value!r} must be a positive number, e.g. {name}=32")
+    if min_d_osc is not None and max_d_osc is not None and float(min_d_osc) > float(max_d_osc):
+        raise QueryError(f"min_d_osc={min_d_osc} is above max_d_osc={max_d_osc}: no d_osc could be fitted")
+    lo = float(min_d_osc) if min_d_osc is not None else -math.inf
+    hi = float(max_d_osc) if max_d_osc is not None else math.inf
+    rows = [r for r in study.rows if r.get("d_osc") is None or lo <= float(r["d_osc"]) <= hi]
+    return dataclasses.replace(study, rows=rows)
+
+
+def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
+                 target_params: int | None = None) -> dict[str, Any] | None:
+    """The measured gap to the baseline at one d_osc (mean and sd over seeds, paired by seed as in
+    the fits), or None when the study has no such trials: what a held-out prediction is checked against."""
+    data = F.select_rows(study.rows, task)
+    sizes = {r["target_params"] for r in data.rows if r["variant"] == variant and r.get("d_osc") == d_osc}
+    if not sizes:
+        return None
+    size = target_params if target_params is not None else next(iter(sizes))
+    cells = F.gap_cells(data.rows, variant=variant, baseline=study.baseline, x_of="d_osc", metric=data.metric,
+                        target_params=size)
+    where = [j for j, x in enumerate(cells.x) if float(x) == float(d_osc)]
+    if not where:
+        return None
+    j = where[0]
+    base_mean = F.np.nanmean(cells.baseline[j]) if F.np.isfinite(cells.baseline[j]).any() else F.np.nan
+    gaps = [cells.sign * (v - (b if F.np.isfinite(b) else base_mean))
+            for v, b in zip(cells.variant[j], cells.baseline[j]) if F.np.isfinite(v)]
+    gaps = [g for g in gaps if F.np.isfinite(g)]
+    if not gaps:
+        return None
+    return F._clean({"d_osc": float(d_osc), "gap": float(F.np.mean(gaps)), "sd": float(F.np.std(gaps, ddof=1)) if len(gaps) > 1 else None,
+                     "n_seeds": len(gaps)})
 
 
 def _started_keys(storage: str) -> set[str]:

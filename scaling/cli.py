@@ -157,7 +157,7 @@ def cmd_fits(args) -> int:
 
     study = api.open_study(args.study)
     fits = api.fits(study, task=args.task, variant=args.variant, law=args.law, method=args.method, n_boot=args.n_boot,
-                    ci_level=args.ci_level, params=args.params)
+                    ci_level=args.ci_level, params=args.params, min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc)
     rows = [f.to_row() for f in fits]
     if args.format == "json":
         print(json.dumps(rows, indent=1, default=str))
@@ -188,7 +188,8 @@ def cmd_predict(args) -> int:
     out = api.predict(api.open_study(args.study), task=args.task, variant=args.variant, d_osc=args.d_osc,
                       params=args.params, law=args.law, method=args.method, n_seeds=args.n_seeds, level=args.level,
                       n_boot=args.n_boot, group=api.group_of(args.law, target_params=args.target_params,
-                                                             at_d_osc=args.at_d_osc))
+                                                             at_d_osc=args.at_d_osc),
+                      min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc)
     if args.format == "json":
         print(json.dumps(out, indent=1))
         return EXIT_OK
@@ -200,6 +201,12 @@ def cmd_predict(args) -> int:
     if out["pi_low"] is not None:
         print(f"  {out['level']:.0%} prediction interval, mean of {out['n_seeds']} new seed(s): "
               f"[{out['pi_low']:.4g}, {out['pi_high']:.4g}]")
+    seen = out.get("observed")
+    if seen:
+        spread = f" ± {seen['sd']:.4g} (sd)" if seen.get("sd") is not None else ""
+        inside = "inside" if seen["within_prediction_interval"] else "OUTSIDE"
+        print(f"  observed in this study: {seen['gap']:.4g}{spread} over {seen['n_seeds']} seed(s), "
+              f"{inside} the prediction interval")
     return EXIT_OK
 
 
@@ -258,6 +265,12 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
                    help="parameter count of the *_vs_params laws (default non_embedding)")
 
 
+def _range_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-d-osc", type=float, help="fit only trials with d_osc >= this (baseline trials are kept)")
+    p.add_argument("--max-d-osc", type=float,
+                   help="fit only trials with d_osc <= this, e.g. 32 for paper A's fit that predicts d_osc 64")
+
+
 def _group_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-params", type=int, help="which size, when a study has several (gap_vs_dosc)")
     p.add_argument("--at-d-osc", type=int, help="which d_osc (gap_vs_params, loss_vs_params)")
@@ -312,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loglog-means: paper A's; nonlinear: with optional floor; huber-log: the loss law")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _fit_options(p)
+    _range_options(p)
     p.set_defaults(func=cmd_fits)
 
     p = sub.add_parser("predict", help="the fitted law at a new d_osc or parameter count, with intervals")
@@ -324,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"], help="default: nonlinear (huber-log for loss)")
     p.add_argument("--n-seeds", type=int, default=1, help="the prediction interval is for the mean of this many new seeds")
     _group_options(p)
+    _range_options(p)
     p.add_argument("--level", type=float, help="interval level (default 0.95)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default 2000)")
     p.add_argument("--format", choices=["text", "json"], default="text")

@@ -140,3 +140,32 @@ def test_compare_two_variants(tmp_path, capsys):
     assert result["diff"] == pytest.approx(0.6, abs=0.15) and result["ci_low"] > 0
     code, _, err = run_cli(capsys, "compare", str(study), "--a", "steeper", "--b", "lm/oscillator")
     assert code == 2 and "TASK/VARIANT" in err
+
+
+def test_fit_part_of_the_grid_and_check_the_held_out_d(tmp_path, capsys):
+    """Paper A's check: fit d_osc 2-32, predict 64, compare with the measured 64. A 64 that breaks
+    the law (a floor) falls outside the interval; the fit over 2-32 does not see it."""
+    def study(gap64_shift):
+        from conftest import make_record
+
+        d64 = [make_record(key=f"lm-osc-d64-s{s}", cell="lm/oscillator/d64", task="lm", variant="oscillator", d_osc=64,
+                           seed=s, metric_value=3.0 + 2.0 * 64**-0.7 + gap64_shift) for s in range(5)]
+        return write_synthetic_study(tmp_path / f"s{gap64_shift}", C=2.0, alpha=0.7, noise=0.01, extra_rows=d64)
+
+    clean = study(0)
+    code, out, _ = run_cli(capsys, "fits", str(clean), "--format", "json", "--n-boot", "300", "--max-d-osc", "32")
+    rows = json.loads(out)
+    assert code == 0 and rows and all(r["n_points"] == 5 and r["heldout_x"] == 32 for r in rows)
+    code, out, _ = run_cli(capsys, "predict", str(clean), "--task", "lm", "--variant", "oscillator", "--d-osc", "64",
+                           "--max-d-osc", "32", "--method", "loglog-means", "--n-boot", "300")
+    assert code == 0 and "observed in this study" in out and "inside the prediction interval" in out
+
+    broken = study(0.3)
+    code, out, _ = run_cli(capsys, "predict", str(broken), "--task", "lm", "--variant", "oscillator", "--d-osc", "64",
+                           "--max-d-osc", "32", "--method", "loglog-means", "--n-boot", "300", "--format", "json")
+    result = json.loads(out)
+    assert result["gap"] == pytest.approx(2.0 * 64**-0.7, rel=0.15)  # the law from d 2-32 only
+    assert result["observed"]["gap"] == pytest.approx(2.0 * 64**-0.7 + 0.3, abs=0.03)
+    assert result["observed"]["within_prediction_interval"] is False and result["observed"]["n_seeds"] == 5
+    code, _, err = run_cli(capsys, "fits", str(clean), "--min-d-osc", "16", "--max-d-osc", "4")
+    assert code == 2 and "min_d_osc=16.0 is above max_d_osc=4.0" in err
