@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,15 +411,11 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
     where = [j for j, x in enumerate(cells.x) if float(x) == float(d_osc)]
     if not where:
         return None
-    j = where[0]
-    base_mean = F.np.nanmean(cells.baseline[j]) if F.np.isfinite(cells.baseline[j]).any() else F.np.nan
-    gaps = [cells.sign * (v - (b if F.np.isfinite(b) else base_mean))
-            for v, b in zip(cells.variant[j], cells.baseline[j]) if F.np.isfinite(v)]
-    gaps = [g for g in gaps if F.np.isfinite(g)]
+    gaps = [g for g in cells.seed_gaps()[where[0]].values() if math.isfinite(g)]
     if not gaps:
         return None
-    return F._clean({"d_osc": float(d_osc), "gap": float(F.np.mean(gaps)), "sd": float(F.np.std(gaps, ddof=1)) if len(gaps) > 1 else None,
-                     "n_seeds": len(gaps)})
+    return F._clean({"d_osc": float(d_osc), "gap": statistics.fmean(gaps),
+                     "sd": statistics.stdev(gaps) if len(gaps) > 1 else None, "n_seeds": len(gaps)})
 
 
 def _started_keys(storage: str) -> set[str]:
