@@ -24,9 +24,9 @@ from workers.attention.dynamics import antipodal_probability, integrate_euler, i
 from workers.attention.softmax import apply_rotary, rotary_tables
 
 B, T, D, H = 2, 7, 16, 2
-SETUPS = [("softmax", {}), ("oscillator", {"d_osc": 4}), ("oscillator", {"d_osc": 4, "p": 2.0}),
+SETUPS = [("softmax", {}), ("oscillator", {"d_osc": 4}), ("oscillator", {"d_osc": 16}), ("oscillator", {"d_osc": 4, "p": 2.0}),
           ("kuramoto", {}), ("kuramoto", {"gate_per": "head", "readout": "delta", "steps": 2})]
-IDS = ["softmax", "oscillator", "oscillator-p2", "kuramoto", "kuramoto-alt"]
+IDS = ["softmax", "oscillator", "oscillator-d16", "oscillator-p2", "kuramoto", "kuramoto-alt"]
 
 
 def make(name: str, causal: bool = True, rotary: bool = False, **options):
@@ -179,6 +179,28 @@ def test_fast_path_equals_dense_formula_with_gradients_at_long_sequences(anchor_
         torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("readout_padding_mask", [True, False])
+@pytest.mark.parametrize("anchor_scale", [0.9, 1.6])
+@pytest.mark.parametrize("d_osc", [3, 16])  # d_osc > NARROW_D runs _DenseOscillator, below the two-Function path
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_sequence_paths_equal_dense_formula_with_gradients(causal, d_osc, anchor_scale, readout_padding_mask):
+    q, k, v, anchors = qkv_anchors(d_osc, T_=40, anchor_scale=anchor_scale, Bq=3)
+    q, k = q * 2, k * 2
+    if anchor_scale > 1 and causal:
+        assert clamp_is_active(q, k, v, anchors)
+    pad = torch.zeros(3, 40, dtype=torch.bool)
+    pad[1, 30:] = True
+    pad[2, :5] = True  # left padding too
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    options = dict(causal=causal, key_padding_BT=pad, readout_padding_mask=readout_padding_mask)
+    fast, _ = oscillator_attention(*tensors, **options)
+    dense, _ = oscillator_attention_reference(*tensors, **options)
+    torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
+    upstream = torch.randn_like(fast)
+    for g_fast, g_dense in zip(torch.autograd.grad(fast, tensors, upstream), torch.autograd.grad(dense, tensors, upstream)):
+        torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("per_query", [32, 0], ids=["sparse-pairs", "dense-columns"])
 def test_clamp_correction_both_ways(per_query, monkeypatch):
     import workers.attention.oscillator as osc
@@ -215,8 +237,9 @@ def test_oscillator_rank_bounded_by_d_plus_one():
     assert torch.linalg.matrix_rank(weights[0, 0]).item() == d_osc + 1
 
 
-def test_all_padding_row_has_finite_gradients():
-    q, k, v, anchors = qkv_anchors(3)
+@pytest.mark.parametrize("d_osc", [3, 16])
+def test_all_padding_row_has_finite_gradients(d_osc):
+    q, k, v, anchors = qkv_anchors(d_osc)
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, :3] = True  # left padding: queries 0-2 of batch 1 have no key at all
     tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
