@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from workers.attention import build_attention, oscillator_attention, oscillator_attention_reference, softmax_attention
 from workers.model import ModelConfig, Transformer
 from workers.presets import paper_preset
+from workers.runtime import allocator_name, tune_allocator
 
 TOKENS_PER_STEP = 3200  # the preset's B 64 x T 50
 
@@ -229,6 +230,7 @@ def run_bench(
     """Run the benchmark; returns a JSON-ready dict with every figure and the target ratios.
     `vocab_size` overrides the preset's 10,000 (only to make tests of the harness cheap)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tune_allocator()  # as in run_trial: without it both variants re-fault freed activations every call
     if threads:
         torch.set_num_threads(threads)
     preset = paper_preset("wikitext2")
@@ -251,6 +253,7 @@ def run_bench(
     return {
         "device": _device_name(device),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_name(),
         "torch": torch.__version__,
         "model": {**shape, "vocab_size": vocab},
         "repeats": repeats,
@@ -302,7 +305,7 @@ def targets(rows: list[dict], d_osc) -> list[dict[str, Any]]:
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}, threads {result['threads']}, torch {result['torch']}, "
              f"model D {result['model']['d_model']} H {result['model']['n_heads']} "
-             f"L {result['model']['n_layers']} V {result['model']['vocab_size']}",
+             f"L {result['model']['n_layers']} V {result['model']['vocab_size']}, allocator {result.get('allocator', 'default')}",
              f"{'part':<9} {'T':>5} {'B':>3}  {'case':<22} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'peak MB':>8}"]
     for r in result["rows"]:
         lines.append(f"{r['part']:<9} {r['T']:>5} {r['B']:>3}  {r['case']:<22} {r['median_ms']:>10.2f} "

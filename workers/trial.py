@@ -24,6 +24,7 @@ from storage.cache import DatasetCache
 from storage.records import TrialRecord, TrialSpec, canonical_json
 from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
+from workers.runtime import tune_allocator
 
 CODE_VERSION = "2"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
@@ -139,6 +140,7 @@ def run_trial(
 
 
 def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep_checkpoint, started, t0, state):
+    tune_allocator()
     if num_threads:
         torch.set_num_threads(num_threads)
     train = resolve_train(spec.train, spec.hparams)
