@@ -317,7 +317,7 @@ class _DenseOscillator(torch.autograd.Function):
         w_NTT = F.softplus(scores_NTT)
         slope_NTT = torch.sigmoid_(scores_NTT)
         h_HMd = torch.bmm(w_NTT.view(H, B * T, T), r_HTd)
-        norm_HM1 = h_HMd.square().sum(-1, keepdim=True).sqrt_()
+        norm_HM1 = torch.linalg.vector_norm(h_HMd, dim=-1, keepdim=True)
         z_HMd = h_HMd.div_(norm_HM1.clamp_min(eps))
         # |z| <= 1, so 1 + z.r > 0 wherever |r| < 1: then only the masks zero A (rounding: see _clamp_correction)
         clamp_inactive = bool(r_HTd.square().sum(-1).max() <= 1.0 + 16 * torch.finfo(r_HTd.dtype).eps)
