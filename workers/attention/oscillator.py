@@ -531,8 +531,7 @@ def oscillator_attention(
     T = q_BHTK.shape[-2]
     r_1HTd = anchors_HLd[None, :, :T]
     keep_BT = None if key_padding_BT is None else (~key_padding_BT).to(q_BHTK.dtype)
-    r_coupling = r_1HTd if keep_BT is None else r_1HTd * keep_BT[:, None, :, None]  # padding keys: r = 0
-    r_read, keep_read = (r_coupling, keep_BT) if readout_padding_mask else (r_1HTd, None)  # False: reference
+    keep_read = keep_BT if readout_padding_mask else None  # False: the reference code's readout
     if readout == "auto":
         # the linear form's clamp check assumes |z| <= 1, exact only for the closed form
         readout = "dense" if T <= DENSE_READOUT_MAX_T or mode != "analytic" else "linear"
@@ -541,6 +540,8 @@ def oscillator_attention(
         bias_bTT = _score_bias(T, causal, key_padding_BT, q_BHTK)
         out = _DenseOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], bias_bTT, keep_read, causal, eps)
         return out, None
+    r_coupling = r_1HTd if keep_BT is None else r_1HTd * keep_BT[:, None, :, None]  # padding keys: r = 0
+    r_read = r_coupling if readout_padding_mask else r_1HTd
     h_BHTd = coupling_field(q_BHTK, k_BHTK, r_coupling, causal=causal, block_size=block_size)
     if mode == "analytic" and p == 1 and not return_weights and readout == "dense":
         return _DenseReadout.apply(h_BHTd, r_read, v_BHTK, keep_read, causal, eps), None  # normalises h itself
