@@ -250,7 +250,7 @@ def cmd_bench(args) -> int:
     from workers.bench import format_table, run_bench, write_json
 
     result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
-                       repeats=args.repeats, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
+                       repeats=args.repeats, op_seconds=args.op_seconds, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
                        device=args.device, compile_model=args.compile)
     print(format_table(result))
     write_json(result, args.json)
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-osc", type=int, nargs="+", default=[2, 32], help="oscillator dimensions (default 2 32)")
     p.add_argument("--batch-size", type=int, help="fixed batch (default 64 at T 50, else about 3200 tokens)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per case, interleaved (default 10)")
+    p.add_argument("--op-seconds", type=float, default=3.0,
+                   help="attention ops: more rounds (up to 10x --repeats) until they have run this long (default 3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the training-step cases")

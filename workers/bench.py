@@ -5,7 +5,8 @@ preset shape (B 64, T 50, D 128, H 4, d_osc 2 and 32) and at longer sequences.
 Legend: B batch, T sequence, D model width, H heads, K head width, d oscillator dimension, V vocabulary.
 
 Method: every configuration's cases run interleaved, round-robin, `repeats` times after `warmup`
-calls, so load from other processes hits them alike; tokens/s come from wall-clock medians (the
+calls (attention ops: more rounds, up to 10x, until they have run `op_seconds`), so load from other
+processes hits them alike; tokens/s come from wall-clock medians (the
 minimum is reported too), and a target ratio is the median over rounds of the two cases' ratio
 within a round. On a shared CPU, `threads=1` gives the steadiest figures. Peak memory is measured in one extra call:
 on CUDA with the allocator's peak counter, on CPU by replaying the profiler's allocation events
@@ -41,6 +42,7 @@ from workers.presets import paper_preset
 from workers.runtime import allocator_name, tune_allocator
 
 TOKENS_PER_STEP = 3200  # the preset's B 64 x T 50
+MAX_ROUNDS_FACTOR = 10  # a time floor (`op_seconds`) adds rounds up to this many times `repeats`
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_times(fns: dict[str, Callable[[], None]], *, repeats: int, warmup: int, device) -> dict[str, list[float]]:
+def interleaved_times(fns: dict[str, Callable[[], None]], *, repeats: int, warmup: int, device,
+                      min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Round-robin timings: `repeats` rounds, more while the rounds so far took under `min_seconds`
+    (at most MAX_ROUNDS_FACTOR * repeats): cheap cases get enough rounds for a steady median."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(repeats):
+    began = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - began < min_seconds and rounds < MAX_ROUNDS_FACTOR * repeats):
+        rounds += 1
         for label, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
@@ -197,8 +205,8 @@ def peak_memory_bytes(fn: Callable[[], None], device) -> int:
 
 
 def measure(fns: dict[str, Callable[[], None]], tokens: int, *, repeats: int, warmup: int, device,
-            memory: bool = True) -> dict[str, dict[str, Any]]:
-    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
+            memory: bool = True, min_seconds: float = 0.0) -> dict[str, dict[str, Any]]:
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device, min_seconds=min_seconds)
     out = {}
     for label, ts in times.items():
         median = statistics.median(ts)
@@ -217,6 +225,7 @@ def run_bench(
     d_osc: tuple[int, ...] = (2, 32),
     batch_size: int | None = None,
     repeats: int = 10,
+    op_seconds: float = 3.0,
     warmup: int = 2,
     steps: bool = True,
     naive: bool = True,
@@ -228,7 +237,9 @@ def run_bench(
     vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict with every figure and the target ratios.
-    `vocab_size` overrides the preset's 10,000 (only to make tests of the harness cheap)."""
+    Attention ops run at least `repeats` rounds and more, up to 10x, until their rounds take
+    `op_seconds`: an op costs milliseconds, and its ratio to softmax wobbles by +-0.05 over 10 rounds
+    on a shared CPU. `vocab_size` overrides the preset's 10,000 (only to make tests of the harness cheap)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tune_allocator()  # as in run_trial: without it both variants re-fault freed activations every call
     if threads:
@@ -242,7 +253,8 @@ def run_bench(
         B = batch_size or (64 if T == 50 else max(1, round(TOKENS_PER_STEP / T)))
         reps = repeats if T <= 256 else max(3, repeats // 2)
         ops = {c.label: attention_op(c, B, T, D, H, device) for c in cases}
-        for label, fig in measure(ops, B * T, repeats=reps, warmup=warmup, device=device, memory=memory).items():
+        for label, fig in measure(ops, B * T, repeats=reps, warmup=warmup, device=device, memory=memory,
+                                  min_seconds=op_seconds).items():
             rows.append({"part": "attention", "T": T, "B": B, "case": label, **fig})
         if steps:  # a step is ~100x an attention op: fewer repeats, except at the preset (a target)
             step_cases = [c for c in cases if not (c.naive and T > 256)]  # the naive step at T 1024: minutes
@@ -257,6 +269,7 @@ def run_bench(
         "torch": torch.__version__,
         "model": {**shape, "vocab_size": vocab},
         "repeats": repeats,
+        "op_seconds": op_seconds,
         "compile": compile_model,
         "rows": rows,
         "targets": targets(rows, d_osc),

@@ -282,12 +282,9 @@ class _DenseReadout(torch.autograd.Function):
 # ---- fast path: the whole variant over (T, T) tensors (p = 1, short sequences) ------------------
 
 
-def _heads_first(x_BHTX: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(B, H, T, X) -> contiguous (H, B, T, X), times `scale` in the same pass."""
-    x_HBTX = x_BHTX.transpose(0, 1)
-    if scale is None:
-        return x_HBTX.contiguous()
-    return torch.mul(x_HBTX, scale, out=torch.empty(x_HBTX.shape, dtype=x_HBTX.dtype, device=x_HBTX.device))
+def _heads_first(x_BHTX: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, X) -> contiguous (H, B, T, X)."""
+    return x_BHTX.transpose(0, 1).contiguous()
 
 
 class _DenseOscillator(torch.autograd.Function):
@@ -300,34 +297,40 @@ class _DenseOscillator(torch.autograd.Function):
     (h = w r, z r^T and their gradients) are one GEMM per head with M = B * T rows instead of B * H
     small ones (at d_osc 32 and the WikiText-2 preset shape, fwd+bwd 1.7x -> 1.5x fused softmax on
     CPU). For d_osc <= NARROW_D the small products are cheap and the two-Function path is faster.
-    Padding keys are masked in the scores (-inf: w = 0 and softplus' = 0 there, the same as
-    zeroing their anchors) and, with `keep_bT` (float 0/1), in the readout. Forward keeps w,
-    sigmoid(scores) (the softplus slope) and A, so backward has no transcendental and no mask."""
+    Passes over (T, T) tensors are memory-bound and fused where torch allows: the score GEMM writes
+    scale q k^T on top of the mask bias (-inf above the diagonal and at padding keys: w = 0 and
+    softplus' = 0 there, the same as zeroing their anchors), the readout mask M (causal, and
+    `keep_bT`, float 0/1) is one pass A <- M + M A, the readout gradient's GEMM starts from -c, and
+    the score scale rides on r in backward. Forward keeps w, sigmoid(scores) (the softplus slope)
+    and A, so backward has no transcendental."""
 
     @staticmethod
     def forward(ctx, q_BHTK, k_BHTK, v_BHTK, r_HTd, bias_bTT, keep_bT, causal: bool, eps: float):
         B, H, T, K = q_BHTK.shape
         N = H * B
         scale = 1.0 / math.sqrt(K)
-        q_NTK = _heads_first(q_BHTK, scale).view(N, T, K)  # the score scale folded into q
-        k_NTK, v_NTK = (_heads_first(x).view(N, T, K) for x in (k_BHTK, v_BHTK))
-        scores_NTT = torch.bmm(q_NTK, k_NTK.transpose(1, 2))
-        if bias_bTT is not None:  # -inf above the diagonal and at padding keys
-            scores_NTT.view(H, -1, T, T).add_(bias_bTT)
+        q_NTK, k_NTK, v_NTK = (_heads_first(x).view(N, T, K) for x in (q_BHTK, k_BHTK, v_BHTK))
+        if bias_bTT is None:
+            scores_NTT = torch.bmm(q_NTK, k_NTK.transpose(1, 2)).mul_(scale)
+        else:  # the GEMM writes bias + scale q k^T: -inf above the diagonal and at padding keys
+            bias_NTT = bias_bTT.expand(N, T, T) if bias_bTT.shape[0] == 1 else bias_bTT.repeat(H, 1, 1)
+            scores_NTT = torch.baddbmm(bias_NTT, q_NTK, k_NTK.transpose(1, 2), alpha=scale)
         w_NTT = F.softplus(scores_NTT)
         slope_NTT = torch.sigmoid_(scores_NTT)
         h_HMd = torch.bmm(w_NTT.view(H, B * T, T), r_HTd)
         norm_HM1 = torch.linalg.vector_norm(h_HMd, dim=-1, keepdim=True)
         z_HMd = h_HMd.div_(norm_HM1.clamp_min(eps))
         # |z| <= 1, so 1 + z.r > 0 wherever |r| < 1: then only the masks zero A (rounding: see _clamp_correction)
-        clamp_inactive = bool(r_HTd.square().sum(-1).max() <= 1.0 + 16 * torch.finfo(r_HTd.dtype).eps)
-        a_NTT = torch.bmm(z_HMd, r_HTd.transpose(1, 2)).view(N, T, T).add_(1.0)
+        clamp_inactive = (r_HTd * r_HTd).sum(-1).max().item() <= 1.0 + 16 * torch.finfo(r_HTd.dtype).eps
+        a_NTT = torch.bmm(z_HMd, r_HTd.transpose(1, 2)).view(N, T, T)
+        mask = _readout_mask(T, causal, keep_bT, a_NTT)
+        if mask is None:
+            a_NTT.add_(1.0)
+        else:  # M (1 + z.r) in one pass, as M + A M
+            a_HBTT = a_NTT.view(H, B, T, T)
+            torch.addcmul(mask, a_HBTT, mask, out=a_HBTT)
         if not clamp_inactive:
             a_NTT.clamp_min_(0.0)
-        if causal:
-            a_NTT.tril_()
-        if keep_bT is not None:
-            a_NTT.view(H, B, T, T).mul_(keep_bT[:, None, :])
         den_NT1 = a_NTT.sum(-1, keepdim=True).clamp_min_(1e-8)
         out_NTK = torch.bmm(a_NTT, v_NTK).div_(den_NT1)
         ctx.save_for_backward(q_NTK, k_NTK, v_NTK, r_HTd, w_NTT, slope_NTT, a_NTT, z_HMd, norm_HM1, den_NT1, out_NTK)
@@ -346,7 +349,7 @@ class _DenseOscillator(torch.autograd.Function):
                           ).view(N, T, K)
         c_NT1 = (g_NTK * out_NTK).sum(-1, keepdim=True)
         dv_NTK = torch.bmm(a_NTT.transpose(1, 2), g_NTK)
-        da_NTT = torch.bmm(g_NTK, v_NTK.transpose(1, 2)).sub_(c_NT1)
+        da_NTT = torch.baddbmm(c_NT1.expand(N, T, T), g_NTK, v_NTK.transpose(1, 2), beta=-1.0)
         if ctx.only_causal_zeros:  # A > 0 exactly on the allowed pairs
             if ctx.causal:
                 da_NTT.tril_()
@@ -358,13 +361,23 @@ class _DenseOscillator(torch.autograd.Function):
         # through z = h / max(|h|, eps): the tangent part of dz over |h|
         radial_HM1 = (z_HMd * dz_HMd).sum(-1, keepdim=True).mul_(norm_HM1 > eps)
         dh_HMd = dz_HMd.addcmul_(z_HMd, radial_HM1, value=-1.0).div_(norm_HM1.clamp_min(eps))
-        # coupling: dL/dscores = (dh r^T) * softplus' (0 at masked keys), times the score scale
-        ds_NTT = torch.bmm(dh_HMd, r_HTd.transpose(1, 2)).view(N, T, T).mul_(slope_NTT)
-        dq_NTK = torch.bmm(ds_NTT, k_NTK).mul_(ctx.scale)
-        dk_NTK = torch.bmm(ds_NTT.transpose(1, 2), q_NTK)  # q is saved scaled
+        # coupling: dL/dscores = (dh r^T) * softplus' (0 at masked keys); the score scale rides on r
+        ds_NTT = torch.bmm(dh_HMd, r_HTd.transpose(1, 2) * ctx.scale).view(N, T, T).mul_(slope_NTT)
+        dq_NTK = torch.bmm(ds_NTT, k_NTK)
+        dk_NTK = torch.bmm(ds_NTT.transpose(1, 2), q_NTK)
         dr_HTd.baddbmm_(w_NTT.view(H, B * T, T).transpose(1, 2), dh_HMd)
         dq, dk, dv = (x.view(H, B, T, K).transpose(0, 1) for x in (dq_NTK, dk_NTK, dv_NTK))
         return dq, dk, dv, dr_HTd, None, None, None, None
+
+
+def _readout_mask(T: int, causal: bool, keep_bT: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """1 where query i reads key j, else 0, broadcastable to (H, B, T, T): (T, T), (B, T, T) or (B, 1, T);
+    None: every key."""
+    mask = torch.ones(T, T, dtype=like.dtype, device=like.device).tril_() if causal else None
+    if keep_bT is not None:
+        keep_B1T = keep_bT[:, None, :]
+        mask = keep_B1T if mask is None else mask * keep_B1T
+    return mask
 
 
 def _score_bias(T: int, causal: bool, key_padding_BT: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
