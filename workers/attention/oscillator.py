@@ -303,8 +303,9 @@ class _DenseOscillator(torch.autograd.Function):
     Layout (H, B, T, .): the anchors are shared by the batch, so the six products with them
     (h = w r, z r^T and their gradients) are one GEMM per head with M = B * T rows instead of B * H
     small ones (at d_osc 32 and the WikiText-2 preset shape, fwd+bwd 1.7x -> 1.5x fused softmax on
-    CPU). For d_osc <= NARROW_D the small products are cheap and the two-Function path is faster.
-    Passes over (T, T) tensors are memory-bound and fused where torch allows: the score GEMM writes
+    CPU). The products with q, k and v run head by head on strided views (`_bmm_heads`), so the
+    inputs are not copied. For d_osc <= NARROW_D the small products are cheap and the two-Function
+    path is faster. Passes over (T, T) tensors are memory-bound and fused where torch allows: the score GEMM writes
     scale q k^T on top of the mask bias (-inf above the diagonal and at padding keys: w = 0 and
     softplus' = 0 there, the same as zeroing their anchors), the readout mask M (causal, and
     `keep_bT`, float 0/1) is one pass A <- M + M A, the readout gradient's GEMM starts from -c, and
