@@ -246,6 +246,16 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_import(args) -> int:
+    from scaling.importer import import_results
+
+    direction = True if args.higher_is_better else False if args.lower_is_better else None
+    summary = import_results(args.results, args.into, name=args.name, baseline=args.baseline, metric=args.metric,
+                             higher_is_better=direction, description=args.description)
+    print("\n".join(summary.lines()))
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from workers.bench import format_table, run_bench, write_json
 
@@ -368,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="queries only: refuse study submissions (a server on a read-only volume)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="bring your own results: a CSV/Parquet table of per-seed results becomes a study directory")
+    p.add_argument("results", help="CSV or Parquet with columns task, variant, d_osc, [target_params,] seed, metric, value")
+    p.add_argument("--into", required=True, metavar="DIR", help="the study directory to create (must not hold a study)")
+    p.add_argument("--name", help="the study's name (default: DIR's name)")
+    p.add_argument("--baseline", default="softmax", help="the variant gaps are measured against; its d_osc is empty (default softmax)")
+    p.add_argument("--metric", help="import only this metric (a study fits one metric per task)")
+    p.add_argument("--description", help="free text shown at the top of the report")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument("--higher-is-better", action="store_true",
+                           help="assert the metric's direction (default: inferred from its name: acc, f1, auc, score, ... are higher-is-better)")
+    direction.add_argument("--lower-is-better", action="store_true", help="assert the metric is lower-is-better (losses, perplexities)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("bench", help="attention speed: fwd+bwd tokens/s and peak memory per variant, op and training step")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[50, 256, 1024], help="sequence lengths (default 50 256 1024)")
