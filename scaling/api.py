@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 from collections import OrderedDict
@@ -335,19 +336,29 @@ def exponent_differences(fit_list: list[FitResult], *, level: float | None = Non
 # ---- status and trials --------------------------------------------------------------------------
 
 def status(study: StudyResults) -> dict[str, dict[str, int]]:
-    """Per cell: completed / diverged / pruned / failed / in_progress / pending."""
+    """Per cell: completed / diverged / pruned / failed / in_progress / pending.
+
+    A searched cell's trials are slots in plan.json (key None: Optuna picks them as it goes). They
+    are filled, stage by stage, by the cell's ledger records that the plan does not name; a
+    checkpoint of the cell with no record is in progress; the open slots left are pending."""
     done = {r["key"]: r["status"] for r in study.rows if r["status"] != "failed"}
     failed = {r["key"] for r in study.rows if r["status"] == "failed"}
     started = _started_keys(study.storage)
     planned = study.plan or [{"key": r["key"], "cell": r["cell"]} for r in study.rows]
     cells: dict[str, dict[str, int]] = {}
+    slots: dict[str, dict[str, int]] = {}  # cell -> stage -> planned slots
     seen = set()
     for trial in planned:
-        if trial["key"] in seen:
-            continue
-        seen.add(trial["key"])
         counts = cells.setdefault(trial["cell"], {s: 0 for s in STATUS_KEYS})
         key = trial["key"]
+        if key is None:
+            stages = slots.setdefault(trial["cell"], {})
+            stage = trial.get("stage") or "search"
+            stages[stage] = stages.get(stage, 0) + 1
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
         if key in done:
             counts[done[key]] = counts.get(done[key], 0) + 1
         elif key in failed:
@@ -356,11 +367,137 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
             counts["in_progress"] += 1
         else:
             counts["pending"] += 1
+    for cell, stages in slots.items():
+        _fill_slots(cells[cell], cell, stages, study.rows, seen, started)
     return cells
+
+
+def _fill_slots(counts: dict[str, int], cell: str, stages: dict[str, int], rows: list[dict[str, Any]],
+                known: set[str], started: set[str]) -> None:
+    """Count a searched cell's records (one per key: a finished record over failed attempts) and
+    its open slots: in progress (a checkpoint of the cell, no record) or pending."""
+    outcome: dict[str, str] = {}
+    stage_of: dict[str, str] = {}
+    for r in rows:
+        if r["cell"] != cell or r["key"] in known:
+            continue
+        if r["status"] != "failed" or r["key"] not in outcome:
+            outcome[r["key"]] = r["status"]
+        stage_of[r["key"]] = r.get("stage") or "replicate"
+    filled: dict[str, int] = {}
+    for key, state in outcome.items():
+        counts[state] = counts.get(state, 0) + 1
+        filled[stage_of[key]] = filled.get(stage_of[key], 0) + 1
+    open_slots = sum(max(0, n - filled.get(stage, 0)) for stage, n in stages.items())
+    slug = cell.replace("/", "-")
+    running = sum(1 for key in started - outcome.keys() - known if _cell_slug_of_key(key) == slug)
+    counts["in_progress"] += min(running, open_slots)
+    counts["pending"] += open_slots - min(running, open_slots)
+
+
+_KEY_TAIL = re.compile(r"-s-?\d+-[0-9a-f]{12}$")  # TrialSpec.key: <cell with / as ->-s<seed>-<hash>
+
+
+def _cell_slug_of_key(key: str) -> str | None:
+    match = _KEY_TAIL.search(key)
+    return key[: match.start()] if match else None
 
 
 def status_totals(cells: dict[str, dict[str, int]]) -> dict[str, int]:
     return {k: sum(c.get(k, 0) for c in cells.values()) for k in STATUS_KEYS}
+
+
+def eta(study: StudyResults, remaining: int) -> dict[str, Any]:
+    """Time to finish `remaining` trials: remaining x median completed-trial wall time / concurrent
+    slots (from the study file); seconds is None until a trial has completed."""
+    resources = study.config.get("resources") or {}
+    slots = resources.get("max_concurrent_trials") or max(
+        1, int((os.cpu_count() or 1) // (resources.get("cpus_per_trial") or 1)))
+    walls = [r["wall_seconds"] for r in study.done_rows if r["status"] == "completed" and r["wall_seconds"]]
+    median = statistics.median(walls) if walls else None
+    seconds = 0.0 if remaining == 0 else (remaining * median / slots if median is not None else None)
+    return {"remaining": remaining, "seconds": seconds, "concurrent_trials": slots, "median_trial_seconds": median}
+
+
+def status_summary(study: StudyResults) -> dict[str, Any]:
+    """What `GET /studies/{name}` and `scaling status STUDY --format json` return: counts per cell
+    and in total (the keys of STATUS_KEYS), and an ETA."""
+    cells = status(study)
+    totals = status_totals(cells)
+    return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
+            "baseline": study.baseline, "tasks": study.tasks, "totals": totals, "cells": cells,
+            "eta": eta(study, totals["pending"] + totals["in_progress"])}
+
+
+def searches(study: StudyResults) -> list[dict[str, Any]]:
+    """Per searched cell (sorted): its search trials in the order they finished, and the configuration
+    chosen. A search trial is one set of hyperparameters, run at every search seed; its objective is
+    the mean metric over those seeds (for a pruned one: the best value it reached before ASHA stopped
+    it). Chosen: the configuration the cell's replicates ran with; before any replicate, the best
+    completed search trial, else the best pruned one (the runner's rule, studies.search)."""
+    planned: dict[str, int] = {}  # cell -> planned search runs (plan.json slots: trials x search seeds)
+    for t in study.plan or []:
+        if t.get("stage") == "search":
+            planned[t["cell"]] = planned.get(t["cell"], 0) + 1
+    runs: dict[str, dict[str, dict[str, Any]]] = {}  # cell -> key -> record (finished over failed attempts)
+    replicates: dict[str, list[dict[str, Any]]] = {}
+    for i, r in enumerate(study.rows):
+        if r.get("stage") == "search":
+            by_key = runs.setdefault(r["cell"], {})
+            if r["status"] != "failed" or r["key"] not in by_key:
+                by_key[r["key"]] = {**r, "_order": i}
+        elif r.get("stage") == "replicate" and r["status"] != "failed":
+            replicates.setdefault(r["cell"], []).append(r)
+    n_seeds = len((study.config.get("search") or {}).get("seeds") or [None])
+    out = []
+    for cell in sorted(planned.keys() | runs.keys()):
+        records = sorted(runs.get(cell, {}).values(), key=lambda r: (str(r.get("finished_at") or ""), r["_order"]))
+        metric = next((r["metric_name"] for r in records + replicates.get(cell, []) if r["metric_name"]), "metric")
+        sign = 1.0 if F.lower_is_better(metric) else -1.0
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            groups.setdefault(r["hparams_json"] or "{}", []).append(r)
+        trials_, best = [], None
+        for number, (hparams, group) in enumerate(groups.items(), 1):
+            states = {r["status"] for r in group}
+            state = next((s for s in ("failed", "diverged", "pruned") if s in states), "completed")
+            if state == "completed" and len(group) < n_seeds:
+                state = "in_progress"  # some search seeds still to finish
+            values = [r["metric_value"] for r in group if finite(r["metric_value"])]
+            value = statistics.fmean(values) if values and state in ("completed", "pruned", "in_progress") else None
+            if state == "completed" and value is not None and (best is None or sign * value < sign * best):
+                best = value
+            trials_.append({"number": number, "hparams": json.loads(hparams), "status": state, "value": value,
+                            "best_so_far": best, "seeds": sorted(r["seed"] for r in group),
+                            "steps": max(r["steps"] or 0 for r in group)})
+        chosen, rule = None, None
+        reps = replicates.get(cell, [])
+        if reps:
+            hparams = statistics.mode(r["hparams_json"] or "{}" for r in reps)
+            chosen = next((t for t in trials_ if t["hparams"] == json.loads(hparams)), None)
+            chosen, rule = chosen or {"hparams": json.loads(hparams), "value": None}, "the replicates' configuration"
+            reps = [r for r in reps if (r["hparams_json"] or "{}") == hparams]
+        else:
+            rules = (("completed", "best completed search trial"),
+                     ("pruned", "best pruned search trial (every one was pruned)"))
+            for state, label in rules:
+                candidates = [t for t in trials_ if t["status"] == state and t["value"] is not None]
+                if candidates:
+                    chosen, rule = min(candidates, key=lambda t: sign * t["value"]), label
+                    break
+        rep_values = [r["metric_value"] for r in reps if r["status"] == "completed" and finite(r["metric_value"])]
+        out.append({
+            "cell": cell, "metric": metric, "lower_is_better": sign > 0, "search_seeds": n_seeds,
+            "planned": planned[cell] // n_seeds if cell in planned else None, "trials": trials_,
+            "counts": {s: sum(1 for t in trials_ if t["status"] == s)
+                       for s in ("completed", "pruned", "diverged", "failed", "in_progress")},
+            "chosen": None if chosen is None else {
+                "number": chosen.get("number"), "hparams": chosen["hparams"], "value": chosen["value"], "rule": rule,
+                "replicates": len(reps),
+                "replicate_mean": statistics.fmean(rep_values) if rep_values else None,
+                "replicate_sd": statistics.stdev(rep_values) if len(rep_values) > 1 else None},
+        })
+    return out
 
 
 TRIAL_FIELDS = ("key", "cell", "task", "variant", "d_osc", "target_params", "params_total", "params_non_embedding",

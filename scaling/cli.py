@@ -121,35 +121,37 @@ def cmd_status(args) -> int:
         from studies import remote
 
         info = remote.job_status(args.study, args.address)
+        if args.format == "json":
+            print(json.dumps(info, indent=1, default=str))
+            return EXIT_OK
         for name, value in info.items():
             print(f"{name:>10}: {value}")
         return EXIT_OK
     from scaling import api
 
     study = api.open_study(args.study)
-    cells = api.status(study)
-    keys = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
+    summary = api.status_summary(study)  # the HTTP API's GET /studies/{name}, less `submission`
+    if args.format == "json":
+        print(json.dumps(summary, indent=1))
+        return EXIT_OK
+    cells, totals = summary["cells"], summary["totals"]
+    keys = api.STATUS_KEYS
     rows = [[cell, *(c[k] for k in keys)] for cell, c in sorted(cells.items())]
-    totals = {k: sum(c[k] for c in cells.values()) for k in keys}
     rows.append(["total", *(totals[k] for k in keys)])
     _print_table(["cell", *keys], rows)
-    print(_eta_line(study, totals["pending"] + totals["in_progress"]))
+    print(_eta_line(summary["eta"]))
     return EXIT_OK
 
 
-def _eta_line(study, remaining: int) -> str:
+def _eta_line(eta: dict) -> str:
     """ETA = remaining trials x median finished-trial time / concurrent slots (from the study file)."""
-    import statistics
-
+    remaining = eta["remaining"]
     if remaining == 0:
         return "all planned trials have finished"
-    walls = [r["wall_seconds"] for r in study.done_rows if r["status"] == "completed" and r["wall_seconds"]]
-    if not walls:
+    if eta["seconds"] is None:
         return f"{remaining} trial(s) to go; ETA unknown until one has finished"
-    resources = study.config.get("resources") or {}
-    slots = resources.get("max_concurrent_trials") or max(1, int((os.cpu_count() or 1) // (resources.get("cpus_per_trial") or 1)))
-    eta = remaining * statistics.median(walls) / slots
-    return f"{remaining} trial(s) to go; ETA {eta / 60:.1f} min at {slots} concurrent trial(s) (median trial {statistics.median(walls):.0f}s)"
+    return (f"{remaining} trial(s) to go; ETA {eta['seconds'] / 60:.1f} min at {eta['concurrent_trials']} concurrent "
+            f"trial(s) (median trial {eta['median_trial_seconds']:.0f}s)")
 
 
 def cmd_fits(args) -> int:
@@ -324,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per cell: completed / diverged / failed / in progress / pending")
     p.add_argument("study", help=study_help + "; with --address, a Ray job id from `scaling submit`")
     p.add_argument("--address", help="the cluster's job API: show the submitted job's state")
+    p.add_argument("--format", choices=["table", "json"], default="table",
+                   help="json: counts per cell and in total, and the ETA (as the HTTP API's GET /studies/{name})")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fits", help="the fitted laws with confidence intervals")

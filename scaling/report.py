@@ -499,6 +499,9 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     if cross:
         body_html.append("<h2>Exponents across tasks</h2>" + _html_table(DIFF_HEADER, cross))
         md += ["## Exponents across tasks", _md_table(DIFF_HEADER, cross)]
+    search_html, search_md = _search_section(study)
+    body_html += search_html
+    md += search_md
     status_rows = _status_rows(study)
     body_html.append("<h2>Trials per cell (failures included)</h2>" + _html_table(STATUS_HEADER, status_rows))
     md += ["## Trials per cell (failures included)", _md_table(STATUS_HEADER, status_rows)]
@@ -509,6 +512,91 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
             f'content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{CSS}</style>'
             f"</head><body>{''.join(head_html)}{''.join(body_html)}<script>{SCRIPT}</script></body></html>")
     return page, "\n\n".join(m for m in md if m) + "\n"
+
+
+# ---- per-cell search ----------------------------------------------------------------------------
+
+SEARCH_HEADER = ["#", "hyperparameters", "seeds", "status", "steps", "objective", "best so far"]
+
+
+def _hparams_text(hparams: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {_fmt(v)}" for k, v in sorted(hparams.items())) or "–"
+
+
+def plot_search(search: dict[str, Any]) -> str:
+    """A searched cell's objective per search trial (in the order they finished), the best so far,
+    and the configuration chosen."""
+    fig, ax = _figure()
+    trials = search["trials"]
+    for state, style in (("completed", dict(marker="o", color=MEAN_COLOR)), ("pruned", dict(marker="x", color="grey")),
+                         ("in_progress", dict(marker="o", facecolor="none", edgecolor=MEAN_COLOR))):
+        points = [(t["number"], t["value"]) for t in trials if t["status"] == state and t["value"] is not None]
+        if points:
+            ax.scatter(*zip(*points), s=30, zorder=3, label=state.replace("_", " "), **style)
+    best = [(t["number"], t["best_so_far"]) for t in trials if t["best_so_far"] is not None]
+    if best:
+        ax.step(*zip(*best), where="post", color=METHOD_STYLE["nonlinear"][0], zorder=2, label="best so far")
+    chosen = search["chosen"]
+    if chosen and chosen.get("number") and chosen["value"] is not None:
+        ax.scatter([chosen["number"]], [chosen["value"]], marker="*", s=160, color=PAPER_COLOR, edgecolor="black",
+                   linewidth=0.5, zorder=4, label="chosen")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("search trial (in the order they finished)")
+    ax.set_ylabel(search["metric"] + (" (lower is better)" if search["lower_is_better"] else " (higher is better)"))
+    ax.set_title(f"{search['cell']}: search objective", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _search_summary(search: dict[str, Any]) -> str:
+    counts = search["counts"]
+    n = len(search["trials"])
+    of = f" of {search['planned']} planned" if search["planned"] is not None else ""
+    seeds = f", each at {search['search_seeds']} seeds (objective: their mean)" if search["search_seeds"] > 1 else ""
+    parts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none finished"
+    text = f"{n} search trial(s){of}{seeds}: {parts}."
+    if counts["pruned"]:
+        text += " Pruned trials were stopped early by ASHA; their objective is the best value reached before the stop."
+    chosen = search["chosen"]
+    if chosen is None:
+        return text + " No configuration chosen yet."
+    metric = search["metric"]
+    number = f"trial #{chosen['number']}, " if chosen.get("number") else ""
+    text += f" Chosen configuration: {_hparams_text(chosen['hparams'])} ({number}{metric} {_fmt(chosen['value'])} in the search"
+    if chosen["replicates"]:
+        sd = f" ± {_fmt(chosen['replicate_sd'], 2)}" if chosen["replicate_sd"] is not None else ""
+        text += f"; {chosen['replicates']} replicate(s) ran at it: {metric} {_fmt(chosen['replicate_mean'])}{sd}"
+    else:
+        text += f"; {chosen['rule']}, no replicate yet"
+    return text + ")."
+
+
+def _search_section(study: api.StudyResults) -> tuple[list[str], list[str]]:
+    """Per searched cell: how many search trials ran and were pruned, the objective over trials (a
+    table and a plot) and the configuration chosen. Nothing for a study without a search."""
+    searches = api.searches(study)
+    if not searches:
+        return [], []
+    intro = ("Each searched cell tuned its hyperparameters with Optuna (stage `search`), then ran the remaining "
+             "seeds at the chosen configuration (stage `replicate`); only replicate trials enter the fits.")
+    body_html = ["<h2>Per-cell search</h2>", f'<p class="note">{html.escape(intro)}</p>']
+    md = ["## Per-cell search", intro]
+    for search in searches:
+        rows = [[str(t["number"]), _hparams_text(t["hparams"]), ", ".join(map(str, t["seeds"])),
+                 t["status"].replace("_", " "), str(t["steps"]), _fmt(t["value"]), _fmt(t["best_so_far"])]
+                for t in search["trials"]]
+        summary = _search_summary(search)
+        plot = (_figure_html(plot_search(search), f"search objective, {search['cell']}")
+                if any(t["value"] is not None for t in search["trials"]) else "")
+        body_html.append(f"<h3>Search in {html.escape(search['cell'])}</h3>"
+                         f'<p class="note">{html.escape(summary)}</p>'
+                         f'<div class="plots">{plot}{_html_table(SEARCH_HEADER, rows, "search")}</div>')
+        md += [f"### Search in {search['cell']}", summary, _md_table(SEARCH_HEADER, rows)]
+    return body_html, md
 
 
 def _headline(fits: list[FitResult]) -> list[str]:

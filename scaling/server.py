@@ -163,11 +163,7 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
 
     @app.get("/studies/{name}", tags=["studies"], summary="a study's status per cell", **common)
     def study_status(name: str = Name) -> dict[str, Any]:
-        study = load(name)
-        cells = api.status(study)
-        return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
-                "baseline": study.baseline, "tasks": study.tasks, "totals": api.status_totals(cells), "cells": cells,
-                "submission": _submission(name)}
+        return {**api.status_summary(load(name)), "submission": _submission(name)}  # = `scaling status --format json`
 
     @app.get("/studies/{name}/trials", tags=["studies"], summary="ledger rows (filterable, paged)", **common)
     def trials(name: str = Name, task: str | None = Query(None, max_length=200),
