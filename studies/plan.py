@@ -25,7 +25,7 @@ def expand(study: StudySpec) -> list[TrialSpec]:
         model, train = model_and_train(study, task.name)
         for variant in study.variants:
             defaults = {k: v for k, v in VARIANT_OPTIONS[variant.name].items() if k != "d_osc"}
-            options = {**defaults, **variant.options}
+            options = {**defaults, **preset_variant_options(study, task.name, variant.name), **variant.options}
             for d_osc in variant.d_osc or [None]:
                 variant_options = dict(options) if d_osc is None else {**options, "d_osc": d_osc}
                 for target in study.target_params or [None]:
@@ -70,6 +70,16 @@ def model_and_train(study: StudySpec, task: str) -> tuple[dict, dict]:
     if any(b in explicit for b in BUDGETS):  # the study's budget replaces the preset's
         base = {k: v for k, v in base.items() if k not in BUDGETS}
     return model, {**base, **explicit}
+
+
+def preset_variant_options(study: StudySpec, task: str, variant: str) -> dict:
+    """Variant options the paper preset fixes for this task (e.g. SVA's readout masked causally
+    only, as the reference code); options the study gives explicitly override them."""
+    if study.preset != "paper":
+        return {}
+    from workers.presets import paper_preset
+
+    return dict(paper_preset(task).get("variant_options", {}).get(variant, {}))
 
 
 def sized_model(study: StudySpec, task, task_options: dict, model: dict, variant: str, variant_options: dict, target: float) -> dict:

@@ -98,6 +98,9 @@ class ModelEntry(_Strict):
     positions: Literal["sinusoidal", "learned", "none", "rope"] = "sinusoidal"
     backbone: Literal["a", "b"] = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
     final_norm: bool = True
+    # the embedding row of this token id (the task's PAD, 0 in every tokenised task here) is zero
+    # and gets no gradient, as torch's nn.Embedding(padding_idx=...) and paper A's code
+    padding_idx: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelEntry":
@@ -118,8 +121,19 @@ class TrainEntry(_Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0)
-    eval_every: int = Field(100, ge=1)
+    eval_every: int | Literal["epoch"] = Field(100)  # steps between evaluations, or "epoch" (after every pass)
     optimizer: Literal["adamw", "adam"] = "adamw"
+    # epoch: each epoch a fresh permutation of the train split, without replacement; replacement: i.i.d. batches
+    sampling: Literal["epoch", "replacement"] = "epoch"
+    # best: the trial's result is its best validation evaluation; final: its last one
+    select: Literal["best", "final"] = "best"
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a number of steps >= 1, or \"epoch\" (evaluate after every pass over the train split)")
+        return value
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainEntry":

@@ -24,6 +24,7 @@ from storage.cache import DatasetCache, fingerprint
 from storage.prep import bytestream, sva as sva_prep, text
 from storage.prep.sources import SourceUnavailable, iter_documents
 from workers import run_trial
+from workers.trial import BatchOrder, resolve_train
 from workers.tasks import TASKS, get_task
 from workers.tasks.base import IGNORE, bits_per_unit, perplexity
 from workers.tasks.lm import eval_windows
@@ -179,6 +180,56 @@ def test_tinystories_stories_and_chunks(tmp_path, cache):
     assert prepared.arrays["val"]["tokens"].tolist() == [[1, 4, 3, 3, 3, 3]]
     assert "test" not in prepared.arrays  # TinyStories has no test split
     assert task.model_fields(prepared)["vocab_size"] == 10
+
+
+def write_authors_eval(root, vocab_words, chunks):
+    """Paper A's data/tinystories_eval/ in its real format: torch.save of {"vocab", "idx2word"},
+    and a protocol-4 pickle of lists of token ids."""
+    import pickle
+
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    torch.save({"vocab": vocab, "idx2word": {i: w for w, i in vocab.items()}}, root / "vocab.pt")
+    with open(root / "val_chunks.pkl", "wb") as handle:
+        pickle.dump(chunks, handle, protocol=4)
+    return root
+
+
+def test_tinystories_authors_eval_dir_supplies_vocabulary_and_validation(tmp_path, cache):
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "the", "cat", "dog", "ran"]
+    shipped = [[1, 4, 5, 7, 2], [1, 4, 6, 7, 4, 5, 2]]
+    authors = write_authors_eval(tmp_path / "tinystories_eval", words, shipped)
+    train = write_tinystories(tmp_path / "train.txt", ["The cat ran to the dog.", "Once upon a time."])
+    task = get_task("tinystories")
+    options = {"train_file": str(train), "authors_eval_dir": str(authors), "seq_len": 8}
+    prepared = task.prepare(options, cache)
+    assert task.entry(options, cache)["vocab"].column("token").to_pylist() == words  # theirs, in id order
+    assert prepared.arrays["val"]["tokens"].tolist() == [c + [0] * (8 - len(c)) for c in shipped]
+    # the train split is tokenised with their vocabulary: the cat ran to the dog -> ids, "to" unknown
+    assert prepared.arrays["train"]["tokens"].tolist()[0] == [1, 4, 5, 7, 3, 4, 6, 2]
+    assert task.model_fields(prepared)["vocab_size"] == len(words)
+    with pytest.raises(ValueError, match="seq_len >= 7"):
+        task.prepare({**options, "seq_len": 6}, cache)
+    with pytest.raises(ValueError, match="lacks \\['val_chunks.pkl'\\]"):
+        (authors / "val_chunks.pkl").unlink()
+        task.options(options)
+
+
+def test_tinystories_authors_eval_refuses_a_pickle_that_runs_code(tmp_path, cache):
+    import os
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    authors = write_authors_eval(tmp_path / "ev", ["<pad>", "<bos>", "<eos>", "<unk>", "a"], [[1, 4, 2]])
+    (authors / "val_chunks.pkl").write_bytes(pickle.dumps([Boom()]))
+    train = write_tinystories(tmp_path / "train.txt", ["a a a a a a."])
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        get_task("tinystories").prepare({"train_file": str(train), "authors_eval_dir": str(authors)}, cache)
 
 
 def test_iter_documents_streams_across_chunk_boundaries(tmp_path):
@@ -679,13 +730,19 @@ def test_a_short_trial_runs_on_every_task(name, tmp_path):
     train = {**tiny_spec().train, "steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 16}
     spec = tiny_spec(task=name, task_options=options, train=train)
     record = run_trial(spec, storage_uri=str(tmp_path / "s"), cache_uri=str(tmp_path / "c"))
-    assert record.status == "completed", record.error
+    if name == "sva":  # 4 steps cannot pass paper A's failure rule (hard accuracy >= 85%): diverged, saying why
+        assert record.status == "diverged" and "failure rule" in record.error
+    else:
+        assert record.status == "completed", record.error
     task = get_task(name)
     metrics = json.loads(record.metrics_json)
     assert record.metric_name == task.metric and math.isfinite(record.metric_value)
     assert task.metric in metrics
     assert (task.metric.replace("val_", "test_") in metrics) == (name != "tinystories")  # TinyStories: no test split
-    assert record.tokens_seen == 4 * 4 * task.tokens_per_example(task.prepare(options, DatasetCache(str(tmp_path / "c"))))
+    prepared = task.prepare(options, DatasetCache(str(tmp_path / "c")))
+    n_train = len(next(iter(prepared.arrays["train"].values())))
+    seen = BatchOrder(resolve_train(train, {}), n_train, 0).examples_seen(4)  # a tiny split wraps into epoch 2
+    assert record.tokens_seen == seen * task.tokens_per_example(prepared)
 
 
 @pytest.mark.parametrize("name, bad", [("sva", {"generator_seeds": [0, 1]}), ("sva", {"val_examples": 0}),

@@ -50,6 +50,7 @@ class ModelConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     backbone: str = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
     final_norm: bool = True  # norm before the head (paper A's KWS model has none)
+    padding_idx: int | None = None  # embedding row kept at zero, without gradient (paper A: PAD = 0)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"head={self.head!r}; allowed: {list(HEADS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
+            raise ValueError(f"padding_idx={self.padding_idx} is outside the vocabulary [0, {self.vocab_size})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +132,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.input_dim is None:
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.padding_idx)
         else:  # continuous features (e.g. log-mel frames): Linear(input_dim -> d_model)
             self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
         if cfg.positions == "learned":

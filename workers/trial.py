@@ -26,7 +26,7 @@ from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
 from workers.runtime import tune_allocator
 
-CODE_VERSION = "2"  # bump when a change alters what a trial computes: old ledger keys then re-run
+CODE_VERSION = "3"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     # budget: `steps`, or `epochs` / `tokens` converted to steps once the data is known
@@ -40,15 +40,19 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "schedule": "cosine",  # cosine | constant
     "grad_clip": 1.0,
-    "eval_every": 100,
+    "eval_every": 100,  # steps between evaluations, or "epoch": after every pass over the train split
     "optimizer": "adamw",  # adamw | adam
+    # epoch: every epoch is a fresh permutation of the train split, drawn without replacement (the
+    # last batch of an epoch is short, as a DataLoader with shuffle=True); replacement: i.i.d. batches
+    "sampling": "epoch",
+    # best: the trial's result is its best validation evaluation (and the test split is scored with
+    # that model); final: its last evaluation (paper A's SVA)
+    "select": "best",
 }
+SAMPLINGS = ("epoch", "replacement")
+SELECTS = ("best", "final")
 
 Reporter = Callable[[dict[str, Any]], None]
-
-
-class Diverged(Exception):
-    pass
 
 
 def now_iso() -> str:
@@ -60,18 +64,66 @@ def resolve_train(train: dict[str, Any], hparams: dict[str, Any]) -> dict[str, A
     unknown = set(merged) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ValueError(f"train: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
+    if merged["sampling"] not in SAMPLINGS:
+        raise ValueError(f"train.sampling={merged['sampling']!r}; allowed: {list(SAMPLINGS)}")
+    if merged["select"] not in SELECTS:
+        raise ValueError(f"train.select={merged['select']!r}; allowed: {list(SELECTS)}")
+    every = merged["eval_every"]
+    if every != "epoch" and not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"train.eval_every={every!r}: give a number of steps >= 1, or \"epoch\"")
     return merged
 
 
+def steps_per_epoch(train: dict[str, Any], n_train: int) -> float:
+    """Optimizer steps in one pass over the train split: whole batches plus a short last one when
+    sampling by epoch; n / batch on average when sampling with replacement."""
+    if train["sampling"] == "epoch":
+        return math.ceil(n_train / train["batch_size"])
+    return n_train / train["batch_size"]
+
+
 def resolve_budget(train: dict[str, Any], n_train: int, seq_len: int) -> dict[str, Any]:
-    """Steps from the one budget given: steps, epochs over the train split, or tokens seen."""
+    """Steps from the one budget given: steps, epochs over the train split, or tokens seen; and
+    `eval_every: epoch` as a step count."""
+    per_epoch = steps_per_epoch(train, n_train)
     if train.get("epochs") is not None:
-        steps = math.ceil(train["epochs"] * n_train / train["batch_size"])
+        steps = math.ceil(train["epochs"] * per_epoch - 1e-9)
     elif train.get("tokens") is not None:
         steps = math.ceil(train["tokens"] / (train["batch_size"] * seq_len))
     else:
         steps = train["steps"]
-    return {**train, "steps": max(1, int(steps))}
+    every = train["eval_every"]
+    return {**train, "steps": max(1, int(steps)),
+            "eval_every_steps": max(1, round(per_epoch)) if every == "epoch" else int(every)}
+
+
+class BatchOrder:
+    """Which train examples each step reads. `epoch`: epoch e is a permutation of the split drawn
+    from (seed, e) alone, so a resumed trial reads exactly what it would have read, with no
+    sampler state to carry; `replacement`: i.i.d. indices from a seeded generator (checkpointed)."""
+
+    def __init__(self, train: dict[str, Any], n_train: int, seed: int) -> None:
+        self.sampling, self.batch_size, self.n, self.seed = train["sampling"], train["batch_size"], n_train, seed
+        self.per_epoch = math.ceil(n_train / self.batch_size)
+        self.generator = torch.Generator().manual_seed(10_000 + seed)
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([10_000 + self.seed, epoch]).permutation(self.n))
+        return self._epoch[1]
+
+    def indices(self, step: int) -> np.ndarray:
+        if self.sampling == "replacement":
+            return torch.randint(0, self.n, (self.batch_size,), generator=self.generator).numpy()
+        epoch, within = divmod(step, self.per_epoch)
+        return self.permutation(epoch)[within * self.batch_size : (within + 1) * self.batch_size]
+
+    def examples_seen(self, steps: int) -> int:
+        if self.sampling == "replacement":
+            return steps * self.batch_size
+        epochs, within = divmod(steps, self.per_epoch)
+        return epochs * self.n + min(within * self.batch_size, self.n)
 
 
 def build_model(spec: TrialSpec, model_fields: dict[str, Any]) -> Transformer:
@@ -158,7 +210,8 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
 
     opt_cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    sampler = torch.Generator().manual_seed(10_000 + spec.seed)
+    train_split, val_split = prepared.arrays["train"], prepared.arrays["val"]
+    order = BatchOrder(train, len(next(iter(train_split.values()))), spec.seed)
     best: dict[str, Any] = {"value": None, "step": None, "state": None, "metrics": {}}
     history: list[dict[str, float]] = []
     checkpoints = Checkpoints(storage_uri, spec.key)
@@ -167,24 +220,22 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        sampler.set_state(resumed["sampler"])
+        order.generator.set_state(resumed["sampler"])
         torch.set_rng_state(resumed["torch_rng"])
         if device.type == "cuda" and resumed.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         best, history, start_step = resumed["best"], resumed["history"], resumed["step"]
 
-    train_split, val_split = prepared.arrays["train"], prepared.arrays["val"]
-    n_train = len(next(iter(train_split.values())))
     sign = 1 if task.lower_is_better else -1
-    status = "completed"
+    final = train["select"] == "final"
+    status, reason = "completed", None
     for step in range(start_step, train["steps"]):
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, train)
-        index = torch.randint(0, n_train, (train["batch_size"],), generator=sampler).numpy()
-        loss = task.loss(model, task.batch(train_split, index))
+        loss = task.loss(model, task.batch(train_split, order.indices(step)))
         if not torch.isfinite(loss):
-            status = "diverged"
+            status, reason = "diverged", f"non-finite training loss ({loss.item()}) at step {step + 1}"
             state["step"] = step
             break
         optimizer.zero_grad(set_to_none=True)
@@ -192,21 +243,22 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
         if train["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
         optimizer.step()
-        state.update(step=step + 1, tokens=(step + 1) * train["batch_size"] * seq_len, flops=(step + 1) * flops_per_step)
+        state.update(step=step + 1, tokens=order.examples_seen(step + 1) * seq_len, flops=(step + 1) * flops_per_step)
 
         last = step + 1 == train["steps"]
-        if (step + 1) % train["eval_every"] == 0 or last:
+        if (step + 1) % train["eval_every_steps"] == 0 or last:
             model.eval()
             metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
             value = metrics[task.metric]
             if not math.isfinite(value):
-                status = "diverged"
+                status, reason = "diverged", f"non-finite validation {task.metric} ({value}) at step {step + 1}"
                 break
-            if best["value"] is None or sign * value < sign * best["value"]:
+            if final or best["value"] is None or sign * value < sign * best["value"]:
                 best = {
                     "value": value,
                     "step": step + 1,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    # the selected model is only needed again for the test split; `final` keeps the live one
+                    "state": None if final else {k: v.detach().clone() for k, v in model.state_dict().items()},
                     "metrics": metrics,
                 }
             point = {"step": step + 1, "train_loss": loss.item(), "lr": learning_rate(step, train), **metrics}
@@ -214,7 +266,7 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
             if not last:  # before reporting: a trial killed while reporting resumes from here
                 checkpoints.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+                    "sampler": order.generator.get_state(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "best": best, "history": history, "step": step + 1,
                 })
@@ -222,16 +274,24 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
                 report({**point, f"best_{task.metric}": best["value"], "tokens": state["tokens"]})
 
     metrics = dict(best["metrics"])
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    if status == "completed" and best["value"] is not None:
+        reason = task.divergence(metrics, task.model_fields(prepared))
+        status = "diverged" if reason else status
+    if best["value"] is not None:
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
         model.eval()
         if "test" in prepared.arrays:
             metrics.update(task.evaluate(model, prepared.arrays["test"], train["eval_batch_size"], "test"))
     metrics["history"] = history
     metrics["data_fingerprint"] = prepared.fingerprint
+    metrics["selected"] = train["select"]
+    if reason:
+        metrics["diverged_reason"] = reason
     if not keep_checkpoint:
         checkpoints.remove()
-    return _record(spec, state, status, best["value"], metrics, best["step"], started, t0, wandb_run_id, task.metric)
+    return _record(spec, state, status, best["value"], metrics, best["step"], started, t0, wandb_run_id, task.metric,
+                   error=reason)
 
 
 def _record(spec, state, status, value, metrics, best_step, started, t0, wandb_run_id, metric_name="", error=None):

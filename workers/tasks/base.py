@@ -139,6 +139,27 @@ class Task:
         """The task's own failure criterion on evaluation metrics (default: none)."""
         return False
 
+    failure_rule: str = ""  # the task's own failure criterion, in words (for the ledger's reason)
+
+    @staticmethod
+    def chance_loss(fields: dict[str, Any]) -> float:
+        """The validation loss of a model that knows nothing: uniform over the head's outputs
+        (log vocab for next-token heads, log C for C classes, log 2 for one binary logit)."""
+        outputs = fields.get("vocab_size") if fields.get("head", "lm") == "lm" else fields.get("num_classes")
+        return math.log(max(2, int(outputs or 2)))
+
+    def divergence(self, metrics: dict[str, Any], fields: dict[str, Any], prefix: str = "val") -> str | None:
+        """Why a trial that ran to the end still counts as diverged, or None: its selected
+        validation loss is worse than chance (a model that blew up but stayed finite), or the
+        task's own failure rule flags it. Non-finite losses are caught while training."""
+        loss, chance = metrics.get(f"{prefix}_loss"), self.chance_loss(fields)
+        if loss is not None and math.isfinite(loss) and loss > chance:
+            return (f"validation loss {loss:.4g} is worse than chance ({chance:.4g} nats: uniform over the "
+                    f"model's outputs)")
+        if self.failed(metrics, prefix):
+            return f"the task's failure rule: {self.failure_rule}"
+        return None
+
     def model_fields(self, prepared: PreparedTask) -> dict[str, Any]:
         """ModelConfig fields fixed by the data (vocabulary, length, head)."""
         raise NotImplementedError

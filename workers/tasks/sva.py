@@ -153,6 +153,8 @@ class SVA(Task):
         metrics[f"{prefix}_failed"] = float(self.failed(metrics, prefix))
         return metrics
 
+    failure_rule = f"hard-example accuracy below {HARD_FAILURE_THRESHOLD:.0%} (paper A)"
+
     def failed(self, metrics, prefix="val"):
         hard = metrics.get(f"{prefix}_accuracy_hard", float("nan"))
         return not hard >= HARD_FAILURE_THRESHOLD  # NaN (no hard examples) cannot pass

@@ -9,11 +9,19 @@ holds out that share of the stories as validation, chosen by a hash of each stor
 Tokenisation (paper A): lowercase, ASCII punctuation to spaces, whitespace split; vocabulary = top
 `vocab_size - 4` train words + PAD/BOS/EOS/UNK; each story BOS ... EOS cut into `seq_len`-token
 chunks, chunks of fewer than `min_chunk_tokens` dropped. Metric: best validation perplexity.
+
+`authors_eval_dir`: paper A's shipped evaluation data (their repository's `data/tinystories_eval/`:
+`vocab.pt`, `val_chunks.pkl`). The published numbers were computed on that split with that
+vocabulary, and rebuilding both from the hub need not give the same ones (tie-breaking among
+equally frequent words, upstream corpus drift), so with it the vocabulary and the validation split
+are the authors' and only the train split is tokenised here (with their vocabulary). Both files are
+read with loaders that refuse anything but plain containers, numbers and strings.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Callable, Iterable, Iterator
 
 from storage.prep import text
@@ -53,19 +61,27 @@ class TinyStories(ChunkLMTask):
         "seq_len": 128,  # tokens per stored chunk (BOS/EOS included); the model sees 127
         "min_chunk_tokens": 5,  # paper A drops chunks of <= 4 tokens
         "max_bytes": None,  # use only about the first N bytes of each split (whole stories)
+        "authors_eval_dir": None,  # paper A's data/tinystories_eval/: their vocabulary and validation chunks
     }
     HINT = local_hint("tinystories", "train_file", "a text file of stories separated by <|endoftext|> (and "
                       "val_file, or val_fraction=0.05)", "/data/TinyStoriesV2-GPT4-train.txt")
 
     def _local(self, options) -> dict[str, str] | None:
         explicit = {s: options[f"{s}_file"] for s in FILE_NAMES}
-        required = ("train",) if options["val_fraction"] else ("train", "val")
+        required = ("train",) if options["val_fraction"] or options["authors_eval_dir"] else ("train", "val")
         return local_split_files(self.name, options["data_dir"], explicit, FILE_NAMES, required=required)
 
     def options(self, given):
         options = super().options(given)
         if not 0.0 <= float(options["val_fraction"]) < 1.0:
             raise ValueError(f"tinystories: val_fraction={options['val_fraction']} must be in [0, 1)")
+        if options["authors_eval_dir"] is not None:
+            if options["val_fraction"] or options["val_file"]:
+                raise ValueError("tinystories: authors_eval_dir supplies the validation split; remove val_fraction / val_file")
+            missing = [n for n in AUTHORS_FILES if not os.path.isfile(os.path.join(options["authors_eval_dir"], n))]
+            if missing:
+                raise ValueError(f"tinystories: authors_eval_dir={options['authors_eval_dir']!r} lacks {missing}; give the "
+                                 f"directory data/tinystories_eval of paper A's repository (vocab.pt, val_chunks.pkl)")
         return options
 
     def identity(self, options):
@@ -76,6 +92,9 @@ class TinyStories(ChunkLMTask):
             source = {split: content_digest(path)["sha256"] for split, path in files.items()}
             source["separator"] = options["separator"]
         params = {k: options[k] for k in ("vocab_size", "seq_len", "min_chunk_tokens", "max_bytes", "val_fraction")}
+        if options["authors_eval_dir"] is not None:
+            source["authors_eval"] = {n: content_digest(os.path.join(options["authors_eval_dir"], n))["sha256"]
+                                      for n in AUTHORS_FILES}
         return {"task": self.name, "prep": self.PREP_VERSION, "source": source, "params": params}
 
     def _stories(self, options) -> tuple[dict[str, Callable[[], Iterator[str]]], int, dict[str, Any]]:
@@ -98,8 +117,15 @@ class TinyStories(ChunkLMTask):
             streams["train"] = lambda: (s for s in source() if split_of(s.encode("utf-8"), [1 - fraction, fraction]) == 0)
             streams["val"] = lambda: (s for s in source() if split_of(s.encode("utf-8"), [1 - fraction, fraction]) == 1)
         counted = _Counted()
-        vocab = text.build_vocab(counted(streams["train"]()), text.tinystories_tokens, options["vocab_size"],
-                                 text.TS_SPECIALS)
+        authors = load_authors_eval(options["authors_eval_dir"], options["seq_len"]) if options["authors_eval_dir"] else None
+        if authors is not None:
+            vocab = authors[0]
+            streams.pop("val", None)
+            for _ in counted(streams["train"]()):  # the separator check below needs the story count
+                pass
+        else:
+            vocab = text.build_vocab(counted(streams["train"]()), text.tinystories_tokens, options["vocab_size"],
+                                     text.TS_SPECIALS)
         if files := where.get("files"):
             size = os.path.getsize(files["train"])
             if counted.documents == 1 and size > NO_SEPARATOR_BYTES:
@@ -123,10 +149,55 @@ class TinyStories(ChunkLMTask):
                 stats[split] = {"stories": seen.documents, "chunks": int(len(chunks)),
                                 "scored": text.count_scored(chunks), "unk": int((chunks == text.UNK).sum())}
                 source_bytes += seen.bytes
+        if authors is not None:
+            tables["val"] = text.tokens_table(authors[1])
+            stats["val"] = {"stories": None, "chunks": int(len(authors[1])), "scored": text.count_scored(authors[1]),
+                            "unk": int((authors[1] == text.UNK).sum()), "from": "authors_eval_dir"}
+            where = {**where, "authors_eval_dir": options["authors_eval_dir"]}
         tables["vocab"] = text.vocab_table(vocab)
         meta = {"vocab_size": len(vocab), "seq_len": options["seq_len"], "splits": stats,
                 "source_bytes": source_bytes, "source": where}
         return tables, meta
+
+
+AUTHORS_FILES = ("vocab.pt", "val_chunks.pkl")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, numbers and strings only: a pickle that names any class or function
+    (which could run code) is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: val_chunks.pkl should hold lists of token ids")
+
+
+def load_authors_eval(directory: str, seq_len: int) -> tuple[list[str], "np.ndarray"]:
+    """Paper A's shipped vocabulary (id order) and validation chunks, PAD-filled to `seq_len`."""
+    import numpy as np
+    import torch
+
+    path = os.path.join(directory, "vocab.pt")
+    stored = torch.load(path, weights_only=True, map_location="cpu")  # plain containers only
+    word_to_id = stored["vocab"] if isinstance(stored, dict) and "vocab" in stored else stored
+    if not isinstance(word_to_id, dict) or sorted(word_to_id.values()) != list(range(len(word_to_id))):
+        raise ValueError(f"tinystories: {path} must map words to the ids 0..N-1 (paper A's {{'vocab': ..., 'idx2word': ...}})")
+    vocab = [w for w, _ in sorted(word_to_id.items(), key=lambda item: item[1])]
+    if [w.lower() for w in vocab[:4]] != [w.lower() for w in text.TS_SPECIALS]:
+        raise ValueError(f"tinystories: {path} starts with {vocab[:4]}, not the specials {text.TS_SPECIALS}")
+    path = os.path.join(directory, "val_chunks.pkl")
+    with open(path, "rb") as handle:
+        chunks = _PlainUnpickler(handle).load()
+    if not isinstance(chunks, list) or not chunks or not all(isinstance(c, list) for c in chunks):
+        raise ValueError(f"tinystories: {path} must hold a non-empty list of token-id lists")
+    longest = max(len(c) for c in chunks)
+    if longest > seq_len:
+        raise ValueError(f"tinystories: {path} has chunks of {longest} tokens; set the task option seq_len >= {longest}")
+    out = np.full((len(chunks), seq_len), text.PAD, dtype=text.token_dtype(len(vocab)))
+    for row, chunk in enumerate(chunks):
+        if chunk and not 0 <= min(chunk) <= max(chunk) < len(vocab):
+            raise ValueError(f"tinystories: {path} chunk {row} has ids outside the vocabulary of {len(vocab)}")
+        out[row, : len(chunk)] = chunk
+    return vocab, out
 
 
 class _Counted:
