@@ -130,10 +130,23 @@ _CACHE: "OrderedDict[tuple, list[FitResult]]" = OrderedDict()
 _CACHE_SIZE = 32
 
 
+DEFAULT_METHOD = "nonlinear"  # the documented default when a study's `fits:` names none
+
+
+def fit_settings(study: StudyResults) -> dict[str, Any]:
+    """The study's `fits:` choices: the one method of headlines, predictions, comparisons and HTTP,
+    and the d_osc values held out of every fit (a plain list of laws keeps the defaults)."""
+    raw = study.config.get("fits")
+    raw = raw if isinstance(raw, dict) else {}
+    held = (raw.get("holdout") or {}).get("d_osc") or []
+    return {"method": raw.get("method") or DEFAULT_METHOD, "holdout_d_osc": sorted(float(d) for d in held),
+            "floor": bool(raw.get("floor", False))}
+
+
 def fits(
     study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None,
     method: str | None = None, n_boot: int = F.N_BOOT, ci_level: float = F.CI_LEVEL, params: str = "non_embedding",
-    seed: int = 0, min_d_osc: float | None = None, max_d_osc: float | None = None,
+    seed: int = 0, min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> list[FitResult]:
     """Every law the study's data supports, for each task and variant (filters narrow the list):
 
@@ -141,8 +154,15 @@ def fits(
     - gap_vs_params (both methods) per variant and d_osc with >= 2 sizes;
     - loss_vs_params per variant and d_osc with >= 2 sizes (a fit needs >= 3).
 
-    min_d_osc / max_d_osc fit on that part of the grid only (`within_d_osc`). Results are cached
-    per ledger state and arguments."""
+    min_d_osc / max_d_osc fit on that part of the grid only (`within_d_osc`). The d_osc values the
+    study holds out (`fits: {holdout: {d_osc: [64]}}`) are left out of every fit and predicted from
+    it (FitResult.holdout: prediction interval, observed mean and its standard error, z, inside or
+    not); `holdout=False` fits them too. Results are cached per ledger state and arguments."""
+    full = study
+    held = fit_settings(study)["holdout_d_osc"] if holdout else []
+    if held:
+        study = dataclasses.replace(study, rows=[r for r in study.rows if r.get("d_osc") is None
+                                                 or float(r["d_osc"]) not in held])
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if law is not None and law not in F.LAWS:
         raise QueryError(f"unknown law {law!r}; known: {list(F.LAWS)}")
@@ -152,16 +172,52 @@ def fits(
         raise QueryError(f"unknown params {params!r}; known: {list(F.PARAM_FIELDS)}")
     if not 0 < ci_level < 1:
         raise QueryError(f"ci_level={ci_level} must be between 0 and 1, e.g. 0.95")
-    key = (study.storage, study.signature(), n_boot, ci_level, params, seed)
+    key = (study.storage, study.signature(), n_boot, ci_level, params, seed, tuple(held))
     if key not in _CACHE:
         with laws.single_threaded_blas():
-            _CACHE[key] = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=F.PARAM_FIELDS[params], seed=seed)
+            found = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=F.PARAM_FIELDS[params], seed=seed)
+            for fit in found:
+                if fit.law == "gap_vs_dosc":
+                    fit.holdout.extend(c for d in held if (c := holdout_check(full, fit, d)) is not None)
+            _CACHE[key] = found
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return [f for f in _CACHE[key]
             if (task is None or f.task == task) and (variant is None or f.variant == variant)
             and (law is None or f.law == law) and (method is None or f.method == method)]
+
+
+def holdout_check(study: StudyResults, fit: FitResult, d_osc: float) -> dict[str, Any] | None:
+    """Paper A's out-of-sample check at a held-out d_osc: the law's prediction for the mean of as
+    many seeds as were run there (confidence and prediction interval), the observed mean gap with
+    its standard error, z = (observed - predicted) / sqrt(se_law^2 + se_observed^2), and whether
+    the observed mean lies inside the prediction interval."""
+    observed = observed_gap(study, task=fit.task, variant=fit.variant, d_osc=d_osc,
+                            target_params=fit.group.get("target_params"))
+    if observed is None:
+        return None
+    out: dict[str, Any] = {"x": float(d_osc), "observed": observed["gap"], "observed_sd": observed["sd"],
+                           "n_seeds": observed["n_seeds"], "observed_se": None, "predicted": None, "z": None,
+                           "inside": None}
+    if observed["sd"] is not None:
+        out["observed_se"] = observed["sd"] / math.sqrt(observed["n_seeds"])
+    if not fit.ok:
+        out["note"] = f"no prediction: the law is not identified ({fit.reason})"
+        return F._clean(out)
+    pred = fit.predict(float(d_osc), n_seeds=observed["n_seeds"])
+    out.update(predicted=pred["value"], ci_low=pred["ci_low"], ci_high=pred["ci_high"], pi_low=pred.get("pi_low"),
+               pi_high=pred.get("pi_high"), level=pred["level"])
+    if pred["ci_low"] is not None:
+        from scipy.special import stdtrit
+
+        t = float(stdtrit(max(int(pred.get("df") or 1), 1), (1 + pred["level"]) / 2))
+        se_law = (pred["ci_high"] - pred["ci_low"]) / (2 * t)
+        se = math.hypot(se_law, out["observed_se"] or 0.0)
+        out["z"] = (observed["gap"] - pred["value"]) / se if se > 0 else None
+    if pred.get("pi_low") is not None:
+        out["inside"] = bool(pred["pi_low"] <= observed["gap"] <= pred["pi_high"])
+    return F._clean(out)
 
 
 def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int) -> list[FitResult]:
@@ -183,6 +239,7 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
         has_baseline = any(r["variant"] == baseline for r in data.rows)
         variants = sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded})
         common = dict(study=study.name, task=task, metric=metric, draws=draws, ci_level=ci_level)
+        floor = fit_settings(study)["floor"]
         base_sizes = {r["target_params"] for r in data.rows if r["variant"] == baseline}
         for variant in variants:
             vrows = [r for r in data.rows if r["variant"] == variant]
@@ -201,7 +258,7 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
                     excluded = _merge(data.excluded_where(variant=variant, target_params=size),
                                       data.excluded_where(variant=baseline, target_params=size))
                     yield functools.partial(F.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
-                                            group=group, excluded=excluded, extra_notes=data.notes, **common)
+                                            group=group, excluded=excluded, extra_notes=data.notes, floor=floor, **common)
             # gap and loss vs parameters, at each d_osc
             if len([s for s in sizes if s is not None]) >= 2:
                 for d in d_values:
@@ -213,7 +270,7 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
                         excluded = _merge(excluded_v, data.excluded_where(variant=baseline))
                         yield functools.partial(F.fit_gap_law, cells, law="gap_vs_params", variant=variant,
                                                 baseline=baseline, group=group, excluded=excluded,
-                                                extra_notes=data.notes, params_field=params_field, **common)
+                                                extra_notes=data.notes, params_field=params_field, floor=floor, **common)
                     yield functools.partial(F.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
                                             params_field=params_field, excluded=excluded_v, extra_notes=data.notes,
                                             **common)
@@ -229,16 +286,22 @@ def _merge(*counts: dict[str, int]) -> dict[str, int]:
 
 def find_fit(
     study: StudyResults, *, task: str, variant: str, law: str = "gap_vs_dosc", method: str | None = None,
-    group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding",
+    group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding", holdout: bool = True,
 ) -> FitResult:
     """The one fit a prediction or comparison uses; the error lists what exists when it is ambiguous or absent."""
-    method = method or ("huber-log" if law == "loss_vs_params" else "nonlinear")
-    found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params)
+    method = method or ("huber-log" if law == "loss_vs_params" else fit_settings(study)["method"])
+    found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params, holdout=holdout)
     if group:
         found = [f for f in found if all(f.group.get(k) == v for k, v in group.items())]
+    if len(found) > 1:  # one fit per size (or per d_osc), identified or not: the caller must choose
+        option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+        raise QueryError(f"{len(found)} {law} fits for {task}/{variant}, one per {option}: choose one of "
+                         f"{[f.group_label for f in found]}")
     usable = [f for f in found if f.ok]
     if len(usable) == 1:
         return usable[0]
+    if found and not usable:
+        raise QueryError(f"the {law} fit for {task}/{variant} ({found[0].method}) is not identified: {found[0].reason}")
     if not usable:
         have = sorted({(f.task, f.variant, f.law) for f in fits(study) if f.ok})
         reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study"
@@ -265,7 +328,7 @@ def predict(
     study: StudyResults, *, task: str, variant: str, x: float | None = None, d_osc: float | None = None,
     params: float | None = None, law: str | None = None, method: str | None = None,
     group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = F.N_BOOT,
-    min_d_osc: float | None = None, max_d_osc: float | None = None,
+    min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> dict[str, Any]:
     """The fitted law at a new point, with the confidence interval of the law and a prediction
     interval for the mean of `n_seeds` new runs. `d_osc=` implies gap_vs_dosc, `params=`
@@ -285,7 +348,7 @@ def predict(
         raise QueryError(f"n_seeds={n_seeds} must be >= 1")
     if level is not None and not 0 < level < 1:
         raise QueryError(f"level={level} must be between 0 and 1")
-    fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot)
+    fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot, holdout=holdout)
     out = fit.predict(float(x), n_seeds=n_seeds, level=level)
     constants = {k: e.value for k, e in fit.constants.items()}
     quantity = "gap" if law.startswith("gap") else "loss"

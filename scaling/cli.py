@@ -159,7 +159,8 @@ def cmd_fits(args) -> int:
 
     study = api.open_study(args.study)
     fits = api.fits(study, task=args.task, variant=args.variant, law=args.law, method=args.method, n_boot=args.n_boot,
-                    ci_level=args.ci_level, params=args.params, min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc)
+                    ci_level=args.ci_level, params=args.params, min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc,
+                    holdout=not args.no_holdout)
     rows = [f.to_row() for f in fits]
     if args.format == "json":
         print(json.dumps(rows, indent=1, default=str))
@@ -191,7 +192,7 @@ def cmd_predict(args) -> int:
                       params=args.params, law=args.law, method=args.method, n_seeds=args.n_seeds, level=args.level,
                       n_boot=args.n_boot, group=api.group_of(args.law, target_params=args.target_params,
                                                              at_d_osc=args.at_d_osc),
-                      min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc)
+                      min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc, holdout=not args.no_holdout)
     if args.format == "json":
         print(json.dumps(out, indent=1))
         return EXIT_OK
@@ -229,7 +230,7 @@ def cmd_compare(args) -> int:
         return EXIT_OK if out["diff"] is not None else EXIT_FAILED
     ci = f" [{out['ci_low']:.3g}, {out['ci_high']:.3g}]" if out["ci_low"] is not None else " (no interval)"
     print(f"alpha({out['a']}) - alpha({out['b']}) = {out['diff']:+.3g}{ci} at {out['level']:.0%}"
-          f" ({'paired' if out['paired'] else 'independent'} seed draws)")
+          f" ({'paired seed draws' if out['paired'] else out.get('note') or 'independent'})")
     return EXIT_OK
 
 
@@ -281,6 +282,8 @@ def _range_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-d-osc", type=float, help="fit only trials with d_osc >= this (baseline trials are kept)")
     p.add_argument("--max-d-osc", type=float,
                    help="fit only trials with d_osc <= this, e.g. 32 for paper A's fit that predicts d_osc 64")
+    p.add_argument("--no-holdout", action="store_true",
+                   help="fit the d_osc values the study holds out (fits: holdout: d_osc) too; default: hold them out")
 
 
 def _group_options(p: argparse.ArgumentParser) -> None:

@@ -92,59 +92,148 @@ def _log_limits(values: Iterable[float], pad: float = 2.5) -> tuple[float, float
     return float(v.min()) / pad, float(v.max()) * pad
 
 
-def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict[str, Any] | None = None) -> str:
-    """Gap vs d_osc for one variant: every seed, the per-d means, both fitted laws with their bands
-    (one colour per size when the study has several), and paper A's per-d gaps when given."""
-    fig, ax = _figure()
+def _cell_error(p: dict[str, Any]) -> float | None:
+    """One standard error of a cell's mean gap from its seeds' spread (None with one seed)."""
+    values = [v for v in p["values"].values() if v is not None and np.isfinite(v)]
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def _clipped_band(ax, fit: FitResult, color, lo: float, hi: float) -> None:
+    """The fit's band, clipped to the plotted range [lo, hi] (a band that runs off the axis is cut
+    at its edge instead of stretching the axis)."""
+    if not fit.ok or not fit.curve:
+        return
+    x = np.array(fit.curve["x"])
+    low = np.array([np.nan if v is None else v for v in fit.curve["band_low"]], dtype=float)
+    high = np.array([np.nan if v is None else v for v in fit.curve["band_high"]], dtype=float)
+    ok = np.isfinite(low) & np.isfinite(high)
+    if ok.any():
+        ax.fill_between(x[ok], np.clip(low[ok], lo, hi), np.clip(high[ok], lo, hi), color=color, alpha=0.13, zorder=1)
+
+
+def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict[str, Any] | None = None,
+                     default_method: str = "nonlinear") -> str:
+    """Gap vs d_osc for one variant in two panels: log y for the positive gaps (the power law is a
+    line there), linear y with zero marked for every gap (what crosses zero). Each: every seed's
+    gap, the per-d means with one standard error from the seeds, the fitted laws with their bands
+    clipped to the plotted range (the default method solid), the held-out d_osc (hollow diamonds,
+    with the law's prediction interval), and paper A's per-d gaps when given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13.0, 4.7), dpi=100)
+    ax_log, ax_lin = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for ax in (ax_log, ax_lin):
+        ax.tick_params(labelsize=8)
     groups = sorted({tuple(f.group.items()) for f in fits})
     colors = _palette(len(groups)) if len(groups) > 1 else [None]
-    all_positive = all((p["mean"] or 0) > 0 for f in fits for p in f.points)
-    limits = _log_limits([v for f in fits for p in f.points for v in p["values"].values()]
-                         + [v for f in fits if f.ok and f.curve for v in f.curve["fit"]]
-                         + (list(paper["gaps"].values()) if paper else [])) if all_positive else None
-    floor = limits[0] if limits else None
-    hidden = 0
+    ref = fits[0]
+    log_values, lin_values = [], []
+    band_colors: dict[int, Any] = {}
     for group, color in zip(groups, colors):
-        group_fits = [f for f in fits if tuple(f.group.items()) == group]
-        ref = group_fits[0]
-        tag = f" ({ref.group_label})" if ref.group_label and len(groups) > 1 else ""
-        for i, p in enumerate(ref.points):
+        gf = [f for f in fits if tuple(f.group.items()) == group]
+        first = gf[0]
+        tag = f" ({first.group_label})" if first.group_label and len(groups) > 1 else ""
+        for i, p in enumerate(first.points):
             values = [v for v in p["values"].values() if v is not None]
-            shown = [v for v in values if v > 0] if all_positive else values
-            hidden += len(values) - len(shown)
-            ax.scatter([p["x"]] * len(shown), shown, s=12, color=color or SEED_COLOR, alpha=0.55, zorder=2,
-                       label=f"seeds{tag}" if i == 0 else None)
-        means = [(p["x"], p["mean"]) for p in ref.points if p["mean"] is not None and (p["mean"] > 0 or not all_positive)]
-        if means:
-            ax.scatter(*zip(*means), s=44, color=color or MEAN_COLOR, edgecolor="black", linewidth=0.5, zorder=5,
-                       label=f"mean over seeds{tag}")
-        for f in group_fits:
+            lin_values += values
+            for ax, shown in ((ax_lin, values), (ax_log, [v for v in values if v > 0])):
+                ax.scatter([p["x"]] * len(shown), shown, s=12, color=color or SEED_COLOR, alpha=0.55, zorder=2,
+                           label=f"each seed{tag}" if i == 0 else None)
+            log_values += [v for v in values if v > 0]
+        pts = [(p["x"], p["mean"], _cell_error(p)) for p in first.points if p["mean"] is not None]
+        if pts:
+            xs, ms, es = zip(*pts)
+            err = [e if e is not None else 0.0 for e in es]
+            ax_lin.errorbar(xs, ms, yerr=err, fmt="o", ms=6, color=color or MEAN_COLOR, mec="black", mew=0.5,
+                            capsize=3, zorder=5, label=f"mean ± 1 s.e. (seeds){tag}")
+            pos = [(x, m, e) for x, m, e in zip(xs, ms, err) if m > 0]
+            if pos:
+                px, pm, pe = zip(*pos)
+                lower = [min(e, m * 0.999) for m, e in zip(pm, pe)]  # a bar below zero cannot be drawn on log axes
+                ax_log.errorbar(px, pm, yerr=[lower, pe], fmt="o", ms=6, color=color or MEAN_COLOR, mec="black",
+                                mew=0.5, capsize=3, zorder=5, label=f"mean ± 1 s.e. (seeds){tag}")
+                log_values += [m + e for m, e in zip(pm, pe)]
+            lin_values += [m + e for m, e in zip(ms, err)] + [m - e for m, e in zip(ms, err)]
+        for f in sorted(gf, key=lambda f: f.method != default_method):
+            if not f.ok or not f.curve:
+                continue
             line_color, style = METHOD_STYLE[f.method]
-            label = f"{f.method}: {f.formula}, α={f.constants['alpha'].value:.3g}{tag}" if f.ok else None
-            _draw_fit(ax, f, color or line_color, style, label, floor=floor)
+            style = "-" if f.method == default_method else "--"
+            x = np.array(f.curve["x"])
+            y = np.array(f.curve["fit"], dtype=float)
+            label = f"{f.method}{' (default)' if f.method == default_method else ''}: α={f.constants['alpha'].fmt()}{tag}"
+            ax_lin.plot(x, y, color=color or line_color, linestyle=style, zorder=4, label=label)
+            ax_log.plot(x[y > 0], y[y > 0], color=color or line_color, linestyle=style, zorder=4, label=label)
+            lin_values += list(y)
+            log_values += [v for v in y if v > 0]
+            band_colors[id(f)] = color or line_color  # bands are drawn once the ranges are known
+        for f in gf:
+            for check in f.holdout if f.ok and f.method == default_method else []:
+                if check.get("observed") is None:
+                    continue
+                if check.get("pi_low") is not None:
+                    ax_lin.errorbar([check["x"]], [check["predicted"]], yerr=[[check["predicted"] - check["pi_low"]],
+                                    [check["pi_high"] - check["predicted"]]], fmt="none", ecolor="grey", capsize=4,
+                                    zorder=3, label=f"law's prediction interval at held-out d_osc {F._num(check['x'])}")
+                    lin_values += [check["pi_low"], check["pi_high"]]
+                for ax in (ax_lin, ax_log):
+                    if ax is ax_log and check["observed"] <= 0:
+                        continue
+                    ax.scatter([check["x"]], [check["observed"]], marker="D", s=60, facecolor="white",
+                               edgecolor=color or MEAN_COLOR, linewidth=1.5, zorder=6,
+                               label=f"held out of the fit: d_osc {F._num(check['x'])}")
+                lin_values.append(check["observed"])
+                if check["observed"] > 0:
+                    log_values.append(check["observed"])
     if paper:
         ds = sorted(paper["gaps"])
-        ax.scatter(ds, [paper["gaps"][d] for d in ds], marker="x", s=50, color=PAPER_COLOR, zorder=6,
-                   label="paper A (published means)")
+        for ax in (ax_log, ax_lin):
+            ax.scatter(ds, [paper["gaps"][d] for d in ds], marker="x", s=50, color=PAPER_COLOR, zorder=6,
+                       label="paper A (published means)")
         grid = np.geomspace(min(ds), max(ds), 50)
-        ax.plot(grid, paper["C"] * grid ** (-paper["alpha"]), color=PAPER_COLOR, linestyle=":", zorder=3,
-                label=f"paper A fit, α={paper['alpha']:.3g}")
-    ax.set_xscale("log", base=2)
-    if limits:
-        ax.set_yscale("log")
-        ax.set_ylim(*limits)
+        for ax in (ax_log, ax_lin):
+            ax.plot(grid, paper["C"] * grid ** (-paper["alpha"]), color=PAPER_COLOR, linestyle=":", zorder=3,
+                    label=f"paper A fit, α={paper['alpha']:.3g}")
+        log_values += list(paper["gaps"].values())
+        lin_values += list(paper["gaps"].values())
+    # ranges from the data, the means' error bars and the fitted curves: never from the bands
+    lin = np.array([v for v in lin_values if v is not None and np.isfinite(v)] + [0.0])
+    span = float(lin.max() - lin.min()) or 1.0
+    lin_lo, lin_hi = float(lin.min()) - 0.08 * span, float(lin.max()) + 0.08 * span
+    ax_lin.set_ylim(lin_lo, lin_hi)
+    ax_lin.axhline(0.0, color="black", linewidth=0.9, zorder=1)
+    log_limits = _log_limits(log_values, pad=1.6)
+    for f in fits:
+        color = band_colors.get(id(f))
+        if color is None:
+            continue
+        _clipped_band(ax_lin, f, color, lin_lo, lin_hi)
+        if log_limits:
+            _clipped_band(ax_log, f, color, *log_limits)
+    for ax in (ax_log, ax_lin):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_osc", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    ylabel = f"gap in {ref.metric} ({variant} − {ref.baseline})"
+    ax_lin.set_ylabel(ylabel, fontsize=9)
+    ax_lin.set_title("linear scale: every gap, zero marked", fontsize=10)
+    ax_lin.legend(fontsize=7, loc="best")
+    if log_limits:
+        ax_log.set_yscale("log")
+        ax_log.set_ylim(*log_limits)
+        hidden = sum(1 for f in fits[:1] for p in f.points for v in p["values"].values() if v is not None and v <= 0)
+        ax_log.set_title("log scale: positive gaps (a power law is a line)"
+                         + (f"; {hidden} seed gap(s) ≤ 0 only on the right" if hidden else ""), fontsize=10)
+        ax_log.legend(fontsize=7, loc="best")
     else:
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("d_osc")
-    ref = fits[0]
-    ax.set_ylabel(f"gap in {ref.metric} ({variant} − {ref.baseline})")
-    title = f"{task}: {variant} vs {ref.baseline}" + (f", {ref.group_label}" if ref.group_label else "")
-    if hidden:
-        title += f" ({hidden} seed gap(s) ≤ 0 not shown)"
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+        ax_log.text(0.5, 0.5, "no positive gap to show on a log scale", ha="center", va="center",
+                    transform=ax_log.transAxes)
+    ax_log.set_ylabel(ylabel, fontsize=9)
+    fig.suptitle(f"{task}: {variant} vs {ref.baseline}" + (f", {ref.group_label}" if ref.group_label else ""), fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.11, top=0.88, wspace=0.18)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def plot_vs_params(task: str, variant: str, fits: list[FitResult], quantity: str) -> str:
@@ -213,7 +302,7 @@ def _fit_table_rows(fits: Iterable[FitResult]) -> list[list[str]]:
             held_text = f"x={F._num(held['x']):g}: {held['rel_error']:+.1%}"
         elif held and held.get("error") is not None:
             held_text = f"x={F._num(held['x']):g}: {held['error']:+.3g}"
-        consts = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items())
+        consts = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items()) if fit.ok else f"not identified: {fit.reason}"
         loo = fit.loo["rmse"] if fit.loo else None
         excluded = ", ".join(f"{k} {v}" for k, v in sorted(fit.excluded.items()) if v) or "0"
         rows.append([
@@ -232,7 +321,8 @@ def compact_fit_rows(fits: Iterable[FitResult]) -> list[list[str]]:
     """The constants table narrowed for a terminal (notes left out; `--format json` has everything)."""
     rows = []
     for row, fit in zip(_fit_table_rows(fits), fits):
-        others = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items() if k != "alpha")
+        others = ("; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items() if k != "alpha") if fit.ok
+                  else f"not identified: {fit.reason}")
         model = "floor" if fit.model == "power_floor" else ""
         rows.append([fit.task, fit.law, fit.variant, row[3], fit.method + (f" ({model})" if model else ""),
                      fit.constants["alpha"].fmt() if "alpha" in fit.constants else "–", others, _fmt(fit.r2, 3),
@@ -412,10 +502,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1360px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3;cursor:pointer}th.sorted-asc::after{content:" ▲"}th.sorted-desc::after{content:" ▼"}
-.plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}.note{color:#555;font-size:13px}
+.plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}figure.wide{flex-basis:100%}figure.wide img{width:100%;height:auto}.note{color:#555;font-size:13px}
 h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}code{background:#f5f5f5;padding:0 3px}"""
 
 # Sortable tables, and a check that every embedded plot decoded: a broken image logs a console
@@ -435,7 +525,11 @@ document.body.setAttribute('data-plots-rendered',ok+'/'+imgs.length)});
 })();"""
 
 
-def _figure_html(png: str, alt: str) -> str:
+def _figure_html(png: str, alt: str, wide: bool = False) -> str:
+    """A plot; `wide` ones (two panels, 1300 x 470 px) take the page width."""
+    if wide:
+        return (f'<figure class="wide"><img alt="{html.escape(alt)}" width="1300" height="470" '
+                f'src="data:image/png;base64,{png}"></figure>')
     return f'<figure><img alt="{html.escape(alt)}" width="580" height="410" src="data:image/png;base64,{png}"></figure>'
 
 
@@ -446,7 +540,7 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     totals = api.status_totals(api.status(study))
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items() if v)
     ci = fits[0].ci_level if fits else F.CI_LEVEL
-    n_boot = fits[0].n_boot if fits else F.N_BOOT
+    n_boot = max((f.n_boot for f in fits), default=F.N_BOOT) or F.N_BOOT
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head_html = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(description)}</p>",
                  f'<p class="note">storage: <code>{html.escape(study.storage)}</code> · {n_done} finished trials '
@@ -456,7 +550,8 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
           f"ledger {study.signature()} · {when}",
           "The full report with the plots is `report.html` beside this file."]
     body_html: list[str] = []
-    headline = _headline(fits)
+    settings = api.fit_settings(study)
+    headline = _headline(fits, settings["method"])
     if len(headline) > 12:
         headline = headline[:12] + [f"... and {len(headline) - 12} more fits in the tables below"]
     if headline:
@@ -475,7 +570,7 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
                 same_units = "ppl" in gf[0].metric or "perplex" in gf[0].metric
                 paper = comparison.get("paper_fit") if comparison and variant == "oscillator" and same_units else None
                 label = f"gap vs d_osc, {task} {variant}" + (f" {gf[0].group_label}" if gf[0].group_label else "")
-                plots.append(_figure_html(plot_gap_vs_dosc(task, variant, gf, paper), label))
+                plots.append(_figure_html(plot_gap_vs_dosc(task, variant, gf, paper, settings["method"]), label, wide=True))
         for law, quantity in (("loss_vs_params", "loss"), ("gap_vs_params", "gap")):
             for variant in sorted({f.variant for f in task_fits if f.law == law}):
                 vf = [f for f in task_fits if f.law == law and f.variant == variant and f.points]
@@ -505,7 +600,7 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     status_rows = _status_rows(study)
     body_html.append("<h2>Trials per cell (failures included)</h2>" + _html_table(STATUS_HEADER, status_rows))
     md += ["## Trials per cell (failures included)", _md_table(STATUS_HEADER, status_rows)]
-    method = _method_text(ci, n_boot)
+    method = _method_text(ci, n_boot, settings["method"], settings["holdout_d_osc"])
     body_html.append("<h2>Method</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in method))
     md += ["## Method", *method]
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
@@ -599,41 +694,70 @@ def _search_section(study: api.StudyResults) -> tuple[list[str], list[str]]:
     return body_html, md
 
 
-def _headline(fits: list[FitResult]) -> list[str]:
+def _holdout_text(check: dict[str, Any]) -> str:
+    """Paper A's out-of-sample check in one phrase."""
+    d = F._num(check["x"])
+    observed = f"observed {check['observed']:.3g}" + (f" ± {check['observed_se']:.2g} (s.e.)" if check.get("observed_se") else "")
+    if check.get("predicted") is None:
+        return f"held-out d_osc {d}: {observed}; {check.get('note', 'no prediction')}"
+    pi = f" [{check['pi_low']:.3g}, {check['pi_high']:.3g}]" if check.get("pi_low") is not None else ""
+    z = f", z = {check['z']:+.2f}" if check.get("z") is not None else ""
+    inside = {True: ", inside the prediction interval", False: ", OUTSIDE the prediction interval"}.get(check.get("inside"), "")
+    return f"held-out d_osc {d}: predicted {check['predicted']:.3g}{pi}, {observed}{z}{inside}"
+
+
+def _headline(fits: list[FitResult], method: str = "nonlinear") -> list[str]:
+    """One line per law of the default method: the exponent with its interval, or, when the data do
+    not identify it, no number and the one sentence why."""
     out = []
     for f in fits:
-        if f.law == "gap_vs_dosc" and f.ok:
-            group = f" at {f.group_label}" if f.group_label else ""
-            out.append(f"{f.task} / {f.variant}{group}: gap ∝ d_osc^-α with α = {f.constants['alpha'].fmt()} "
-                       f"({f.method}, {f.formula}" + (f", g_inf = {f.constants['g_inf'].fmt()}" if "g_inf" in f.constants else "")
-                       + f"; leave-one-out RMSE {_fmt(f.loo['rmse'] if f.loo else None, 3)})")
+        group = f" at {f.group_label}" if f.group_label else ""
+        if f.law in ("gap_vs_dosc", "gap_vs_params") and f.method == method:
+            x = "d_osc" if f.law == "gap_vs_dosc" else "N"
+            if not f.ok:
+                out.append(f"{f.task} / {f.variant}{group}: gap vs {x} not identified: {f.reason}.")
+                continue
+            level = f"{f.ci_level:.0%}"
+            text = (f"{f.task} / {f.variant}{group}: gap ∝ {x}^-α with α = {f.constants['alpha'].fmt()} ({level}, "
+                    f"{f.method}, {f.formula}, C = {f.constants['C'].fmt()}"
+                    + (f", g_inf = {f.constants['g_inf'].fmt()}" if "g_inf" in f.constants else "")
+                    + f"; {f.n_points} {x} values, {f.n_seeds} seeds)")
+            if f.holdout:
+                text += "; " + "; ".join(_holdout_text(c) for c in f.holdout)
+            out.append(text)
         elif f.law == "loss_vs_params" and f.ok:
-            group = f" at {f.group_label}" if f.group_label else ""
             out.append(f"{f.task} / {f.variant}{group}: L = E + A N^-α with α = {f.constants['alpha'].fmt()}, "
                        f"E = {f.constants['E'].fmt()}")
     return out
 
 
-def _method_text(ci: float, n_boot: int) -> list[str]:
+def _method_text(ci: float, n_boot: int, method: str = "nonlinear", holdout: list[float] | None = None) -> list[str]:
+    held = (f" The study holds d_osc {', '.join(str(F._num(d)) for d in holdout)} out of every fit and predicts it "
+            "(paper A's out-of-sample check): the law's prediction for the mean of the seeds run there, with its "
+            "prediction interval, the observed mean gap with its standard error, z, and whether it lies inside."
+            if holdout else "")
     return [
-        f"Seeds are the replicate unit. Every interval is a {ci:.0%} interval from {n_boot} bootstrap draws that resample "
-        "the seeds with replacement, every cell keeping the drawn seeds it has (one draw for all fits of a task, so gaps "
-        "stay paired with the baseline and two fits of one task are compared draw by draw). The percentile interval is "
-        "widened by sqrt(n/(n-1)) t_(n-1)/z, n = seeds per cell: the plain percentile bootstrap covers only ~75-80% "
-        "instead of 90% with 5 seeds (tests/test_fits.py measures both on 100 synthetic studies). Positive constants "
-        "(C on log axes, E, A) are widened on the log scale.",
+        f"Seeds are the replicate unit. The headline, `scaling predict`, `compare` and the HTTP API use one method: "
+        f"{method} (the study's `fits: method`, default nonlinear).{held}",
         "gap_vs_dosc and gap_vs_params: gap = variant − baseline at the same task and size (baseline − variant for "
-        "higher-is-better metrics), paired by seed. loglog-means is paper A's method: least squares of log(mean gap) on "
-        "log x; x values with a mean gap ≤ 0 cannot enter it and are listed in the notes. nonlinear: least squares on "
-        "the mean gaps in linear space (negative gaps are data) of C x^-α and of C x^-α + g_inf, the model with the "
-        "lower leave-one-x-out RMSE kept (its intervals are conditional on that choice).",
+        "higher-is-better metrics). nonlinear fits C x^-α (or C x^-α + g_inf, chosen by leave-one-x-out error) to "
+        "every run, with one level per seed for the pairing; gaps at or below zero are data. Its intervals are "
+        f"{ci:.0%} profile-likelihood intervals, F-calibrated (exact for linear models), projected from the joint region "
+        "when the gap is only moderately detected (p between 1e-5 and 1e-3). loglog-means is paper A's method: least "
+        "squares of log(mean gap) on log x, with a delta-method interval that uses the same seed noise.",
+        "A fit gives a number only when the data identify it: at least 3 x values (4 with a floor), at least 2 seeds "
+        "per cell and 2 residual degrees of freedom, a gap detected at p < 0.001, and a bounded interval for α; "
+        "loglog-means also needs every mean gap clearly above zero. Otherwise it says which rule failed, in one "
+        "sentence. On synthetic studies with a known law (2, 3 and 5 seeds, seed noise 1–30× the smallest gap), the "
+        "identified nonlinear fits' 95% intervals cover the true α in 93–98% of studies (`python -m scaling.coverage`).",
         "loss_vs_params: L = E + A N^-α (N = non-embedding parameters) per variant and d_osc, every trial a point, "
         "Huber loss on log residuals (δ = 1.345 robust sd of the seed noise, at least 1e-3), minimised from a grid of "
-        "starting points and polished by L-BFGS-B; bootstrap refits by Newton's method from the estimate.",
-        "Held-out checks: leave-one-x-out RMSE over all x, and the largest x predicted from a fit to the others "
-        "(paper A's d = 64 check). R² is in log space for loglog-means, linear space otherwise. Diverged, failed and "
-        "non-finite trials are excluded from every fit and counted (column 'excluded' and the table of cells); "
-        "search-stage trials are not used.",
+        f"starting points and polished by L-BFGS-B; {ci:.0%} intervals from {n_boot} bootstrap draws over seeds, widened "
+        "by sqrt(n/(n−1)) t_(n−1)/z.",
+        "Leave-one-x-out RMSE over all x, and the largest x predicted from a fit to the others. R² is in log space for "
+        "loglog-means, linear space otherwise. Diverged (non-finite loss, validation loss worse than chance, or the "
+        "task's own failure rule), failed and non-finite trials are excluded from every fit and counted; search-stage "
+        "trials are not used.",
     ]
 
 

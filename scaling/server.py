@@ -180,9 +180,10 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
              format: Literal["json", "csv"] = "json", detail: bool = Query(False, description="points, curves, leave-one-out"),
              n_boot: int = Query(F.N_BOOT, ge=100, le=5000), ci_level: float = Query(F.CI_LEVEL, gt=0.5, lt=0.999),
              min_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc >= this"),
-             max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this")) -> Response:
+             max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this"),
+             holdout: bool = Query(True, description="leave the study's held-out d_osc out of the fits")) -> Response:
         found = api.fits(load(name), task=task, variant=variant, law=law, method=method, n_boot=n_boot, ci_level=ci_level,
-                         min_d_osc=min_d_osc, max_d_osc=max_d_osc)
+                         min_d_osc=min_d_osc, max_d_osc=max_d_osc, holdout=holdout)
         rows = [f.to_dict() for f in found] if detail else [f.to_row() for f in found]
         if format == "csv":
             return PlainTextResponse(_csv([f.to_row() for f in found]), media_type="text/csv")
@@ -196,13 +197,14 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
                 target_params: int | None = Query(None, ge=0, le=10**15, description="the size (gap_vs_dosc)"),
                 at_d_osc: int | None = Query(None, ge=0, le=10**9, description="the d_osc (laws in parameters)"),
                 min_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc >= this"),
-                max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this")) -> dict[str, Any]:
+                max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this"),
+                holdout: bool = Query(True, description="leave the study's held-out d_osc out of the fit")) -> dict[str, Any]:
         if (d_osc is None) == (params is None):
             raise HTTPException(422, "give exactly one of d_osc or params")
         return api.predict(load(name), task=task, variant=variant, d_osc=d_osc, params=params, law=law,
                            method=method, n_seeds=n_seeds, level=level,
                            group=api.group_of(law, target_params=target_params, at_d_osc=at_d_osc),
-                           min_d_osc=min_d_osc, max_d_osc=max_d_osc)
+                           min_d_osc=min_d_osc, max_d_osc=max_d_osc, holdout=holdout)
 
     @app.get("/studies/{name}/compare", tags=["fits"], summary="alpha(a) - alpha(b) with its interval", **common)
     def compare(name: str = Name, task_a: str = Query(..., max_length=200), variant_a: str = Query(..., max_length=200),

@@ -145,6 +145,32 @@ class TrainEntry(_Strict):
         return self
 
 
+LawName = Literal["gap_vs_dosc", "loss_vs_params", "gap_vs_params"]
+
+
+class HoldoutEntry(_Strict):
+    # d_osc values run but left out of every fit, then predicted from it (paper A: 64)
+    d_osc: list[int] = Field(default_factory=list)
+
+    @field_validator("d_osc")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} has repeated values")
+        return value
+
+
+class FitsEntry(_Strict):
+    laws: list[LawName] = Field(default_factory=lambda: ["gap_vs_dosc"])
+    # the one method of the headline, `predict`, `compare` and HTTP (scaling/fits.py: nonlinear =
+    # every run, one level per seed, profile intervals; loglog-means = paper A's log-log on means)
+    method: Literal["nonlinear", "loglog-means"] = "nonlinear"
+    # nonlinear: fit C x^-alpha + g_inf (an irreducible gap) instead of C x^-alpha; chosen before
+    # the data are seen, never by them (see scaling/fits.py _select_nonlinear)
+    floor: bool = False
+    holdout: HoldoutEntry = Field(default_factory=lambda: HoldoutEntry())
+
+
 SEARCHABLE = ("lr", "weight_decay", "warmup_steps", "batch_size", "grad_clip", "schedule", "optimizer")
 
 
@@ -262,7 +288,9 @@ class StudySpec(_Strict):
     search: SearchEntry | None = None  # optional per-cell Optuna search, then replicate seeds at the best
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
-    fits: list[Literal["gap_vs_dosc", "loss_vs_params", "gap_vs_params"]] = Field(default_factory=lambda: ["gap_vs_dosc"])
+    # which laws to fit, by which method, and which points are held out of every fit; a plain list
+    # (e.g. [gap_vs_dosc]) names the laws and keeps the defaults
+    fits: FitsEntry = Field(default_factory=lambda: FitsEntry())
     # paper: each task's model and recipe from paper A (workers/presets.py); keys given under
     # `model:` / `train:` override the preset (e.g. fewer epochs for a reduced run)
     preset: Literal["paper"] | None = None
@@ -325,6 +353,23 @@ class StudySpec(_Strict):
             raise ValueError("preset: paper fixes each task's model shape; remove target_params (or the preset)")
         return self
 
+    @field_validator("fits", mode="before")
+    @classmethod
+    def _fits_list(cls, value: Any) -> Any:
+        return {"laws": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _holdout_in_grid(self) -> "StudySpec":
+        held = self.fits.holdout.d_osc
+        grid = {d for v in self.variants for d in (v.d_osc or [])}
+        stray = sorted(set(held) - grid)
+        if stray:
+            raise ValueError(f"fits.holdout.d_osc {stray} is not in any variant's d_osc {sorted(grid)}: hold out d_osc "
+                             f"values the study runs, or remove them")
+        if grid and not grid - set(held):
+            raise ValueError(f"fits.holdout.d_osc {sorted(held)} holds out every d_osc: leave some to fit")
+        return self
+
     @model_validator(mode="after")
     def _search_seeds(self) -> "StudySpec":
         if self.search is None:
@@ -341,7 +386,7 @@ class StudySpec(_Strict):
     @model_validator(mode="after")
     def _baseline(self) -> "StudySpec":
         names = [v.name for v in self.variants]
-        if "gap_vs_dosc" in self.fits and self.baseline not in names:
+        if "gap_vs_dosc" in self.fits.laws and self.baseline not in names:
             raise ValueError(
                 f"baseline={self.baseline!r} is not among the variants {names}; add it to `variants` or set `baseline`"
             )

@@ -134,7 +134,7 @@ def test_compare_two_variants(tmp_path, capsys):
     study = write_study(tmp_path / "cmp", rows, "cmp")
     code, out, _ = run_cli(capsys, "compare", str(study), "--a", "lm/steeper", "--b", "lm/oscillator", "--method",
                            "loglog-means")
-    assert code == 0 and "alpha(lm/steeper gap_vs_dosc loglog-means) - alpha(lm/oscillator" in out and "paired" in out
+    assert code == 0 and "alpha(lm/steeper gap_vs_dosc loglog-means) - alpha(lm/oscillator" in out and "conservative" in out
     code, out, _ = run_cli(capsys, "compare", str(study), "--a", "lm/steeper", "--b", "lm/oscillator", "--format", "json")
     result = json.loads(out)
     assert result["diff"] == pytest.approx(0.6, abs=0.15) and result["ci_low"] > 0

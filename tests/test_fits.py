@@ -13,12 +13,13 @@ from scaling import fits as F
 from scaling.fits import fit_gap_vs_dosc, fit_power_law
 
 
-def _gap_fits(rows, *, n_boot=400, level=0.95, rng_seed=0, methods=F.GAP_METHODS, task="lm", metric="val_loss"):
+def _gap_fits(rows, *, n_boot=400, level=0.95, rng_seed=0, methods=F.GAP_METHODS, task="lm", metric="val_loss",
+              floor=False):
     data = F.select_rows(rows, task)
     draws = F.SeedDraws(data.seeds, n_boot, rng_seed, stream=task)
     cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=metric)
     fits = F.fit_gap_law(cells, study="s", task=task, law="gap_vs_dosc", variant="oscillator", baseline="softmax",
-                         metric=metric, draws=draws, ci_level=level, methods=methods)
+                         metric=metric, draws=draws, ci_level=level, methods=methods, floor=floor)
     return {f.method: f for f in fits}
 
 
@@ -79,52 +80,57 @@ def test_gaps_are_paired_by_seed():
                                     metric_value=10 + offset + d**-1.0).to_dict())
     fit = fit_gap_vs_dosc(rows, study="s", task="lm", variant="oscillator", baseline="softmax", metric="val_loss", n_boot=200)
     assert fit.constants["alpha"].value == pytest.approx(1.0)
-    assert fit.constants["alpha"].ci_high - fit.constants["alpha"].ci_low < 1e-9  # no noise left after pairing
+    assert fit.constants["alpha"].ci_high - fit.constants["alpha"].ci_low < 1e-5  # no noise left after pairing
 
 
 def test_unpaired_seed_uses_baseline_mean_and_says_so():
     rows = [make_record(key="b0", seed=0, metric_value=1.0).to_dict()]
     rows += [make_record(key=f"o{d}", seed=7, variant="oscillator", d_osc=d, metric_value=1 + 1 / d).to_dict() for d in (2, 4)]
     fit = fit_gap_vs_dosc(rows, study="s", task="lm", variant="oscillator", baseline="softmax", metric="val_loss", n_boot=50)
-    assert fit.ok and any("no baseline with the same seed" in n for n in fit.notes)
-    assert fit.constants["alpha"].value == pytest.approx(1.0)
-    assert fit.constants["alpha"].ci_low is None  # one seed per cell: no interval, and it says so
-    assert any("single seed" in n for n in fit.notes)
+    assert any("no baseline with the same seed" in n for n in fit.notes)
+    # two d_osc values and one seed identify nothing: no headline number, one sentence why
+    assert not fit.ok and fit.reason == "2 d_osc value(s) with runs; the law needs at least 3"
+    assert fit.constants["alpha"].ci_low is None and fit.to_row()["reason"] == fit.reason
 
 
 def test_non_positive_gaps_are_left_out_of_loglog_but_fitted_by_nonlinear(tmp_path):
-    study_dir = write_synthetic_study(tmp_path / "s", C=1.0, alpha=1.0, noise=0.0, ds=(2, 4, 8))
+    study_dir = write_synthetic_study(tmp_path / "s", C=1.0, alpha=1.0, noise=0.01, ds=(2, 4, 8))
     from storage.ledger import Ledger
 
-    # d=64: the variant beats the baseline
-    for s in range(5):
+    base = {r["seed"]: r["metric_value"] for r in api.open_study(str(study_dir)).rows if r["variant"] == "softmax"}
+    # d=64: the law says 0.016; the runs measure a mean gap of 0 (the variant matches the baseline)
+    for s, gap in zip(range(5), (0.01, -0.01, 0.005, -0.005, 0.0)):
         Ledger(str(study_dir)).append(make_record(key=f"lm-osc-d64-s{s}", task="lm", variant="oscillator", d_osc=64,
-                                                  seed=s, cell="lm/oscillator/d64", metric_value=2.5))
+                                                  seed=s, cell="lm/oscillator/d64", metric_value=base[s] + gap))
     fits = {f.method: f for f in api.fits(api.open_study(str(study_dir)), n_boot=300)}
     loglog, nonlinear = fits["loglog-means"], fits["nonlinear"]
-    assert loglog.ok and loglog.n_points == 3
-    assert any("[64]" in n and "left out" in n for n in loglog.notes)
-    assert nonlinear.ok and nonlinear.n_points == 4  # the negative gap is data here
+    # paper A's method cannot take the log of a mean gap at zero: unidentified, saying where
+    assert not loglog.ok and loglog.reason.startswith("the mean gap at d_osc 64 (") and "not clearly above zero" in loglog.reason
+    assert nonlinear.ok and nonlinear.n_points == 4  # the zero gap is data here
     assert [p["used"] for p in nonlinear.points] == [True] * 4
-    assert nonlinear.points[-1]["mean"] == pytest.approx(-0.5)
+    assert nonlinear.points[-1]["mean"] == pytest.approx(0.0, abs=1e-12)
+    a = nonlinear.constants["alpha"]
+    assert a.ci_low < a.value < a.ci_high and a.ci_low < 1.0 < a.ci_high
 
 
 def test_all_negative_gaps_do_not_crash():
     rows = synthetic.gap_study_rows(C=-1.0, alpha=0.5, seed_effect=0.0, variant_noise=0.01, baseline_noise=0.0)
     fits = _gap_fits(rows, n_boot=200)
-    assert not fits["loglog-means"].ok and any("no fit" in n for n in fits["loglog-means"].notes)
+    assert not fits["loglog-means"].ok and "not clearly above zero" in fits["loglog-means"].reason
     nl = fits["nonlinear"]
     assert nl.ok and nl.constants["C"].value == pytest.approx(-1.0, rel=0.1)
     assert nl.constants["alpha"].value == pytest.approx(0.5, abs=0.1)
 
 
-def test_floor_is_chosen_by_held_out_error_when_the_data_have_one():
+def test_floor_is_fitted_when_the_study_asks_and_suggested_when_the_data_have_one():
     rows = synthetic.gap_study_rows(C=4.0, alpha=1.0, g_inf=1.0, ds=(2, 4, 8, 16, 32, 64), seed_effect=0.0,
                                     variant_noise=0.01, baseline_noise=0.0, rng=1)
-    fits = _gap_fits(rows)
+    plain = _gap_fits(rows)["nonlinear"]
+    assert plain.model == "power" and "consider `fits: floor: true`" in plain.selection["summary"]
+    assert plain.selection["loo_rmse"]["power_floor"] < plain.selection["loo_rmse"]["power"]
+    fits = _gap_fits(rows, floor=True)
     nl = fits["nonlinear"]
     assert nl.model == "power_floor" and nl.selection["chosen"] == "power_floor"
-    assert nl.selection["loo_rmse"]["power_floor"] < nl.selection["loo_rmse"]["power"]
     g = nl.constants["g_inf"]
     assert g.ci_low < 1.0 < g.ci_high and g.value == pytest.approx(1.0, abs=0.05)
     assert nl.constants["alpha"].value == pytest.approx(1.0, abs=0.05)
@@ -139,7 +145,8 @@ def test_too_few_points_is_a_failed_fit_with_a_reason():
             make_record(key="o", variant="oscillator", d_osc=2, metric_value=2.0).to_dict()]
     fit = fit_gap_vs_dosc(rows, study="s", task="lm", variant="oscillator", baseline="softmax", metric="val_loss")
     assert not fit.ok and math.isnan(fit.constants["alpha"].value)
-    assert any("fewer than 2" in n for n in fit.notes)
+    assert fit.reason == "1 d_osc value(s) with runs; the law needs at least 3"
+    assert fit.notes[0] == f"not identified: {fit.reason}"
     assert fit.to_row()["alpha"] is None  # JSON-safe
 
 
@@ -196,38 +203,8 @@ def test_widen_factor_is_the_t_correction():
 
 # ---- validity: do the intervals cover the truth? ------------------------------------------------
 
-def _coverage(design: dict, method: str, n_rep: int, n_boot: int = 800, level: float = 0.90):
-    hits = plain_hits = 0
-    tail = (1 - level) / 2 * 100
-    for rep in range(n_rep):
-        rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, rng=rep, **design)
-        fit = _gap_fits(rows, n_boot=n_boot, level=level, rng_seed=rep, methods=[method])[method]
-        a = fit.constants["alpha"]
-        hits += a.ci_low <= 0.6 <= a.ci_high
-        lo, hi = np.percentile(fit.boot["alpha"][np.isfinite(fit.boot["alpha"])], [tail, 100 - tail])
-        plain_hits += lo <= 0.6 <= hi
-    return hits / n_rep, plain_hits / n_rep
-
-
-DESIGNS = {
-    # the variant's own seed noise dominates: the per-d gaps are independent
-    "independent": dict(seed_effect=0.05, variant_noise=0.03, baseline_noise=0.0),
-    # the baseline's noise dominates: shared by every d through the pairing, so the gaps are correlated
-    "shared-baseline": dict(seed_effect=0.05, variant_noise=0.01, baseline_noise=0.03),
-}
-
-
-@pytest.mark.parametrize("method", F.GAP_METHODS)
-@pytest.mark.parametrize("design", list(DESIGNS))
-def test_90_percent_intervals_cover_the_true_exponent(design, method):
-    """Issue 7's validity test: 100 synthetic replicate studies (5 seeds x 5 d_osc, seed noise),
-    90% intervals must cover the true alpha in 80-97% of them. The plain percentile bootstrap
-    under-covers with 5 seeds (its spread is sqrt(4/5) of the truth and it ignores the t law), which
-    is why the intervals are widened; the plain one is checked to be worse, so the widening earns
-    its place."""
-    coverage, plain = _coverage(DESIGNS[design], method, n_rep=100)
-    assert 0.80 <= coverage <= 0.97, f"{design}/{method}: coverage {coverage:.2f} (plain percentile {plain:.2f})"
-    assert plain < coverage
+# The gap laws' coverage (95% profile intervals, 2-5 seeds, noise 1-30x the smallest gap) is
+# checked in tests/test_trust.py and benchmarked by `python -m scaling.coverage`.
 
 
 def test_loss_law_90_percent_intervals_cover_the_truth_100_replicates():
@@ -303,7 +280,11 @@ def test_a_full_grid_gives_every_law_per_size_and_d():
     assert {f.group["target_params"] for f in by_law["gap_vs_dosc"]} == {1_000_000, 2_000_000, 4_000_000}
     assert len(by_law["gap_vs_params"]) == 4 * 2  # per d_osc, two methods
     assert len(by_law["loss_vs_params"]) == 1 + 4  # softmax, and oscillator at each d_osc
-    assert all(f.ok for f in fits)
+    assert all(f.ok for f in fits if f.law != "gap_vs_params")
+    # 3 sizes x 3 seeds with a small gap: the gap in parameters is not detected at p < 0.001, and says so
+    for f in by_law["gap_vs_params"]:
+        assert f.ok or f.reason.startswith(("no gap detected: a zero gap at every parameter count",
+                                            "the gap at parameter count"))
     # the generating law: gap = 1.5 d^-0.7 times a loss of ~2-2.3, so alpha ~0.7 at every size
     for f in by_law["gap_vs_dosc"]:
         assert 0.5 < f.constants["alpha"].value < 0.9
@@ -331,11 +312,12 @@ def test_predict_from_fit(tmp_path):
 
 def test_prediction_interval_covers_new_runs():
     """A 90% prediction interval for one new seed at a new d covers most new runs."""
-    rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, seed_effect=0.0, variant_noise=0.05, baseline_noise=0.0, rng=9)
+    rows = synthetic.gap_study_rows(C=1.5, alpha=0.6, seed_effect=0.0, variant_noise=0.05, baseline_noise=0.05, rng=9)
     fit = _gap_fits(rows, n_boot=800, level=0.9, methods=["nonlinear"])["nonlinear"]
     out = fit.predict(24.0, n_seeds=1)
     rng = np.random.default_rng(0)
-    new_runs = 1.5 * 24.0**-0.6 + rng.normal(0, 0.05, 2000)
+    # a new seed's gap: its variant run minus its own baseline run, each with seed noise
+    new_runs = 1.5 * 24.0**-0.6 + rng.normal(0, 0.05, 2000) - rng.normal(0, 0.05, 2000)
     covered = np.mean((new_runs >= out["pi_low"]) & (new_runs <= out["pi_high"]))
     assert 0.8 <= covered <= 0.995, covered
     assert fit.predict(24.0, n_seeds=5)["pi_high"] < out["pi_high"]  # a mean of 5 seeds is less noisy
@@ -347,7 +329,7 @@ def test_difference_of_exponents():
         for r in synthetic.gap_study_rows(C=1.0, alpha=0.6, rng=2) if r["variant"] == "oscillator"]
     study = api.StudyResults("s", "/nowhere", {"baseline": "softmax"}, same, None)
     out = api.compare(study, a=("lm", "oscillator"), b=("lm", "oscillator_b"), law="gap_vs_dosc", method="loglog-means")
-    assert out["paired"] and out["ci_low"] < 0 < out["ci_high"]
+    assert out["ci_low"] < 0 < out["ci_high"] and "conservative" in out["note"]
     steeper = synthetic.gap_study_rows(C=1.5, alpha=1.2, rng=3, task="lm2", seed_effect=0.0, variant_noise=0.005)
     study = api.StudyResults("s", "/nowhere", {"baseline": "softmax"}, same + steeper, None)
     out = api.compare(study, a=("lm2", "oscillator"), b=("lm", "oscillator"), method="loglog-means")

@@ -142,8 +142,10 @@ def test_any_task_custom_baseline_target_params_metric_filter_and_diverged_rows(
     diverged = [r for r in study.rows if r["status"] == "diverged"]
     assert len(diverged) == 1 and diverged[0]["cell"] == "lm/kuramoto/d4/N1000000"
     assert {r["params_non_embedding"] for r in study.rows} == {1_000_000}
-    [fit] = [f for f in api.fits(study, law="gap_vs_dosc", method="loglog-means", n_boot=N_BOOT) if f.ok]
-    assert fit.constants["alpha"].value > 0  # higher is better: gap = mha - kuramoto, shrinking with d_osc
+    [fit] = api.fits(study, law="gap_vs_dosc", method="nonlinear", n_boot=N_BOOT)
+    means = [p["mean"] for p in fit.points]  # higher is better: gap = mha - kuramoto, shrinking with d_osc
+    assert all(m > 0 for m in means) and means == sorted(means, reverse=True)
+    assert fit.ok or fit.reason  # 2 seeds of 3 d_osc: identified or not, it says which
 
 
 def test_parquet_round_trip_gives_the_same_study_and_keys(paper_a, tmp_path):

@@ -44,7 +44,7 @@ def make_root(root: Path) -> Path:
     rows = synthetic.gap_study_rows(ds=(2, 4, 8, 16), seeds=range(3))
     rows.append({**rows[1], "key": "lm-osc-diverged", "seed": 9, "status": "diverged", "metric_value": None})
     write_study(root / "demo", rows, "demo", "a synthetic gap study")
-    write_study(root / "grid", synthetic.scaling_grid_rows(tasks=("lm",), variants={"softmax": None, "oscillator": [2, 8]},
+    write_study(root / "grid", synthetic.scaling_grid_rows(tasks=("lm",), variants={"softmax": None, "oscillator": [2, 4, 8, 16]},
                                                            sizes=(1_000_000, 2_000_000, 4_000_000), seeds=range(3)), "grid")
     (root / "not-a-study").mkdir()
     return root

@@ -133,7 +133,8 @@ MALFORMED = [
     (GOOD + "search: {seeds: [7], trials_per_cell: 2, space: {lr: {type: uniform, low: 0.001, high: 0.01}}}\n",
      "search.seeds [7] are not among seeds"),
     (GOOD + "search: {trials_per_cell: 2, space: {dropout: {type: uniform, low: 0.0, high: 0.5}}}\n", "cannot search ['dropout']"),
-    (GOOD + "fits: [loss_vs_flops]\n", "fits[0]"),
+    (GOOD + "fits: [loss_vs_flops]\n", "fits.laws[0]"),
+    (GOOD + "fits: {method: loglog, holdout: {d_osc: [64]}}\n", "fits.method"),
     (GOOD + "tracking: {wandb: {mode: sometimes}}\n", "tracking.wandb.mode"),
 ]
 
