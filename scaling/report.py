@@ -168,7 +168,7 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
             log_values += [v for v in y if v > 0]
             band_colors[id(f)] = color or line_color  # bands are drawn once the ranges are known
         for f in gf:
-            for check in f.holdout if f.ok and f.method == default_method else []:
+            for check in f.holdout if f.method == default_method else []:
                 if check.get("observed") is None:
                     continue
                 if check.get("pi_low") is not None:
@@ -176,12 +176,15 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
                                     [check["pi_high"] - check["predicted"]]], fmt="none", ecolor="grey", capsize=4,
                                     zorder=3, label=f"law's prediction interval at held-out d_osc {F._num(check['x'])}")
                     lin_values += [check["pi_low"], check["pi_high"]]
+                se = check.get("observed_se") or 0.0
                 for ax in (ax_lin, ax_log):
                     if ax is ax_log and check["observed"] <= 0:
                         continue
-                    ax.scatter([check["x"]], [check["observed"]], marker="D", s=60, facecolor="white",
-                               edgecolor=color or MEAN_COLOR, linewidth=1.5, zorder=6,
-                               label=f"held out of the fit: d_osc {F._num(check['x'])}")
+                    low = min(se, check["observed"] * 0.999) if ax is ax_log else se
+                    ax.errorbar([check["x"]], [check["observed"]], yerr=[[low], [se]], fmt="D", ms=7, mfc="white",
+                                mec=color or MEAN_COLOR, mew=1.5, ecolor=color or MEAN_COLOR, capsize=3, zorder=6,
+                                label=f"held out of the fit: d_osc {F._num(check['x'])} (mean ± 1 s.e.)")
+                lin_values += [check["observed"] - se, check["observed"] + se]
                 lin_values.append(check["observed"])
                 if check["observed"] > 0:
                     log_values.append(check["observed"])
@@ -394,6 +397,7 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
         our_fit = next((f for f in fits if f.task == task and f.law == "gap_vs_dosc" and f.method == "loglog-means"
                         and f.variant == "oscillator"), None)
         our_gap = {p["x"]: p["mean"] for p in our_fit.points} if our_fit else {}
+        our_gap.update({c["x"]: c["observed"] for c in (our_fit.holdout if our_fit else []) if c.get("observed") is not None})
         for d, entry in sorted(ref["oscillator"].items()):
             table.append([f"oscillator d_osc={d}", _mean_sd(entry["mean"], entry.get("std"), entry["n_seeds"]),
                           _ours(by_cell.get(("oscillator", d), [])), f"{paper_fit['gaps'][d]:+.3g}",
