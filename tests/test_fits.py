@@ -284,7 +284,7 @@ def test_a_full_grid_gives_every_law_per_size_and_d():
     # 3 sizes x 3 seeds with a small gap: the gap in parameters is not detected at p < 0.001, and says so
     for f in by_law["gap_vs_params"]:
         assert f.ok or f.reason.startswith(("no gap detected: a zero gap at every parameter count",
-                                            "the gap at parameter count"))
+                                            "the gap at parameter count", "the gap is detected, but not strongly"))
     # the generating law: gap = 1.5 d^-0.7 times a loss of ~2-2.3, so alpha ~0.7 at every size
     for f in by_law["gap_vs_dosc"]:
         assert 0.5 < f.constants["alpha"].value < 0.9
