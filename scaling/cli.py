@@ -37,10 +37,13 @@ def cmd_run(args) -> int:
     if result.report_path:
         print(f"report:  {result.report_path}")
         for row in result.fits:  # every law and method; `scaling fits DIR` has the full table
+            group = f" ({row['group']})" if row.get("group") else ""
             if row["ok"]:
-                group = f" ({row['group']})" if row.get("group") else ""
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: {row['formula']}, "
                       f"alpha = {_f(row['alpha'])} [{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}]")
+            elif row.get("reason") and row["law"] != "loss_vs_params":
+                print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: not identified: "
+                      f"{row['reason']}")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
