@@ -49,6 +49,8 @@ class StudyResults:
     config: dict[str, Any]  # the study file as saved beside the ledger
     rows: list[dict[str, Any]]  # every ledger row, failed attempts included
     plan: list[dict[str, Any]] | None  # planned trials (key, cell, task, variant, d_osc, seed)
+    # files under ledger/ that are not finished records (temporary or partial files), skipped: path, reason
+    ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def baseline(self) -> str:
@@ -98,7 +100,10 @@ def open_study(ref: str) -> StudyResults:
     config = _read_yaml(fs, study_file)
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
-    return StudyResults(str(config.get("name", Path(root).name)), storage, config, Ledger(storage).rows(), plan)
+    ledger = Ledger(storage)
+    rows = ledger.rows()
+    return StudyResults(str(config.get("name", Path(root).name)), storage, config, rows, plan,
+                        [item.as_dict() for item in ledger.ignored])
 
 
 def list_studies(root: str) -> list[dict[str, Any]]:
@@ -489,7 +494,12 @@ def status_summary(study: StudyResults) -> dict[str, Any]:
     totals = status_totals(cells)
     return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
             "baseline": study.baseline, "tasks": study.tasks, "totals": totals, "cells": cells,
-            "eta": eta(study, totals["pending"] + totals["in_progress"])}
+            "eta": eta(study, totals["pending"] + totals["in_progress"]), "ledger_ignored": study.ignored}
+
+
+def ledger_notes(study: StudyResults) -> list[str]:
+    """One line per file under ledger/ that readers skipped (not a finished record), saying why."""
+    return [f"ledger: ignored {item['path']}: {item['reason']}" for item in study.ignored]
 
 
 def searches(study: StudyResults) -> list[dict[str, Any]]:

@@ -75,3 +75,70 @@ def test_workers_never_import_ray_or_optuna():
         "bad = [m for m in ('ray', 'optuna', 'wandb') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- what a reader skips: anything under ledger/ that is not a finished record -----------------
+
+def _leftovers(ledger_dir, key: str) -> None:
+    """What a writer killed between write and rename leaves, and other non-records."""
+    record = (ledger_dir / f"{key}.parquet").read_bytes()
+    (ledger_dir / f"{key}.parquet.tmp-0a1b2c3d").write_bytes(record)  # complete temp copy of a finished record
+    (ledger_dir / "lost.parquet.tmp-deadbeef").write_bytes(record[: len(record) // 2])  # partial, never renamed
+    (ledger_dir / "short.parquet").write_bytes(b"PAR1")  # a record cut short
+    (ledger_dir / "garbage.parquet").write_bytes(b"not parquet at all, but long enough to pass the size check")
+    (ledger_dir / "notes.txt").write_text("hand-written notes")
+    (ledger_dir / "failed" / "x-00000000.parquet.tmp-0badf00d").parent.mkdir(exist_ok=True)
+    (ledger_dir / "failed" / "x-00000000.parquet.tmp-0badf00d").write_bytes(record[:10])
+
+
+def test_readers_skip_temp_and_partial_files_and_say_why(tmp_path, caplog):
+    ledger = Ledger(str(tmp_path))
+    ledger.append(make_record(key="a", metric_value=1.5))
+    ledger.append(make_record(key="b", status="failed", error="boom"))
+    _leftovers(tmp_path / "ledger", "a")
+    caplog.set_level("WARNING", logger="storage.ledger")
+    assert ledger.keys() == {"a", "garbage"}  # by name and size; 'garbage' is caught when read
+    table = ledger.table()
+    assert sorted(table.column("key").to_pylist()) == ["a", "b"]  # the complete temp copy is not a second 'a'
+    assert [r.key for r in ledger.records(include_failed=False)] == ["a"]
+    reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((i.path, i.reason) for i in ledger.ignored)}
+    assert set(reasons) == {"a.parquet.tmp-0a1b2c3d", "lost.parquet.tmp-deadbeef", "short.parquet", "garbage.parquet",
+                            "notes.txt", "x-00000000.parquet.tmp-0badf00d"}
+    assert "interrupted before its rename" in reasons["a.parquet.tmp-0a1b2c3d"]
+    assert "its record is in the ledger" in reasons["a.parquet.tmp-0a1b2c3d"]
+    assert "not in the ledger and runs again" in reasons["lost.parquet.tmp-deadbeef"]
+    assert "partial record (4 bytes" in reasons["short.parquet"]
+    assert "unreadable record" in reasons["garbage.parquet"] and "magic" in reasons["garbage.parquet"].lower()
+    assert "not a ledger record" in reasons["notes.txt"]
+    assert any("ignored" in m and "tmp-0a1b2c3d" in m for m in caplog.messages)  # said, once per file
+    before = len(caplog.messages)
+    ledger.table()
+    assert len(caplog.messages) == before
+
+
+def test_a_partial_record_does_not_block_its_trial(tmp_path):
+    ledger = Ledger(str(tmp_path))
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "k.parquet").write_bytes(b"PAR")  # cut short: the trial is not done
+    assert ledger.keys() == set()
+    ledger.append(make_record(key="k"))  # the re-run's record replaces it
+    assert [r.key for r in ledger.records()] == ["k"] and ledger.ignored == []
+
+
+def test_status_and_report_work_with_leftovers_and_count_each_trial_once(tmp_path, capsys):
+    import json
+
+    from conftest import write_synthetic_study
+    from scaling import api
+    from scaling.cli import main
+
+    storage = write_synthetic_study(tmp_path / "s", seeds=(0, 1, 2), ds=(2, 4, 8))
+    clean = api.status_summary(api.open_study(str(storage)))["totals"]
+    key = sorted(p.name for p in (storage / "ledger").glob("*.parquet"))[0][: -len(".parquet")]
+    _leftovers(storage / "ledger", key)
+    assert main(["status", str(storage), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["totals"] == clean  # the complete temp copy is not counted twice
+    assert len(out["ledger_ignored"]) == 6
+    assert main(["report", str(storage), "--n-boot", "100"]) == 0
+    assert main(["fits", str(storage), "--format", "json", "--n-boot", "100"]) == 0
