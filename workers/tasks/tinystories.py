@@ -171,7 +171,7 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: val_chunks.pkl should hold lists of token ids")
 
 
-def load_authors_eval(directory: str, seq_len: int) -> tuple[list[str], "np.ndarray"]:
+def load_authors_eval(directory: str, seq_len: int) -> tuple[list[str], Any]:
     """Paper A's shipped vocabulary (id order) and validation chunks, PAD-filled to `seq_len`."""
     import numpy as np
     import torch
