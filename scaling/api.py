@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import yaml
 
 from scaling import fits as F
@@ -32,6 +33,10 @@ from storage.ledger import Ledger
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as studies.spec: names directories
+# where a prediction may be asked for: d_osc as in a study file (>= 2: the sphere S^(d-1)), at most
+# 2^16; parameter counts from 1e3 (a study's smallest target) to 1e15
+D_OSC_RANGE = (2.0, 65536.0)
+PARAMS_RANGE = (1e3, 1e15)
 
 
 class StudyNotFound(FileNotFoundError):
@@ -90,7 +95,15 @@ def open_study(ref: str) -> StudyResults:
         storage = sfs.study_storage_uri(config["name"], config.get("storage"))
     else:
         storage = sfs.absolute_uri(ref)
+    return open_storage(storage)
+
+
+def open_storage(storage: str) -> StudyResults:
+    """A study from its storage directory or URI only: never from a study file, so whatever a file's
+    `storage:` names is not followed (what the HTTP API serves: directories under its root)."""
     fs, root = sfs.resolve(storage)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        raise StudyNotFound(f"{storage}: a file, not a study's storage directory")
     study_file = sfs.join(root, "study.yaml")
     if not sfs.exists(fs, study_file):
         raise StudyNotFound(
@@ -108,8 +121,6 @@ def open_study(ref: str) -> StudyResults:
 
 def list_studies(root: str) -> list[dict[str, Any]]:
     """Every study directory directly under `root` (a directory or URI): those holding a study.yaml."""
-    import pyarrow.fs as pafs
-
     fs, base = sfs.resolve(root)
     out = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
@@ -349,6 +360,9 @@ def predict(
     law = law or "gap_vs_dosc"
     if x is None or not math.isfinite(float(x)) or float(x) <= 0:
         raise QueryError(f"give a positive point to predict at (d_osc=... or params=...), got {x!r}")
+    name, (low, high) = ("d_osc", D_OSC_RANGE) if law == "gap_vs_dosc" else ("params", PARAMS_RANGE)
+    if not low <= float(x) <= high:
+        raise QueryError(f"{name}={float(x):g} is outside [{low:g}, {high:g}]: predict at a {name} a study could run")
     if n_seeds < 1:
         raise QueryError(f"n_seeds={n_seeds} must be >= 1")
     if level is not None and not 0 < level < 1:

@@ -3,13 +3,21 @@
     scaling serve --host 0.0.0.0 --port 8000 --root /data/runs     # token from SCALING_API_TOKEN
 
 - `root` holds one storage directory per study (also from SCALING_STUDIES_ROOT).
-- Every endpoint but `GET /healthz` needs `Authorization: Bearer <SCALING_API_TOKEN>` (401 otherwise).
-- Study names are checked against the same pattern as study files (letters, digits, `._-`, no
-  leading dot, <= 64 characters), and the resolved directory must lie inside the root.
+- Public (no token): `GET /healthz`, and the API's own description, `GET /openapi.json` and the
+  Swagger page `GET /docs` (they show the routes, never a study; the page's Authorize button takes
+  the token). Every other route needs `Authorization: Bearer <SCALING_API_TOKEN>` (401 otherwise).
+- A study is a directory directly under the root: names are checked against the study-file pattern
+  (letters, digits, `._-`, no leading dot, <= 64 characters), the resolved path must be a directory
+  whose parent is the root (no symlink out of it), and a file there is never followed (a
+  `pointer.yaml` under the root does not open what its `storage:` names).
+- Every request body is capped (MAX_BODY_BYTES, 256 KiB: 413 with the limit), query parameters are
+  bounded (d_osc >= 2 as in a study file, params >= 1e3, ...), and error bodies are short: a bad
+  input is quoted in at most ~80 characters, a message in at most 2,000.
 - GET endpoints only read (ledger, study.yaml, plan.json); fits and reports are computed in memory.
-- `POST /studies` writes the study file under `<root>/<name>/submissions/`, validates it in a
-  subprocess and forwards it to the runner as a subprocess (`scaling run FILE`): the server process
-  never imports torch or ray.
+- `POST /studies` validates the study file in a subprocess from a temporary directory outside the
+  root; only a valid study gets `<root>/<name>/submissions/`, and the runner as a subprocess
+  (`scaling run FILE`). A rejected submission leaves nothing behind. The server process never
+  imports torch or ray.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +39,11 @@ from typing import Any, Literal
 
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaling import api
 from scaling import fits as F
@@ -43,6 +54,61 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SUBMISSIONS = "submissions"
 Law = Literal["gap_vs_dosc", "gap_vs_params", "loss_vs_params"]
 Method = Literal["loglog-means", "nonlinear", "huber-log"]
+MAX_BODY_BYTES = 256 * 1024  # a study file is a few KB; the YAML text field allows 200,000 characters
+MAX_DETAIL_CHARS = 2000  # an error message, at most
+MAX_INPUT_CHARS = 80  # a bad input quoted in an error, at most
+PUBLIC_ROUTES = ("/healthz", "/openapi.json", "/docs")
+D_OSC_LOW, D_OSC_HIGH = api.D_OSC_RANGE
+PARAMS_LOW, PARAMS_HIGH = api.PARAMS_RANGE
+
+
+def _cut(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was: errors never echo a large input."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _short(value: Any) -> str:
+    """A bad input as quoted in an error: its repr, at most MAX_INPUT_CHARS characters."""
+    return _cut(repr(value), MAX_INPUT_CHARS)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before the app sees it,
+    whether it declares its length (refused unread) or streams it (refused at the first byte over)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, send)
+                return
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send) -> None:
+        response = JSONResponse({"detail": f"request body over the limit of {self.limit:,} bytes "
+                                           f"({self.limit // 1024} KiB); a study file is a few KB"}, status_code=413)
+        await response(scope, None, send)
 
 
 # ---- the runner behind POST /studies -----------------------------------------------------------
@@ -88,7 +154,8 @@ class SubprocessRunner:
 
 
 class Submission(BaseModel):
-    """A study to run: the study file's text (YAML), or the same content as a JSON object."""
+    """A study to run: the study file's text (YAML), or the same content as a JSON object (the whole
+    request body is at most 256 KiB)."""
 
     study_yaml: str | None = Field(None, max_length=200_000, description="the study file, as YAML text")
     study: dict[str, Any] | None = Field(None, description="the study file's content as a JSON object")
@@ -97,8 +164,9 @@ class Submission(BaseModel):
 # ---- the app ------------------------------------------------------------------------------------
 
 def create_app(root: str | None = None, token: str | None = None, *, runner: SubprocessRunner | None = None,
-               read_only: bool = False) -> FastAPI:
-    """read_only: queries only; POST /studies answers 501 (a server on a read-only volume)."""
+               read_only: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """read_only: queries only; POST /studies answers 501 (a server on a read-only volume).
+    max_body_bytes: larger request bodies are answered 413."""
     root = root or os.environ.get(ROOT_ENV)
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     if not root:
@@ -115,8 +183,13 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
         title="Oscillator scaling studies",
         version="1",
         description="Studies, trials, fitted scaling laws with confidence intervals, predictions, reports; "
-                    "study submission. Bearer token required except on /healthz.",
+                    "study submission. Public, no token: `GET /healthz`, this description (`GET /openapi.json`) "
+                    "and its page (`GET /docs`); they hold no study data. Every other route needs "
+                    f"`Authorization: Bearer <{TOKEN_ENV}>`. Request bodies are capped at "
+                    f"{max_body_bytes // 1024} KiB (413).",
+        redoc_url=None,  # one documentation page (/docs) is public, not two
     )
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     bearer = HTTPBearer(auto_error=False, description=f"the value of {TOKEN_ENV}")
 
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -127,30 +200,55 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def study_dir(name: str) -> str:
         """The study's storage under the root; refuses names that would leave it."""
         if not re.fullmatch(NAME_PATTERN, name):
-            raise HTTPException(422, f"study name {name!r} must match {NAME_PATTERN}")
-        path = sfs.join(root_uri, name)
-        if local_root is not None:
-            resolved = Path(path).resolve()
-            if resolved.parent != local_root:  # a symlink pointing out of the root
-                raise HTTPException(404, f"study {name!r} not found under the root")
-        return path
+            raise HTTPException(422, f"study name {_short(name)} must match {NAME_PATTERN}")
+        return sfs.join(root_uri, name)
 
     def load(name: str) -> api.StudyResults:
+        """A study directory directly under the root: never a file there (no `storage:` indirection),
+        never a symlink out of the root."""
+        path = study_dir(name)
+        if local_root is not None:
+            resolved = Path(path).resolve()
+            if resolved.parent != local_root or not resolved.is_dir():
+                raise HTTPException(404, f"study {name!r} not found under the root")
         try:
-            return api.open_study(study_dir(name))
+            return api.open_storage(path)
         except api.StudyNotFound:
             raise HTTPException(404, f"study {name!r} not found under the root") from None
 
     @app.exception_handler(api.QueryError)
     async def _query_error(_: Request, error: api.QueryError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=422)
+        return JSONResponse({"detail": _cut(str(error))}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 body, less the echo: each bad input quoted in at most ~80 characters."""
+        problems = []
+        for item in error.errors()[:20]:
+            problem = {"type": item.get("type"), "loc": list(item.get("loc", ())), "msg": _cut(str(item.get("msg", "")), 300)}
+            if "input" in item and not isinstance(item["input"], (dict, list)) and item.get("type") != "missing":
+                problem["input"] = _short(item["input"])
+            problems.append(problem)
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = _cut(error.detail) if isinstance(error.detail, str) else error.detail
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=getattr(error, "headers", None))
 
     Name = PathParam(..., pattern=NAME_PATTERN, max_length=64, description="the study's name (its directory under the root)")
+
+    def DOscQuery(description: str):  # noqa: N802 -- a Query factory
+        return Query(None, ge=D_OSC_LOW, le=D_OSC_HIGH, allow_inf_nan=False,
+                     description=f"{description}; {D_OSC_LOW:g} to {D_OSC_HIGH:g} (d_osc >= 2, as in a study file)")
+
+    TargetQuery = Query(None, ge=1000, le=10**15, description="the size, a study's target_params (gap_vs_dosc)")
+    AtDOscQuery = Query(None, ge=int(D_OSC_LOW), le=int(D_OSC_HIGH), description="the d_osc (laws in parameters)")
     common = {"dependencies": [Depends(authorised)],
               "responses": {401: {"description": "missing or wrong bearer token"},
                             404: {"description": "no such study"}, 422: {"description": "invalid query"}}}
 
-    @app.get("/healthz", tags=["service"], summary="liveness (no token needed)")
+    @app.get("/healthz", tags=["service"], summary="liveness (public: no token needed)")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -178,9 +276,10 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def fits(name: str = Name, task: str | None = Query(None, max_length=200),
              variant: str | None = Query(None, max_length=200), law: Law | None = None, method: Method | None = None,
              format: Literal["json", "csv"] = "json", detail: bool = Query(False, description="points, curves, leave-one-out"),
-             n_boot: int = Query(F.N_BOOT, ge=100, le=5000), ci_level: float = Query(F.CI_LEVEL, gt=0.5, lt=0.999),
-             min_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc >= this"),
-             max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this"),
+             n_boot: int = Query(F.N_BOOT, ge=100, le=5000),
+             ci_level: float = Query(F.CI_LEVEL, gt=0.5, lt=0.999, allow_inf_nan=False),
+             min_d_osc: float | None = DOscQuery("fit only d_osc >= this"),
+             max_d_osc: float | None = DOscQuery("fit only d_osc <= this"),
              holdout: bool = Query(True, description="leave the study's held-out d_osc out of the fits")) -> Response:
         found = api.fits(load(name), task=task, variant=variant, law=law, method=method, n_boot=n_boot, ci_level=ci_level,
                          min_d_osc=min_d_osc, max_d_osc=max_d_osc, holdout=holdout)
@@ -191,13 +290,14 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
 
     @app.get("/studies/{name}/predict", tags=["fits"], summary="the fitted law at a new point, with intervals", **common)
     def predict(name: str = Name, task: str = Query(..., max_length=200), variant: str = Query(..., max_length=200),
-                d_osc: float | None = Query(None, gt=0, lt=1e9), params: float | None = Query(None, gt=0, lt=1e15),
+                d_osc: float | None = DOscQuery("predict the gap at this d_osc (gap_vs_dosc)"),
+                params: float | None = Query(None, ge=PARAMS_LOW, le=PARAMS_HIGH, allow_inf_nan=False,
+                                             description="predict at this parameter count (laws in parameters)"),
                 law: Law | None = None, method: Method | None = None, n_seeds: int = Query(1, ge=1, le=1000),
-                level: float | None = Query(None, gt=0.5, lt=0.999),
-                target_params: int | None = Query(None, ge=0, le=10**15, description="the size (gap_vs_dosc)"),
-                at_d_osc: int | None = Query(None, ge=0, le=10**9, description="the d_osc (laws in parameters)"),
-                min_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc >= this"),
-                max_d_osc: float | None = Query(None, gt=0, lt=1e9, description="fit only d_osc <= this"),
+                level: float | None = Query(None, gt=0.5, lt=0.999, allow_inf_nan=False),
+                target_params: int | None = TargetQuery, at_d_osc: int | None = AtDOscQuery,
+                min_d_osc: float | None = DOscQuery("fit only d_osc >= this"),
+                max_d_osc: float | None = DOscQuery("fit only d_osc <= this"),
                 holdout: bool = Query(True, description="leave the study's held-out d_osc out of the fit")) -> dict[str, Any]:
         if (d_osc is None) == (params is None):
             raise HTTPException(422, "give exactly one of d_osc or params")
@@ -210,8 +310,7 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def compare(name: str = Name, task_a: str = Query(..., max_length=200), variant_a: str = Query(..., max_length=200),
                 task_b: str = Query(..., max_length=200), variant_b: str = Query(..., max_length=200),
                 law: Law = "gap_vs_dosc", method: Method | None = None,
-                target_params: int | None = Query(None, ge=0, le=10**15, description="the size (gap_vs_dosc)"),
-                at_d_osc: int | None = Query(None, ge=0, le=10**9, description="the d_osc (laws in parameters)")) -> dict[str, Any]:
+                target_params: int | None = TargetQuery, at_d_osc: int | None = AtDOscQuery) -> dict[str, Any]:
         group = api.group_of(law, target_params=target_params, at_d_osc=at_d_osc)
         return F._clean(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method,
                                     group_a=group, group_b=group))
@@ -258,6 +357,17 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
         for key in ("storage", "cache"):
             if key in config:
                 raise HTTPException(422, f"`{key}` is set by the server (studies live under its root); remove it")
+        if _running(name) is not None:
+            raise HTTPException(409, f"study {name!r} is already running; follow it at /studies/{name}")
+        text = yaml.safe_dump({**config, "storage": str(directory)}, sort_keys=False)
+        # validated from a temporary directory outside the root: a rejected study leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix="scaling-submission-") as scratch:
+            candidate = Path(scratch) / "study.yaml"
+            candidate.write_text(text)
+            problem = runner.validate(candidate)
+            problem = problem and problem.replace(str(candidate), "study")
+        if problem:
+            raise HTTPException(422, f"not a valid study: {problem}")
         with lock:
             if _running(name) is not None:
                 raise HTTPException(409, f"study {name!r} is already running; follow it at /studies/{name}")
@@ -265,14 +375,7 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
             sub_dir = directory / SUBMISSIONS
             sub_dir.mkdir(parents=True, exist_ok=True)
             study_file = sub_dir / f"{stamp}.yaml"
-            study_file.write_text(yaml.safe_dump({**config, "storage": str(directory)}, sort_keys=False))
-        problem = runner.validate(study_file)
-        if problem:
-            study_file.rename(study_file.with_suffix(".rejected.yaml"))
-            raise HTTPException(422, f"not a valid study: {problem}")
-        with lock:
-            if _running(name) is not None:
-                raise HTTPException(409, f"study {name!r} is already running")
+            study_file.write_text(text)
             log_file = sub_dir / f"{stamp}.log"
             process = runner.launch(study_file, log_file)
             processes[name] = process
@@ -287,14 +390,14 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
             try:
                 config = yaml.safe_load(submission.study_yaml)
             except yaml.YAMLError as error:
-                raise HTTPException(422, f"study_yaml is not valid YAML: {error}") from None
+                raise HTTPException(422, f"study_yaml is not valid YAML: {_cut(str(error), 500)}") from None
         else:
             config = submission.study
         if not isinstance(config, dict):
             raise HTTPException(422, "a study is a mapping (name:, tasks:, variants:, seeds:, ...)")
         name = config.get("name")
         if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-            raise HTTPException(422, f"study name {name!r} must match {NAME_PATTERN}")
+            raise HTTPException(422, f"study name {_short(name)} must match {NAME_PATTERN}")
         return config
 
     def _submission(name: str) -> dict[str, Any] | None:

@@ -404,6 +404,11 @@ class StudySpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
+def _cut(text: str, limit: int) -> str:
+    """Error text never echoes a large input: cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} problem(s); nothing was run:"]
     for item in error.errors():
@@ -415,8 +420,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             message = "required field is missing"
         value = item.get("input")
-        shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  - {where}: {message}{shown}")
+        shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {_cut(repr(value), 80)})"
+        lines.append(f"  - {_cut(where, 200)}: {_cut(message, 600)}{shown}")
     return "\n".join(lines)
 
 

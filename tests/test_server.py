@@ -199,10 +199,12 @@ def test_invalid_submissions_are_422_with_the_validators_message(client, root):
     r = client.post("/studies", json={"study": {"name": "x", "storage": "/etc"}}, headers=AUTH)
     assert r.status_code == 422 and "set by the server" in r.json()["detail"]
     # the real validator (studies.spec, in a subprocess: the server itself never imports torch)
+    before = snapshot(root)
     r = client.post("/studies", json={"study_yaml": "name: badone\ntasks: [{name: mqar}]\nvariants: [{name: nosuch}]\nseeds: [0]\n"},
                     headers=AUTH)
     assert r.status_code == 422 and "unknown variant 'nosuch'" in r.json()["detail"]
-    assert list((root / "badone" / "submissions").glob("*.rejected.yaml"))
+    assert r.json()["detail"].startswith("not a valid study: study: 1 problem(s)")  # no temporary path
+    assert snapshot(root) == before  # a rejected submission leaves nothing behind (no badone/ directory)
 
 
 def test_a_running_study_cannot_be_submitted_twice(root, tmp_path):
@@ -266,3 +268,104 @@ def test_read_only_server_refuses_submissions_with_the_alternative(tmp_path):
     response = client.post("/studies", headers=AUTH, json={"study_yaml": "name: x\n"})
     assert response.status_code == 501 and "scaling submit" in response.json()["detail"]
     assert not list(root.iterdir())  # nothing written
+
+
+# ---- hardening: no indirection, capped bodies, bounded queries, short errors, public routes ------
+
+def test_a_file_under_the_root_is_never_followed(root, client, tmp_path):
+    """A `*.yaml` directly in the served root does not open whatever its `storage:` names."""
+    import yaml
+
+    outside = write_study(tmp_path / "elsewhere", synthetic.gap_study_rows(ds=(2, 4)), "elsewhere")
+    pointer = root / "pointer.yaml"
+    pointer.write_text(yaml.safe_dump({"name": "pointer", "storage": str(outside)}))
+    try:
+        for path in ["/studies/pointer.yaml", "/studies/pointer.yaml/trials", "/studies/pointer.yaml/fits",
+                     "/studies/pointer.yaml/report"]:
+            response = client.get(path, headers=AUTH)
+            assert response.status_code == 404, (path, response.status_code)
+            assert str(outside) not in response.text
+        assert "pointer.yaml" not in [s["name"] for s in client.get("/studies", headers=AUTH).json()]
+    finally:
+        pointer.unlink()
+
+
+def test_request_bodies_are_capped_with_413(root, tmp_path):
+    client = TestClient(create_app(str(root), TOKEN, runner=recording_runner(tmp_path), max_body_bytes=4096))
+    before = snapshot(root)
+    big = {"study": {"name": "huge", "description": "x" * 10_000}}
+    response = client.post("/studies", json=big, headers=AUTH)
+    assert response.status_code == 413 and "4,096 bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = client.post("/studies", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert client.get("/studies/demo", headers=AUTH).status_code == 200  # small requests unaffected
+    assert snapshot(root) == before
+    default = TestClient(create_app(str(root), TOKEN, runner=recording_runner(tmp_path)))
+    response = default.post("/studies", json={"study": {"name": "huge", "description": "x" * 300_000}}, headers=AUTH)
+    assert response.status_code == 413 and "262,144 bytes (256 KiB)" in response.json()["detail"]
+    assert snapshot(root) == before
+
+
+def test_rejected_submissions_leave_nothing_behind(client, root):
+    before = snapshot(root)
+    cases = [{"study_yaml": "name: [unclosed"}, {"study": {"name": "../x"}}, {},
+             {"study": {"name": "newone", "storage": "/etc"}}, {"study": {"name": "newone", "tasks": "nope"}},
+             {"study_yaml": "name: newtwo\ntasks: [{name: mqar}]\nvariants: [{name: softmax}]\nseeds: []\n"}]
+    for body in cases:
+        assert client.post("/studies", json=body, headers=AUTH).status_code == 422, body
+    assert snapshot(root) == before
+    assert not (root / "newone").exists() and not (root / "newtwo").exists()
+
+
+@pytest.mark.parametrize("query", [{"d_osc": 1e-300}, {"d_osc": 1}, {"d_osc": 0}, {"d_osc": -4}, {"d_osc": 1e9},
+                                   {"d_osc": "nan"}, {"d_osc": "inf"}, {"params": 10}, {"params": 1e30},
+                                   {"d_osc": 8, "min_d_osc": 0.5}, {"d_osc": 8, "max_d_osc": 1e12},
+                                   {"d_osc": 8, "target_params": 5}, {"d_osc": 8, "level": 2},
+                                   {"d_osc": 8, "n_seeds": 0}])
+def test_predict_parameters_are_bounded(client, query):
+    response = client.get("/studies/demo/predict", params={"task": "lm", "variant": "oscillator", **query}, headers=AUTH)
+    assert response.status_code == 422, (query, response.text[:300])
+
+
+def test_predict_bounds_hold_in_python_too(root):
+    from scaling import api
+
+    study = api.open_study(str(root / "demo"))
+    with pytest.raises(api.QueryError, match=r"d_osc=1e-300 is outside \[2, 65536\]"):
+        api.predict(study, task="lm", variant="oscillator", d_osc=1e-300)
+    out = api.predict(study, task="lm", variant="oscillator", d_osc=2, n_boot=100)
+    assert out["gap"] < 100  # inside the range: an answer of the law's size, not 1e230
+
+
+def test_error_bodies_are_short(client):
+    huge, long_query = "x" * 100_000, "x" * 20_000  # (a URL is at most 64 KB)
+    for response in [
+        client.get("/studies/demo/predict", params={"task": "lm", "variant": "oscillator", "d_osc": long_query}, headers=AUTH),
+        client.get("/studies/demo/trials", params={"task": long_query}, headers=AUTH),
+        client.get("/studies/demo/fits", params={"law": long_query}, headers=AUTH),
+        client.post("/studies", json={"study_yaml": huge + ": [", "study": None}, headers=AUTH),
+        client.post("/studies", json={"study": {"name": huge}}, headers=AUTH),
+        client.post("/studies", json={"study": {"name": "shortbody", "tasks": [{"name": huge}], "variants": [{"name": "softmax"}],
+                                                "seeds": [0]}}, headers=AUTH),
+    ]:
+        assert response.status_code == 422, response.text[:200]
+        assert len(response.content) < 3000, len(response.content)
+        assert "x" * 600 not in response.text  # an input is quoted in a few hundred characters at most
+
+
+def test_public_routes_are_exactly_the_documented_ones(client):
+    from scaling.server import PUBLIC_ROUTES
+
+    assert PUBLIC_ROUTES == ("/healthz", "/openapi.json", "/docs")
+    for path in PUBLIC_ROUTES:
+        assert client.get(path).status_code == 200, path
+    schema = client.get("/openapi.json").json()
+    assert "Public, no token" in schema["info"]["description"]
+    assert client.get("/redoc").status_code == 404  # one documentation page, not two
+    secured = {path for path, ops in schema["paths"].items() for op in ops.values() if op.get("security")}
+    assert secured == set(schema["paths"]) - {"/healthz"}  # every data route declares the bearer token
