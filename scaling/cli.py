@@ -1,4 +1,6 @@
-"""The `scaling` command line. Heavy packages (torch, ray) load only in the commands that need them."""
+"""The `scaling` command line. Heavy packages (torch, ray) load only in the commands that need them,
+and `run`, `plan` and `submit` validate the study file before loading them: a bad file is refused in
+well under a second, with nothing written and no Ray started."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ def _print_table(header: list[str], rows: list[list[Any]]) -> None:
 
 
 def cmd_run(args) -> int:
-    from studies.runner import run_study
-    from studies.spec import load_study
+    from studies.spec import check_can_run, load_study
 
-    study = load_study(args.study)
+    study = load_study(args.study)  # before torch and ray are imported: a bad file is refused at once
+    check_can_run(study)
+    from studies.runner import run_study
+
     result = run_study(study, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress,
                        report=not args.no_report, study_file=args.study)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
@@ -52,12 +56,11 @@ def _f(value) -> str:
 
 
 def cmd_plan(args) -> int:
-    from studies.plan import make_plan
     from studies.spec import load_study
 
-    from studies.plan import cell_costs
+    study = load_study(args.study)  # before torch is imported: a bad file is refused at once
+    from studies.plan import cell_costs, make_plan
 
-    study = load_study(args.study)
     plan = make_plan(study)
     if plan.trials:
         rows = [[t.key, t.task, t.variant, t.d_osc or "", t.seed, t.stage, "done" if t.key in plan.done else "to run"] for t in plan.trials]
@@ -83,10 +86,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from studies import remote
     from studies.spec import load_study
 
-    study = load_study(args.study)
+    study = load_study(args.study)  # before ray is imported: a bad file is refused at once
+    from studies import remote
+
     job_id = remote.submit(study, args.study, address=args.address, working_dir=args.working_dir, forward_env=tuple(args.env))
     print(f"submitted study {study.name} as Ray job {job_id}\n"
           f"  scaling status {job_id} --address {remote.default_address(args.address)}\n"
@@ -425,18 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from scaling.api import StudyNotFound
-
-    try:
-        from studies.spec import StudyError
-    except ImportError:  # pragma: no cover
-        StudyError = ValueError  # type: ignore[misc,assignment]
     try:
         return args.func(args)
-    except (StudyError, StudyNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # StudyError and QueryError are ValueErrors
+        api = sys.modules.get("scaling.api")  # not imported up front: it loads pyarrow and pandas
+        if isinstance(error, FileNotFoundError) and not (api and isinstance(error, api.StudyNotFound)):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -175,7 +175,8 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
         except Exception as error:  # noqa: BLE001 -- a missing source is reported, not fatal here
             out.append(CellCost(cell, n_per_cell[cell], None, None, None, None, f"data not available: {error}"))
             continue
-        model = build_model(spec, task.model_fields(prepared))
+        with torch_meta():  # counts and FLOPs without allocating (a huge shape must not fill the memory)
+            model = build_model(spec, task.model_fields(prepared))
         seq_len = task.tokens_per_example(prepared)
         n_train = len(next(iter(prepared.arrays["train"].values())))
         train = resolve_budget(resolve_train(spec.train, spec.hparams), n_train, seq_len)

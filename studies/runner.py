@@ -26,8 +26,9 @@ from storage.ledger import Ledger
 from storage.records import TrialSpec
 from studies import tracking
 from studies.plan import Plan, make_plan
+from studies.resources import check_resources
 from studies.search import OBJECTIVE, StudySearcher
-from studies.spec import StudySpec
+from studies.spec import StudySpec, ensure_storage
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +344,18 @@ def run_study(
     workers:run_trial) replaces the trial function, for runner benchmarks."""
     t0 = time.perf_counter()
     paths = study_paths(study)
-    save_study_file(study, paths)
     plan: Plan = make_plan(study)
-    save_plan(plan, paths)
     todo = plan.todo
-    before = len(Ledger(paths["storage"]).keys())
     if todo or plan.search_cells:
         prepare_data(study)
+        # before anything of the study is written and before Ray starts: a trial this machine
+        # cannot hold (memory, CPUs, GPUs) is refused with the numbers (studies/resources.py)
+        check_resources(study, plan, address=address, num_cpus=num_cpus)
+    ensure_storage(study)
+    save_study_file(study, paths)
+    save_plan(plan, paths)
+    before = len(Ledger(paths["storage"]).keys())
+    if todo or plan.search_cells:
         run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
     ran = len(Ledger(paths["storage"]).keys()) - before if plan.search_cells else len(todo)
     result = RunResult(paths["storage"], plan.planned, len(plan.done) if not plan.search_cells else before, ran)

@@ -1,12 +1,16 @@
 """The study file: load, validate (pydantic, unknown keys rejected), and hold as a frozen StudySpec.
 
-Every error names the field, the bad value and the allowed values, before anything runs.
+Every error names the field, the bad value and the allowed values, before anything runs. Loading
+and validating import neither torch nor ray (the task and variant registries are read through
+`workers/_lazy.py` and `workers/variant_options.py`), so a bad file is refused in well under a
+second; `check_can_run` adds the checks that depend on this machine (storage writable).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FITS = ("gap_vs_dosc",)
+
+# Upper bounds no machine can run past (a trial of such a shape needs terabytes, or the number
+# overflows a ledger column); the resource check before Ray starts compares with this node's memory.
+MAX_D_OSC = 65_536
+MAX_WIDTH = 65_536  # d_model
+MAX_LAYERS = 1_024
+MAX_FFN = 1 << 20  # d_ff
+MAX_BATCH = 1 << 20  # sequences per step
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**15
+MAX_EPOCHS = 10**6
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take it
+MAX_TARGET_PARAMS = 1e12
+EXAMPLE = "studies/examples/quickstart.yaml"
 
 
 class StudyError(ValueError):
@@ -32,7 +50,7 @@ def _known_tasks() -> dict:
 
 
 def _known_variants() -> tuple[dict, frozenset]:
-    from workers.attention import USES_D_OSC, VARIANT_OPTIONS
+    from workers.variant_options import USES_D_OSC, VARIANT_OPTIONS  # no torch: see workers/_lazy.py
 
     return VARIANT_OPTIONS, USES_D_OSC
 
@@ -65,6 +83,10 @@ class VariantEntry(_Strict):
         bad = [d for d in value if d < 2]
         if bad:
             raise ValueError(f"d_osc values {bad} are < 2; the oscillator sphere S^(d-1) needs d_osc >= 2")
+        huge = [d for d in value if d > MAX_D_OSC]
+        if huge:
+            raise ValueError(f"d_osc values {huge} are > {MAX_D_OSC:,}; give oscillator dimensions from 2 to {MAX_D_OSC:,} "
+                             "(paper A: 2 to 64)")
         if len(set(value)) != len(value):
             raise ValueError(f"d_osc {value} has repeated values")
         return value
@@ -90,10 +112,10 @@ class VariantEntry(_Strict):
 
 
 class ModelEntry(_Strict):
-    d_model: int = Field(64, ge=8)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(2, ge=1)
-    d_ff: int = Field(256, ge=1)
+    d_model: int = Field(64, ge=8, le=MAX_WIDTH)
+    n_layers: int = Field(2, ge=1, le=MAX_LAYERS)
+    n_heads: int = Field(2, ge=1, le=MAX_LAYERS)
+    d_ff: int = Field(256, ge=1, le=MAX_FFN)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     positions: Literal["sinusoidal", "learned", "none", "rope"] = "sinusoidal"
     backbone: Literal["a", "b"] = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
@@ -111,16 +133,16 @@ class ModelEntry(_Strict):
 
 class TrainEntry(_Strict):
     # the budget: exactly one of steps, epochs or tokens (default: 1000 steps)
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    tokens: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
+    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)
     eval_every: int | Literal["epoch"] = Field(100)  # steps between evaluations, or "epoch" (after every pass)
     optimizer: Literal["adamw", "adam"] = "adamw"
     # epoch: each epoch a fresh permutation of the train split, without replacement; replacement: i.i.d. batches
@@ -131,7 +153,7 @@ class TrainEntry(_Strict):
     @field_validator("eval_every")
     @classmethod
     def _eval_every(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
+        if isinstance(value, int) and not 1 <= value <= MAX_STEPS:
             raise ValueError("must be a number of steps >= 1, or \"epoch\" (evaluate after every pass over the train split)")
         return value
 
@@ -248,10 +270,10 @@ class SearchEntry(_Strict):
 
 
 class ResourcesEntry(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    max_failures: int = Field(1, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0, le=1024, allow_inf_nan=False)
+    gpus_per_trial: float = Field(0.0, ge=0, le=64, allow_inf_nan=False)
+    max_concurrent_trials: int | None = Field(None, ge=1, le=100_000)
+    max_failures: int = Field(1, ge=0, le=1000)
 
 
 class WandbEntry(_Strict):
@@ -306,6 +328,23 @@ class StudySpec(_Strict):
             )
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = storage_problem(value, writable=False)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _default_storage(self) -> "StudySpec":
+        if self.storage is None:  # runs/<name> under the working directory
+            problem = storage_problem(self.storage_uri(), writable=False)
+            if problem:
+                raise ValueError(f"storage (default runs/{self.name}): {problem}")
+        return self
+
     @field_validator("tasks", "variants")
     @classmethod
     def _non_empty(cls, value: list) -> list:
@@ -323,8 +362,8 @@ class StudySpec(_Strict):
             raise ValueError("is empty; give at least one seed, e.g. seeds: [0, 1, 2]")
         if len(set(value)) != len(value):
             raise ValueError(f"{value} has repeated seeds")
-        if any(s < 0 for s in value):
-            raise ValueError(f"{value}: seeds must be >= 0")
+        if any(s < 0 or s > MAX_SEED for s in value):
+            raise ValueError(f"seeds must be whole numbers from 0 to {MAX_SEED:,} (2^32 - 1)")
         return value
 
     @field_validator("target_params")
@@ -334,8 +373,8 @@ class StudySpec(_Strict):
             return value
         if not value:
             raise ValueError("is empty; give parameter counts such as [1.0e6, 5.0e6], or remove it")
-        if any(v < 1e3 for v in value):
-            raise ValueError(f"{value}: parameter counts must be >= 1000")
+        if any(not 1e3 <= v <= MAX_TARGET_PARAMS for v in value):
+            raise ValueError(f"parameter counts must be from 1.0e3 to {MAX_TARGET_PARAMS:.1e}")
         if len(set(value)) != len(value):
             raise ValueError(f"{value} has repeated counts")
         return value
@@ -404,6 +443,77 @@ class StudySpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
+def storage_problem(uri: str, *, writable: bool = True) -> str | None:
+    """Why a study's storage cannot hold its ledger, or None. Only a local path is checked, and
+    nothing is created: a file where the directory should be (or above it), and with `writable`
+    a directory this process cannot write (permissions, read-only filesystem)."""
+    from storage.fs import is_local, resolve
+
+    if not uri or not is_local(uri):
+        return None
+    path = Path(resolve(uri)[1])
+    fix = "give a directory (it holds the ledger, checkpoints and report), or remove `storage:` for runs/<name>"
+    try:
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+            return f"{path} {where}, not a directory; {fix}"
+        if writable:
+            if os.statvfs(existing).f_flag & os.ST_RDONLY:
+                return f"{path} is on a read-only filesystem ({existing}); {fix}"
+            _probe_write(existing, path)
+    except OSError as error:
+        if writable:
+            return f"{path} is not writable ({error.strerror or error}); {fix}"
+        return f"{path} cannot be checked ({error.strerror or error}); {fix}"
+    return None
+
+
+def _probe_write(existing: Path, path: Path) -> None:
+    """Raise OSError unless this process can create `path` under `existing` (its nearest existing
+    ancestor). Whatever the probe makes is removed at once: permission bits alone do not say it
+    (root ignores them; pseudo and network filesystems refuse anyway)."""
+    if existing == path:
+        fd, probe = tempfile.mkstemp(prefix=".scaling-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+        return
+    first = existing / path.relative_to(existing).parts[0]  # the first missing directory
+    os.mkdir(first)
+    os.rmdir(first)
+
+
+def check_can_run(study: "StudySpec") -> None:
+    """What this machine must allow before a study runs, checked in well under a second with
+    nothing written: its storage can be written. Raises StudyError naming the field."""
+    problem = storage_problem(study.storage_uri())
+    if problem:
+        field = "storage" if study.storage else f"storage (default runs/{study.name})"
+        raise StudyError(f"study {study.name}: nothing was run:\n  - {field}: {problem}")
+
+
+def ensure_storage(study: "StudySpec") -> str:
+    """Create the study's storage directory (the run's first write); a failure is a StudyError
+    naming the field, not a traceback. Returns the storage URI."""
+    uri = study.storage_uri()
+    from storage.fs import is_local, resolve
+
+    if is_local(uri):
+        path = resolve(uri)[1]
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as error:
+            field = "storage" if study.storage else f"storage (default runs/{study.name})"
+            raise StudyError(f"study {study.name}: nothing was run:\n  - {field}: cannot create {path} "
+                             f"({error.strerror or error}); give a directory you can write to") from None
+    return uri
+
+
+FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _cut(text: str, limit: int) -> str:
     """Error text never echoes a large input: cut to `limit` characters, saying how long it was."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
@@ -420,9 +530,19 @@ def _format_errors(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             message = "required field is missing"
         value = item.get("input")
+        bound = (item.get("ctx") or {}).get("le")
+        if item["type"] == "less_than_equal" and isinstance(bound, (int, float)) and bound >= 1000:
+            message = f"must be at most {bound:,}: past that no machine can run the trial; lower it"
+        if isinstance(value, str) and FLOAT_TEXT.match(value.strip()) and item["type"].endswith("_parsing"):
+            message += f"; YAML reads {value} as text: write it with a dot, e.g. {_with_dot(value)}"
         shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {_cut(repr(value), 80)})"
         lines.append(f"  - {_cut(where, 200)}: {_cut(message, 600)}{shown}")
     return "\n".join(lines)
+
+
+def _with_dot(text: str) -> str:
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
 
 
 def _location(loc: tuple) -> str:
@@ -448,9 +568,18 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+KINDS = {list: "a list (YAML sequence)", str: "a single string", int: "a single number", float: "a single number",
+         bool: "a single true/false"}
+
+
 def parse_study(data: Any, source: str = "study") -> StudySpec:
+    if data is None:
+        raise StudyError(f"{source}: the study file is empty (or only comments); nothing was run. A study file is a "
+                         f"YAML mapping with at least name:, tasks:, variants: and seeds:; start from {EXAMPLE}")
     if not isinstance(data, dict):
-        raise StudyError(f"{source}: a study file is a YAML mapping (name:, tasks:, variants:, seeds:, ...)")
+        kind = KINDS.get(type(data), type(data).__name__)
+        raise StudyError(f"{source}: the study file holds {kind}, not a mapping; nothing was run. A study file is a "
+                         f"YAML mapping of keys (name:, tasks:, variants:, seeds:, ...); see {EXAMPLE}")
     try:
         return StudySpec.model_validate(data)
     except ValidationError as error:
@@ -468,7 +597,9 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise StudyError(f"{path}: not valid YAML: {error}") from None
+        raise StudyError(f"{path}: not valid YAML; nothing was run: {_cut(str(error), 600)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise StudyError(f"{path}: cannot be read as a text file ({error}); nothing was run") from None
     if storage_dir and isinstance(data, dict):
         # the copy lives beside its ledger: the directory it is in is the storage, wherever the
         # directory has been moved or cloned to since (the copy records the absolute path it had)

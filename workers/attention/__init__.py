@@ -15,6 +15,7 @@ from typing import Any
 from workers.attention.kuramoto import KuramotoAttention
 from workers.attention.oscillator import OscillatorAttention, oscillator_attention, oscillator_attention_reference
 from workers.attention.softmax import SoftmaxAttention, softmax_attention
+from workers.variant_options import USES_D_OSC, VARIANT_OPTIONS  # torch-free: what studies.spec validates against
 
 VARIANTS: dict[str, type] = {
     "softmax": SoftmaxAttention,
@@ -22,11 +23,7 @@ VARIANTS: dict[str, type] = {
     "kuramoto": KuramotoAttention,
 }
 
-# Options each variant accepts in a study file, with their defaults (validated by `studies.spec`).
-VARIANT_OPTIONS: dict[str, dict[str, Any]] = {name: dict(cls.DEFAULTS) for name, cls in VARIANTS.items()}
-
-# Variants whose cells multiply by the study's d_osc list.
-USES_D_OSC = frozenset({"oscillator"})
+assert set(VARIANTS) == set(VARIANT_OPTIONS), "workers/variant_options.py out of step with the variant registry"
 
 
 def build_attention(

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.softmax import apply_rotary, rotary_tables, softmax_attention
+from workers.variant_options import KURAMOTO
 
 GATES = ("softplus", "none")
 GATE_PER = ("coordinate", "head")
@@ -41,17 +42,7 @@ READOUTS = ("phase", "delta")
 
 
 class KuramotoAttention(nn.Module):
-    DEFAULTS: dict[str, Any] = {
-        "phase_dim": None,  # M phase coordinates; None: d_model
-        "gate": "softplus",  # softplus | none
-        "gate_per": "coordinate",  # coordinate | head
-        "phase_drift": "rope",  # rope | none: rotary position as a phase drift in the score
-        "rope_base": 10000.0,
-        "score_scale": "sqrt",  # sqrt (1/sqrt(2P), SDPA's default) | none
-        "kappa_init": 1.0,  # learned per-coordinate coupling, initial value
-        "steps": 1,  # Kuramoto steps per layer
-        "readout": "phase",  # phase: W_out [cos theta', sin theta'] | delta: W_out delta
-    }
+    DEFAULTS: dict[str, Any] = dict(KURAMOTO)  # the options and their meaning: workers/variant_options.py
 
     def __init__(
         self,

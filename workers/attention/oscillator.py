@@ -39,6 +39,7 @@ from torch import nn
 
 from workers.attention.dynamics import INITS, MODES, integrate_fixed_points
 from workers.attention.softmax import SoftmaxAttention
+from workers.variant_options import OSCILLATOR
 
 ANCHOR_NORMS = ("init", "always")
 READOUTS = ("auto", "dense", "linear")
@@ -594,19 +595,7 @@ def oscillator_attention(
 class OscillatorAttention(SoftmaxAttention):
     """The softmax projections plus learned anchors r of shape (H, max_seq_len, d_osc)."""
 
-    DEFAULTS: dict[str, Any] = {
-        "d_osc": 2,
-        "p": 1.0,  # readout exponent; 1 in the paper's headline results (and the only linear-time case)
-        "anchor_norm": "init",  # init (as the reference code) | always
-        "readout_padding_mask": True,  # False reproduces the reference code
-        "mode": "analytic",  # analytic (closed-form fixed point) | euler | rk45 (verification)
-        "init": "random",  # ODE starts: random (uniform on the sphere) | sequential
-        "t_max": 30.0,  # ODE horizon
-        "dt": 0.05,  # Euler step
-        "rtol": 1e-4,  # RK45 tolerances
-        "atol": 1e-4,
-        "jitter": 0.05,  # std of the sequential starts' noise
-    }
+    DEFAULTS: dict[str, Any] = dict(OSCILLATOR)  # the options and their meaning: workers/variant_options.py
 
     def __init__(
         self,

@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from storage.cache import CacheCorrupt, CachedDataset, DatasetCache
 from storage.prep.sources import SourceUnavailable
+from workers._lazy import F, no_grad, torch  # torch on first use: validating a study file imports this module
 
 IGNORE = -100
 SPLITS = ("train", "val", "test")
@@ -183,7 +182,7 @@ class Task:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, model, split: dict[str, np.ndarray], batch_size: int, prefix: str) -> dict[str, float]:
         raise NotImplementedError
 
@@ -208,12 +207,12 @@ class LMTask(Task):
         logits_BTV = model(batch["input_ids"])
         return F.cross_entropy(logits_BTV.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, model, split, batch_size, prefix):
         nll, correct, tokens = self.scored_sums(model, split, batch_size)
         return lm_metrics(nll, correct, tokens, prefix)
 
-    @torch.no_grad()
+    @no_grad
     def scored_sums(self, model, split, batch_size) -> tuple[float, int, int]:
         """(summed next-token NLL in nats, correct argmax predictions, scored tokens) over a split.
         Forward passes are cut so that one holds at most EVAL_LOGITS_BUDGET logits."""

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from storage.prep import speech
 from storage.prep.sources import content_digest, download, downloads_dir, local_hint, progress, require_path
+from workers._lazy import F, no_grad, torch  # torch on first use: validating a study file imports this module
 from workers.tasks.base import PreparedTask, Task
 
 FEATURE_BATCH = 256
@@ -168,7 +167,7 @@ class KWS(Task):
     def loss(self, model, batch):
         return F.cross_entropy(model(batch["features"]), batch["labels"])
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, model, split, batch_size, prefix):
         n = len(split["label"])
         correct, loss_sum = 0, 0.0

@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from storage.cache import CachedDataset
 from storage.prep.text import PAD
+from workers._lazy import no_grad, torch  # torch on first use: validating a study file imports this module
 from workers.tasks.base import IGNORE, SPLITS, LMTask, PreparedTask, bits_per_unit, column_to_numpy, lm_metrics
 
 
@@ -102,7 +102,7 @@ class ByteLMTask(LMTask):
     def tokens_per_example(self, prepared: PreparedTask) -> int:
         return int(prepared.meta["seq_len"])
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, model, split, batch_size, prefix):
         nll, correct, tokens = self.scored_sums(model, split, batch_size)
         return {**lm_metrics(nll, correct, tokens, prefix), f"{prefix}_{self.unit}": bits_per_unit(nll, tokens)}

@@ -60,6 +60,25 @@ class MQAR(LMTask):
         "pair_tokens": False,  # True: each key-value pair is one token, so one attention hop recalls it
     }
 
+    COUNT_LIMITS = {"num_pairs": 4096, "num_queries": 4096, "num_keys": 1 << 20, "num_values": 1 << 20,
+                    "train_examples": 10**8, "val_examples": 10**8, "test_examples": 10**8}
+
+    def options(self, given):
+        """Checked when the study file is (no data is generated here)."""
+        options = super().options(given)
+        for name, limit in self.COUNT_LIMITS.items():
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"mqar: {name}={value!r} must be a whole number from 1 to {limit:,}")
+        if isinstance(options["data_seed"], bool) or not isinstance(options["data_seed"], int) or options["data_seed"] < 0:
+            raise ValueError(f"mqar: data_seed={options['data_seed']!r} must be a whole number >= 0")
+        if not isinstance(options["pair_tokens"], bool):
+            raise ValueError(f"mqar: pair_tokens={options['pair_tokens']!r} must be true or false")
+        if not options["num_queries"] <= options["num_pairs"] <= options["num_keys"]:
+            shape = {k: options[k] for k in ("num_queries", "num_pairs", "num_keys")}
+            raise ValueError(f"mqar: need num_queries <= num_pairs <= num_keys, got {shape}; lower num_queries/num_pairs")
+        return options
+
     def build(self, options):
         shape = {k: options[k] for k in ("num_pairs", "num_queries", "num_keys", "num_values", "pair_tokens")}
         if shape["num_queries"] > shape["num_pairs"] or shape["num_pairs"] > shape["num_keys"]:

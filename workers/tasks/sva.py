@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from storage.prep import sva
 from storage.prep.sources import content_digest, local_split_files
+from workers._lazy import F, no_grad, torch  # torch on first use: validating a study file imports this module
 from workers.tasks.base import PreparedTask, Task
 
 FILE_NAMES = {
@@ -134,7 +133,7 @@ class SVA(Task):
     def loss(self, model, batch):
         return F.binary_cross_entropy_with_logits(self.logits(model, batch), batch["labels"])
 
-    @torch.no_grad()
+    @no_grad
     def evaluate(self, model, split, batch_size, prefix):
         n = len(split["label"])
         correct, kinds, loss_sum = [], [], 0.0
