@@ -45,6 +45,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     time.sleep(0.5)
 
 
+@pytest.mark.slow  # minutes of real Ray runs killed at random points (make test-all runs it)
 def test_driver_killed_five_times_then_rerun_leaves_one_record_per_trial(tmp_path):
     from storage.ledger import Ledger
     from studies.plan import expand
@@ -69,6 +70,7 @@ def test_driver_killed_five_times_then_rerun_leaves_one_record_per_trial(tmp_pat
     assert not list(pathlib.Path(study.storage_uri(), "checkpoints").glob("*/last.pt"))
 
 
+@pytest.mark.slow  # minutes of real Ray runs killed at random points (make test-all runs it)
 def test_killed_worker_resumes_from_checkpoint_bit_identical(tmp_path):
     import psutil
 
