@@ -546,6 +546,7 @@ def fit_gap_law(
         if x_name == "d_osc":
             p["d_osc"] = int(p["x"])
     runs = P.runs_from_cells(x, cells.variant, cells.baseline, cells.sign) if len(x) else None
+    profiles: dict[bool, Any] = {}
     out = []
     for method in methods:
         notes = list(cells.notes) + list(extra_notes)
@@ -567,7 +568,9 @@ def fit_gap_law(
             if selection:
                 notes.append(selection["summary"])
         has_floor = model == "power_floor"
-        prof = P.profile(runs, floor=has_floor, level=ci_level) if runs is not None and len(runs.z) else None
+        if has_floor not in profiles:  # both methods identify by the same profile: compute it once
+            profiles[has_floor] = P.profile(runs, floor=has_floor, level=ci_level) if runs is not None and len(runs.z) else None
+        prof = profiles[has_floor]
         cell_seeds = [int(np.isfinite(row).sum()) for row in cells.variant]
         said = "d_osc" if x_name == "d_osc" else "parameter count"
         reason = P.identify(runs, prof, cell_seeds, int(np.isfinite(point).sum()), floor=has_floor, x_name=said) \

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import random
 import signal
 import subprocess
 import sys
@@ -45,7 +44,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
     time.sleep(0.5)
 
 
-@pytest.mark.slow  # minutes of real Ray runs killed at random points (make test-all runs it)
+@pytest.mark.slow  # minutes of real Ray runs, killed and resumed (make test-all runs it)
+def _progress(storage: pathlib.Path) -> tuple[int, float]:
+    """What a study has written so far: ledger records, and the newest checkpoint's time."""
+    records = len(list(storage.glob("ledger/*.parquet")))
+    checkpoints = [p.stat().st_mtime for p in storage.glob("checkpoints/*/last.pt")]
+    return records, max(checkpoints, default=0.0)
+
+
+def _wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the study made no progress before the timeout"
+        time.sleep(0.1)
+
+
 def test_driver_killed_five_times_then_rerun_leaves_one_record_per_trial(tmp_path):
     from storage.ledger import Ledger
     from studies.plan import expand
@@ -55,10 +68,13 @@ def test_driver_killed_five_times_then_rerun_leaves_one_record_per_trial(tmp_pat
     study = load_study(path)
     planned = {t.key for t in expand(study)}
     assert len(planned) == 8
-    rng = random.Random(7)
+    storage = pathlib.Path(study.storage_uri())
     for _ in range(5):
+        # the kill point is a state, not a time: right after the run has made progress (a new
+        # checkpoint or ledger record), so every kill lands mid-study, between writes
+        before = _progress(storage)
         proc = _scaling("run", str(path), "--num-cpus", "2", "--no-progress", "--no-report")
-        time.sleep(rng.uniform(2.0, 12.0))
+        _wait_until(lambda: _progress(storage) != before or proc.poll() is not None, timeout=120)
         if proc.poll() is None:
             _kill_group(proc)
     final = _scaling("run", str(path), "--num-cpus", "2", "--no-progress")
@@ -70,7 +86,7 @@ def test_driver_killed_five_times_then_rerun_leaves_one_record_per_trial(tmp_pat
     assert not list(pathlib.Path(study.storage_uri(), "checkpoints").glob("*/last.pt"))
 
 
-@pytest.mark.slow  # minutes of real Ray runs killed at random points (make test-all runs it)
+@pytest.mark.slow  # minutes of real Ray runs, killed and resumed (make test-all runs it)
 def test_killed_worker_resumes_from_checkpoint_bit_identical(tmp_path):
     import psutil
 
