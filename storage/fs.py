@@ -8,6 +8,8 @@ import uuid
 
 import pyarrow.fs as pafs
 
+from storage.faults import fault_point
+
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
@@ -56,6 +58,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(tmp) as out:
             out.write(data)
+        fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as out:

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage import fs as sfs
+from storage.faults import fault_point
 from storage.records import TrialRecord
 
 SCHEMA = pa.schema(
@@ -118,6 +119,7 @@ class Ledger:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         sfs.write_bytes_atomic(self.fs, path, buffer.getvalue())
+        fault_point("ledger.appended")
         return path
 
     def scan(self) -> LedgerScan:

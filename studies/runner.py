@@ -22,10 +22,12 @@ from ray.tune import Callback
 
 from storage import fs as sfs
 from storage.cache import DatasetCache
+from storage.faults import COUNTER_ENV, DRIVER_ENV, FAULT_ENV, fault_point
 from storage.ledger import Ledger
 from storage.records import TrialSpec
 from studies import tracking
 from studies.plan import Plan, make_plan
+from studies.reaper import RayOwner
 from studies.resources import check_resources
 from studies.search import OBJECTIVE, StudySearcher
 from studies.spec import StudySpec, ensure_storage
@@ -224,8 +226,10 @@ class ProgressCallback(Callback):
             bar.update(advance=1, label=f"{_trial_dirname(trial)} FAILED")
 
 
-def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> bool:
-    """Connect to (or start) Ray; True when this call started it, so the caller shuts it down."""
+def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> RayOwner | bool:
+    """Connect to (or start) Ray. When this call starts an embedded Ray it returns the RayOwner that
+    ties Ray's processes to this driver (studies/reaper.py): the caller shuts Ray down and closes it.
+    False when Ray was already up or is a cluster's (`address`), which this driver does not own."""
     import ray
 
     if ray.is_initialized():
@@ -235,7 +239,9 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         # inside a Ray Job the job's runtime env (its env vars, working dir) is merged with ours
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        return False
+    owner = RayOwner.start()
+    try:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
@@ -243,7 +249,12 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
             logging_level=logging.WARNING,
             runtime_env=runtime_env,
         )
-    return True
+    except BaseException:
+        owner.close()
+        raise
+    owner.started()
+    fault_point("driver.ray_started")
+    return owner
 
 
 def _trial_dirname(trial) -> str:
@@ -275,7 +286,9 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
                trial_fn: str | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking.prepare_environment(paths["wandb"])
-    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
+    os.environ[DRIVER_ENV] = str(os.getpid())  # storage/faults.py: whom a fault-injection point kills
+    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
+                                           "SCALING_CACHE", DRIVER_ENV, FAULT_ENV, COUNTER_ENV) if k in os.environ}
     started = _init_ray(address, num_cpus, env_vars)
     import ray
     from ray import tune
@@ -319,10 +332,13 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
         with bar.progress:
             bar.update()
             tuner.fit()
+        fault_point("driver.trials_done")
     finally:
         _PROGRESS.pop(id(bar), None)
         if started:
             ray.shutdown()
+            if isinstance(started, RayOwner):
+                started.close()
 
 
 def _cell_done(study: StudySpec, template: TrialSpec) -> int:
