@@ -390,8 +390,8 @@ class SuggestingParser(argparse.ArgumentParser):
             from storage.suggest import did_you_mean
 
             choices = ", ".join(map(str, action.choices))
-            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
-                                                 f"(choose from {choices})")
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices})"
+                                                 f"{did_you_mean(value, action.choices)}")
 
 
 TOKEN_HELP = ("file holding the cluster's Ray auth token (sets RAY_AUTH_TOKEN_PATH and RAY_AUTH_MODE=token); "

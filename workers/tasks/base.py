@@ -93,8 +93,8 @@ class Task:
         unknown = set(given) - set(self.DEFAULTS)
         if unknown:
             raise ValueError(
-                f"task {self.name}: unknown option(s) {sorted(unknown)}"
-                f"{''.join(did_you_mean(u, self.DEFAULTS) for u in sorted(unknown))}; allowed: {sorted(self.DEFAULTS)}"
+                f"task {self.name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(self.DEFAULTS)}"
+                f"{''.join(did_you_mean(u, self.DEFAULTS) for u in sorted(unknown))}"
             )
         return {**self.DEFAULTS, **given}
 
