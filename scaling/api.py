@@ -373,7 +373,7 @@ def find_fit(
         raise QueryError(f"the {law} fit for {task}/{variant} ({found[0].method}) is not identified: {found[0].reason}")
     if not usable:
         have = sorted({(f.task, f.variant, f.law) for f in fits(study) if f.ok})
-        reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study" + _unknown_names(study, task, variant)
+        reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study" + unknown_names(study, task, variant)
         raise QueryError(
             f"no usable {law} fit for task={task!r} variant={variant!r} method={method!r} in study {study.name} "
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
@@ -383,12 +383,12 @@ def find_fit(
     raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
 
 
-def _unknown_names(study: StudyResults, task: str, variant: str) -> str:
+def unknown_names(study: StudyResults, task: str | None, variant: str | None) -> str:
     """'; task 'wikitxt2' is not in the study; did you mean 'wikitext2'?' for names the study lacks."""
     out = ""
     variants = sorted({r["variant"] for r in study.rows})
     for what, name, known in (("task", task, study.tasks), ("variant", variant, variants)):
-        if name not in known:
+        if name is not None and name not in known:
             out += f"; {what} {name!r} is not in the study{did_you_mean(name, known)} (it has {known})"
     return out
 

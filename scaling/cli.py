@@ -266,7 +266,8 @@ def cmd_fits(args) -> int:
         from scaling.report import COMPACT_HEADER, compact_fit_rows
 
         if not fits:
-            print(f"no fits match in study {study.name} (tasks: {', '.join(study.tasks) or 'none'})")
+            hint = api.unknown_names(study, args.task, args.variant)
+            print(f"no fits match in study {study.name} (tasks: {', '.join(study.tasks) or 'none'}){hint}")
         _print_table(COMPACT_HEADER, compact_fit_rows(fits))
         for fit in fits:
             for note in fit.notes:

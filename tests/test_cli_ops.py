@@ -205,6 +205,8 @@ def test_did_you_mean_for_commands_choices_tasks_variants(tmp_path, capsys):
     storage = write_synthetic_study(tmp_path / "s")
     assert main(["predict", str(storage), "--task", "lm", "--variant", "oscilator", "--d-osc", "64"]) == 2
     assert "variant 'oscilator' is not in the study; did you mean 'oscillator'?" in capsys.readouterr().err
+    assert main(["fits", str(storage), "--task", "lmm"]) == 0
+    assert "task 'lmm' is not in the study; did you mean 'lm'?" in capsys.readouterr().out
 
 
 # ---- scaling plan: builds nothing, done vs remaining ------------------------------------------
