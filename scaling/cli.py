@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("submit", help="submit a study to a remote Ray cluster as a Ray Job")
-    p.add_argument("study", help="the study file (.yaml), inside the working directory")
+    p.add_argument("study", help="the study file (.yaml); its text travels inside the job, so it may lie outside the working directory")
     job_api = "the cluster's job API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
     _cluster_options(p, job_api)
     p.add_argument("--working-dir", default=".",

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import yaml
 
-from conftest import make_record, tiny_study_dict, write_synthetic_study
+from conftest import TINY_MQAR, make_record, tiny_study_dict, write_synthetic_study
 from scaling.cli import main
 
 
@@ -216,7 +216,8 @@ def test_plan_builds_nothing_and_splits_done_from_remaining(tmp_path, capsys):
     from studies.plan import make_plan
     from studies.spec import parse_study
 
-    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2]}], seeds=[0, 1])
+    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2]}], seeds=[0, 1],
+                           tasks=[{"name": "mqar", "options": {**TINY_MQAR, "train_examples": 200}}])
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["plan", str(path)]) == 0
