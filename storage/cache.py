@@ -59,6 +59,11 @@ def request_key(request: dict[str, Any]) -> str:
     return stable_hash({"request": request, "format": FORMAT_VERSION}, 20)
 
 
+class NotCached(LookupError):
+    """A split that is not in the cache yet, asked for by a caller that must not build it
+    (`scaling plan`); the message says how to build it."""
+
+
 class CacheCorrupt(RuntimeError):
     pass
 
@@ -160,6 +165,14 @@ class DatasetCache:
         if request is not None:
             self._write_ref(name, request, fp)
         return entry
+
+    def get(self, name: str, identity: dict[str, Any]) -> CachedDataset | None:
+        """Open the entry for (name, identity) if it is there, building nothing and checking sizes
+        only (memory-mapped: its arrays' shapes cost no reading); None when it is missing or damaged."""
+        try:
+            return self.open(name, fingerprint(identity), verify=False)
+        except (FileNotFoundError, CacheCorrupt):
+            return None
 
     def open_request(self, name: str, request: dict[str, Any]) -> CachedDataset | None:
         """The entry last built for this request, or None when there is none. Raises CacheCorrupt

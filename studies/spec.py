@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.suggest import did_you_mean
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FITS = ("gap_vs_dosc",)
 
@@ -63,7 +65,7 @@ class TaskEntry(_Strict):
     def _check(self) -> "TaskEntry":
         tasks = _known_tasks()
         if self.name not in tasks:
-            raise ValueError(f"unknown task {self.name!r}; allowed: {sorted(tasks)}")
+            raise ValueError(f"unknown task {self.name!r}; allowed: {sorted(tasks)}{did_you_mean(self.name, tasks)}")
         tasks[self.name].options(self.options)  # raises naming unknown options
         return self
 
@@ -95,12 +97,13 @@ class VariantEntry(_Strict):
     def _check(self) -> "VariantEntry":
         options, uses_d_osc = _known_variants()
         if self.name not in options:
-            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}")
+            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}{did_you_mean(self.name, options)}")
         allowed = set(options[self.name]) - {"d_osc"}
         unknown = set(self.options) - allowed
         if unknown:
             raise ValueError(
                 f"variant {self.name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}"
+                f"{''.join(did_you_mean(u, allowed) for u in sorted(unknown))}"
             )
         if "d_osc" in self.options:
             raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
@@ -526,7 +529,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = item["loc"][:-1]
-            message = f"unknown key; allowed keys here: {', '.join(_allowed_keys(parent))}"
+            allowed = _allowed_keys(parent)
+            message = f"unknown key; allowed keys here: {', '.join(allowed)}{did_you_mean(item['loc'][-1], allowed)}"
         elif item["type"] == "missing":
             message = "required field is missing"
         value = item.get("input")
