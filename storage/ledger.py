@@ -256,11 +256,11 @@ class Ledger:
                     continue
                 if info.type == pafs.FileType.Directory:
                     if not (kind == "done" and name in (FAILED, PARTS)):
-                        scan.ignored.append(Ignored(info.path, "a folder, not a record"))
+                        scan.ignored.append(Ignored(sfs.uri(self.fs, info.path), "a folder, not a record"))
                     continue
                 reason = self._not_a_record(info, folder)
                 if reason:
-                    scan.ignored.append(Ignored(info.path, reason))
+                    scan.ignored.append(Ignored(sfs.uri(self.fs, info.path), reason))
                 elif kind == FAILED:
                     scan.failed.append(info.path)
                 else:
@@ -271,10 +271,10 @@ class Ledger:
             if info.type == pafs.FileType.File and PART_RE.match(info.base_name):
                 scan.parts.append(Part(info.path, info.size or 0))
             elif TEMP_RE.match(info.base_name):
-                scan.ignored.append(Ignored(info.path, "temporary file of a compaction interrupted before its rename "
+                scan.ignored.append(Ignored(sfs.uri(self.fs, info.path), "temporary file of a compaction interrupted before its rename "
                                                        "(its records are still in the files it was merging); safe to delete"))
             else:
-                scan.ignored.append(Ignored(info.path, "not a ledger part (parts are part-<time>-<id>.parquet)"))
+                scan.ignored.append(Ignored(sfs.uri(self.fs, info.path), "not a ledger part (parts are part-<time>-<id>.parquet)"))
         scan.parts.sort(key=lambda p: p.path)
         self._note(scan.ignored)
         return scan
@@ -311,13 +311,18 @@ class Ledger:
 
     # ---- reading ---------------------------------------------------------------------------------
 
-    def table(self, include_failed: bool = True) -> pa.Table:
+    def table(self, include_failed: bool = True, columns: list[str] | None = None) -> pa.Table:
         """Every finished record, once (failed attempts too unless include_failed=False: then one
-        row per done key). Files that are not finished records are skipped and listed in `self.ignored`."""
+        row per done key). Files that are not finished records are skipped and listed in `self.ignored`.
+        `columns`: only these (readers that need no `spec_json` read a third of the bytes)."""
+        if columns is not None:
+            unknown = [c for c in columns if c not in SCHEMA.names]
+            if unknown:
+                raise ValueError(f"Ledger.table(columns=...): unknown column(s) {unknown}; known: {SCHEMA.names}")
         for _ in range(READ_TRIES):
             scan = self.scan()
             try:
-                table, _sources = self._read(scan, include_failed=include_failed)
+                table, _sources = self._read(scan, include_failed=include_failed, columns=columns)
                 return table
             except _Vanished:
                 continue  # a compaction moved records from under us: they are in a newer part now
@@ -327,25 +332,27 @@ class Ledger:
         return [TrialRecord(**row) for row in self.table(include_failed).to_pylist()]
 
     def rows(self) -> list[dict[str, Any]]:
-        return self.table().to_pylist()
+        return table_rows(self.table())
 
     def _read(self, scan: LedgerScan, *, include_failed: bool = True, parts: list[Part] | None = None,
-              seen_keys: set[str] | None = None, seen_failed: set[str] | None = None) -> tuple[pa.Table, list[str]]:
+              seen_keys: set[str] | None = None, seen_failed: set[str] | None = None,
+              columns: list[str] | None = None) -> tuple[pa.Table, list[str]]:
         """(rows, failed sources of those rows, aligned with the failed rows) of the parts and loose
         files of `scan`, each record once (the module docstring's rule)."""
         seen_keys = set() if seen_keys is None else seen_keys
         seen_failed = set() if seen_failed is None else seen_failed
+        schema = SCHEMA if columns is None else pa.schema([f for f in SCHEMA if f.name in {*columns, "key", "status"}])
         tables: list[pa.Table] = []
         sources: list[str] = []
         for part in scan.parts if parts is None else parts:
-            table, failed_sources = self._read_part(part.path)
+            table, failed_sources = self._read_part(part.path, schema)
             table, kept = _first_copies(table, failed_sources, seen_keys, seen_failed)
             tables.append(table)
             sources += kept
         loose_failed = [p for p in scan.failed if self._relative(p) not in seen_failed]
         loose_done = [p for k, p in scan.done.items() if k not in seen_keys]
         paths = loose_done + (loose_failed if include_failed else [])
-        loose = self._read_loose(paths, scan)
+        loose = self._read_loose(paths, scan, schema)
         if loose.num_rows:
             # a loose file holds one record; its source is its own name
             by_key = pc.not_equal(loose.column("status"), "failed")
@@ -359,7 +366,7 @@ class Ledger:
             loose = loose.filter(pa.array(keep_mask))
             tables.append(loose)
             sources += [self._relative(p) for p in self._loose_failed_order]
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
         if not include_failed:
             table = table.filter(pc.not_equal(table.column("status"), "failed"))
         return table, sources
@@ -367,25 +374,27 @@ class Ledger:
     def _relative(self, path: str) -> str:
         return path[len(self.dir) + 1:] if path.startswith(self.dir + "/") else path
 
-    def _read_part(self, path: str) -> tuple[pa.Table, list[str]]:
+    def _read_part(self, path: str, schema: pa.Schema = SCHEMA) -> tuple[pa.Table, list[str]]:
         try:
             with self.fs.open_input_file(path) as f:
                 parquet = pq.ParquetFile(f)
-                table = parquet.read()
+                present = set(parquet.schema_arrow.names)
+                table = parquet.read(columns=[n for n in schema.names if n in present])
                 meta = parquet.schema_arrow.metadata or {}
         except FileNotFoundError as error:
             raise _Vanished(path) from error
-        return conform(table), json.loads(meta.get(FAILED_SOURCES, b"[]"))
+        return conform(table, schema), json.loads(meta.get(FAILED_SOURCES, b"[]"))
 
-    def _read_loose(self, paths: list[str], scan: LedgerScan) -> pa.Table:
+    def _read_loose(self, paths: list[str], scan: LedgerScan, schema: pa.Schema = SCHEMA) -> pa.Table:
         """The loose records at `paths` (failed ones last, in `self._loose_failed_order`)."""
         done = [p for p in paths if f"/{FAILED}/" not in p[len(self.dir):]]
         failed = [p for p in paths if f"/{FAILED}/" in p[len(self.dir):]]
         self._loose_failed_order = []
         if not paths:
-            return SCHEMA.empty_table()
+            return schema.empty_table()
         try:
-            table = pads.dataset(done + failed, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table()
+            table = pads.dataset(done + failed, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table(
+                columns=schema.names)
             self._loose_failed_order = failed
             return table
         except FileNotFoundError as error:
@@ -395,7 +404,8 @@ class Ledger:
         tables, ok_failed = [], []
         for path in done + failed:
             try:
-                tables.append(pads.dataset([path], format="parquet", filesystem=self.fs, schema=SCHEMA).to_table())
+                tables.append(pads.dataset([path], format="parquet", filesystem=self.fs, schema=SCHEMA).to_table(
+                    columns=schema.names))
                 if path in failed:
                     ok_failed.append(path)
             except FileNotFoundError as error:
@@ -404,11 +414,11 @@ class Ledger:
                 if not sfs.exists(self.fs, path):
                     raise _Vanished(path) from error
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                scan.ignored.append(Ignored(path, f"unreadable record ({first[:200]}); move it aside or delete "
+                scan.ignored.append(Ignored(sfs.uri(self.fs, path), f"unreadable record ({first[:200]}); move it aside or delete "
                                                   "it and its trial runs again"))
         self._note(scan.ignored)
         self._loose_failed_order = ok_failed
-        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
     # ---- compaction ------------------------------------------------------------------------------
 
@@ -456,7 +466,7 @@ class Ledger:
         sorted_sources = [s for s in table.column("_source").to_pylist() if s is not None]
         path = self._write_part(table.drop_columns(["_source"]), sorted_sources)
         # the new part is in place: what it merged can go (readers already skip it as a second copy)
-        merged = [p for p in list(scan.done.values()) + scan.failed if p not in unreadable]
+        merged = [p for p in list(scan.done.values()) + scan.failed if sfs.uri(self.fs, p) not in unreadable]
         removed = 0
         for old in merged + [p.path for p in small]:
             try:
@@ -469,11 +479,25 @@ class Ledger:
         return CompactResult(part=sfs.uri(self.fs, path), records=table.num_rows, merged_files=len(merged),
                              merged_parts=len(small), removed=removed)
 
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """table.to_pylist(), column by column: ~10x faster at 100k rows (pyarrow builds each row's
+    dict value by value)."""
+    names = table.column_names
+    columns = [table.column(name).to_pylist() for name in names]
+    return [dict(zip(names, values)) for values in zip(*columns)]
+
+
 def _first_copies(table: pa.Table, failed_sources: list[str], seen_keys: set[str],
                   seen_failed: set[str]) -> tuple[pa.Table, list[str]]:
     """The rows of one part that are not already seen (done: by key; failed: by source file), and
     the sources of its failed rows kept; updates the seen sets."""
     keys = table.column("key").to_pylist()
+    failed_mask = pc.equal(table.column("status"), "failed")
+    if not failed_sources and not pc.any(failed_mask).as_py():  # the usual part: done rows only
+        fresh = [k for k in keys if k not in seen_keys] if seen_keys else keys
+        if len(fresh) == len(keys) and len(set(keys)) == len(keys):
+            seen_keys.update(keys)
+            return table, []
     statuses = table.column("status").to_pylist()
     keep, kept_sources = [], []
     failed_i = 0
@@ -494,17 +518,17 @@ def _first_copies(table: pa.Table, failed_sources: list[str], seen_keys: set[str
     return table.filter(pa.array(keep)), kept_sources
 
 
-def conform(table: pa.Table) -> pa.Table:
+def conform(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
     """A table in the ledger's schema: missing columns (written by an older version) as nulls,
     extra ones (a newer version's) dropped, types cast."""
     columns = []
-    for f in SCHEMA:
+    for f in schema:
         if f.name in table.column_names:
             column = table.column(f.name)
             columns.append(column if column.type == f.type else column.cast(f.type))
         else:
             columns.append(pa.nulls(table.num_rows, f.type))
-    return pa.Table.from_arrays(columns, schema=SCHEMA)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _to_parquet_bytes(records: list[TrialRecord]) -> bytes:
