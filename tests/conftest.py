@@ -107,7 +107,8 @@ def s3_endpoint():
         yield endpoint
 
 
-@pytest.fixture(params=["local", "s3"])
+# S3 cases start a moto server (5-8 s on a busy 2-core machine) and cost ~50 ms a request: `slow`
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def storage_uri(request, tmp_path):
     """A study storage location on each backend: a local directory, and s3://bkt/<unique prefix>."""
     if request.param == "local":

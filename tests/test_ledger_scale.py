@@ -213,3 +213,43 @@ def test_pandas_polars_and_duckdb_read_the_ledger_without_the_project(tmp_path):
     got = json.loads(out.stdout)
     assert got["pandas"] == got["polars"] == got["duckdb"] == expected
     assert got["project_modules"] == []
+
+
+@pytest.mark.slow
+def test_cli_cache_and_checkpoints_on_s3_keep_the_scheme(s3_endpoint, tmp_path):
+    """status, trials, compact and fits on an s3:// study print s3:// URIs; the dataset cache and
+    trial checkpoints round-trip through the S3-protocol server."""
+    import pyarrow as pa
+    import yaml
+
+    from storage.cache import DatasetCache
+    from workers.trial import Checkpoints
+
+    uri = "s3://bkt/cli/study"
+    fs, root = sfs.resolve(uri)
+    sfs.write_bytes_atomic(fs, sfs.join(root, "study.yaml"), yaml.safe_dump(
+        {"name": "s3study", "baseline": "softmax"}).encode())
+    ledger = Ledger(uri)
+    for s in range(3):
+        ledger.append(make_record(key=f"lm-softmax-s{s}", cell="lm/softmax", task="lm", seed=s, metric_value=3.0))
+        for d in (2, 4, 8):
+            ledger.append(make_record(key=f"lm-osc-d{d}-s{s}", cell=f"lm/oscillator/d{d}", task="lm",
+                                      variant="oscillator", d_osc=d, seed=s, metric_value=3.0 + d ** -0.5))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "scaling.cli", *a], capture_output=True, text=True, check=True)
+    out = run("compact", uri).stdout
+    assert "s3://bkt/cli/study/ledger/parts/part-" in out
+    assert json.loads(run("status", uri, "--format", "json").stdout)["totals"]["completed"] == 12
+    assert len(run("trials", uri, "--format", "csv").stdout.strip().splitlines()) == 13
+    run("fits", uri, "--format", "json", "--n-boot", "50")
+    report = run("report", uri, "--n-boot", "50").stdout
+    assert "s3://bkt/cli/study/report.html" in report
+    cache = DatasetCache("s3://bkt/cache")
+    entry = cache.get_or_build("toy", {"v": 1}, lambda: ({"train": pa.table({"x": [1, 2, 3]})}, {}))
+    assert entry.uri.startswith("s3://bkt/cache/") and entry["train"].num_rows == 3
+    again = DatasetCache("s3://bkt/cache").get_or_build("toy", {"v": 1}, lambda: 1 / 0)  # cached: no rebuild
+    assert again["train"].column("x").to_pylist() == [1, 2, 3]
+    ckpt = Checkpoints("s3://bkt/cli/study", "trial-a")
+    ckpt.save({"step": 7})
+    assert Checkpoints("s3://bkt/cli/study", "trial-a").load()["step"] == 7
+    ckpt.remove()
+    assert Checkpoints("s3://bkt/cli/study", "trial-a").load() is None
