@@ -29,7 +29,6 @@ from scaling import fits as F
 from scaling import laws
 from scaling.fits import FitResult
 from storage import fs as sfs
-from storage.ledger import SCHEMA as LEDGER_SCHEMA
 from storage.ledger import Ledger, table_rows
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
@@ -117,8 +116,7 @@ def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
     ledger = Ledger(storage)
-    # every column but the trial spec (a third of the bytes; no query reads it: Ledger.records() has it)
-    table = ledger.table(columns=[c for c in LEDGER_SCHEMA.names if c != "spec_json"])
+    table = ledger.table()
     return StudyResults(str(config.get("name", Path(root).name)), storage, config, table_rows(table) if rows else [], plan,
                         [item.as_dict() for item in ledger.ignored], table)
 
