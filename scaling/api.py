@@ -29,7 +29,7 @@ from scaling import fits as F
 from scaling import laws
 from scaling.fits import FitResult
 from storage import fs as sfs
-from storage.ledger import Ledger
+from storage.ledger import Ledger, table_rows
 from storage.suggest import did_you_mean
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
@@ -57,6 +57,7 @@ class StudyResults:
     plan: list[dict[str, Any]] | None  # planned trials (key, cell, task, variant, d_osc, seed)
     # files under ledger/ that are not finished records (temporary or partial files), skipped: path, reason
     ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    table: Any = None  # the same rows as an Arrow table (trials export sorts and writes it without Python rows)
 
     @property
     def baseline(self) -> str:
@@ -87,9 +88,10 @@ def _read_yaml(fs, path: str) -> dict[str, Any]:
     return data
 
 
-def open_study(ref: str) -> StudyResults:
+def open_study(ref: str, *, rows: bool = True) -> StudyResults:
     """A study from its storage directory/URI, from its study file (storage read from it), or by
-    name: a bare name that is no path here is looked up under `study_roots()`."""
+    name: a bare name that is no path here is looked up under `study_roots()`.
+    rows=False: the Arrow table only (`rows` empty), for exports that never need Python rows."""
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
         config = yaml.safe_load(Path(ref).read_text()) or {}
         if not isinstance(config, dict) or "name" not in config:
@@ -99,7 +101,7 @@ def open_study(ref: str) -> StudyResults:
         storage = find_study(ref)
     else:
         storage = sfs.absolute_uri(ref)
-    return open_storage(storage)
+    return open_storage(storage, rows=rows)
 
 
 def study_roots() -> list[str]:
@@ -130,7 +132,7 @@ def find_study(name: str, roots: list[str] | None = None) -> str:
     )
 
 
-def open_storage(storage: str) -> StudyResults:
+def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
     """A study from its storage directory or URI only: never from a study file, so whatever a file's
     `storage:` names is not followed (what the HTTP API serves: directories under its root)."""
     fs, root = sfs.resolve(storage)
@@ -146,9 +148,9 @@ def open_storage(storage: str) -> StudyResults:
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
     ledger = Ledger(storage)
-    rows = ledger.rows()
-    return StudyResults(str(config.get("name", Path(root).name)), storage, config, rows, plan,
-                        [item.as_dict() for item in ledger.ignored])
+    table = ledger.table()
+    return StudyResults(str(config.get("name", Path(root).name)), storage, config, table_rows(table) if rows else [], plan,
+                        [item.as_dict() for item in ledger.ignored], table)
 
 
 def list_studies(root: str) -> list[dict[str, Any]]:
@@ -665,6 +667,22 @@ def trials(
             and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
     rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
     return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
+
+
+def trials_table(study: StudyResults, *, task: str | None = None, variant: str | None = None,
+                 status: str | None = None, cell: str | None = None):
+    """The ledger rows of `trials` (TRIAL_FIELDS, same filters and order) as an Arrow table, for
+    exports of any size: filtered and sorted by Arrow, never row by row in Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = study.table if study.table is not None else pa.Table.from_pylist(study.rows)
+    for name, value in (("task", task), ("variant", variant), ("status", status), ("cell", cell)):
+        if value is not None:
+            table = table.filter(pc.equal(table.column(name), value))
+    table = table.select([f for f in TRIAL_FIELDS if f in table.column_names])
+    return table.sort_by([("cell", "ascending"), ("seed", "ascending"), ("key", "ascending"),
+                          ("finished_at", "ascending")])
 
 
 def within_d_osc(study: StudyResults, *, min_d_osc: float | None = None, max_d_osc: float | None = None) -> StudyResults:

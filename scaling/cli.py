@@ -41,7 +41,7 @@ def cmd_run(args) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     print(f"study {study.name}: {result.planned} planned, {result.skipped} already in the ledger, "
           f"{result.ran} run now ({counts}) in {result.seconds:.0f}s")
-    print(f"ledger:  {os.path.join(result.storage, 'ledger')}")
+    print(f"ledger:  {result.storage.rstrip('/')}/ledger")  # a URI keeps its scheme (s3://...)
     if result.report_path:
         print(f"report:  {result.report_path}")
         for row in result.fits:  # every law and method; `scaling fits DIR` has the full table
@@ -275,6 +275,48 @@ def cmd_fits(args) -> int:
     return EXIT_OK
 
 
+def cmd_trials(args) -> int:
+    """One row per ledger record (failed attempts too), sorted by cell, seed and key."""
+    from scaling import api
+
+    study = api.open_study(args.study, rows=False)
+    table = api.trials_table(study, task=args.task, variant=args.variant, status=args.status, cell=args.cell)
+    table = table.slice(args.offset, args.limit) if args.limit is not None else table.slice(args.offset)
+    if args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = sys.stdout.buffer
+        sys.stdout.flush()
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+        sink.flush()
+    elif args.format == "json":
+        from storage.ledger import table_rows
+
+        print(json.dumps([api.F._clean(r) for r in table_rows(table)], indent=1))
+    else:
+        from storage.ledger import table_rows
+
+        fields = ["key", "cell", "seed", "stage", "status", "metric_name", "metric_value", "wall_seconds", "host"]
+        _print_table(fields, [[r[f] for f in fields] for r in table_rows(table.select(fields))])
+        print(f"{table.num_rows} trial record(s) in study {study.name} (all columns: --format csv or json)")
+    return EXIT_OK
+
+
+def cmd_compact(args) -> int:
+    from scaling import api
+    from storage.ledger import Ledger
+
+    storage = api.open_study(args.study).storage if args.study.endswith((".yaml", ".yml")) else args.study
+    ledger = Ledger(storage)
+    result = ledger.compact(full=args.full)
+    if result.part is None:
+        print(f"ledger {ledger.uri}: {result.skipped}")
+    else:
+        print(f"ledger {ledger.uri}: merged {result.merged_files} record file(s) and {result.merged_parts} part(s) into "
+              f"{result.part} ({result.records} records, {result.seconds:.1f}s); removed {result.removed} merged file(s)")
+    return EXIT_OK
+
+
 def cmd_predict(args) -> int:
     from scaling import api
 
@@ -473,6 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_options(p)
     _range_options(p)
     p.set_defaults(func=cmd_fits)
+
+    p = sub.add_parser("trials", help="the ledger's records, one row per trial (and failed attempt)")
+    p.add_argument("study", help=study_help)
+    p.add_argument("--task")
+    p.add_argument("--variant")
+    p.add_argument("--status", choices=["completed", "diverged", "pruned", "failed"])
+    p.add_argument("--cell", help="e.g. wikitext2/oscillator/d8")
+    p.add_argument("--limit", type=int, help="at most this many rows (default: all)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many rows first")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_trials)
+
+    p = sub.add_parser("compact", help="merge the ledger's record files into one part (safe beside a running study)")
+    p.add_argument("study", help=study_help + " (or its storage URI, e.g. s3://bucket/studies/NAME)")
+    p.add_argument("--full", action="store_true", help="merge every part too, however large (one file)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("predict", help="the fitted law at a new d_osc or parameter count, with intervals")
     p.add_argument("study", help=study_help)

@@ -72,9 +72,10 @@ class CacheCorrupt(RuntimeError):
 class CachedDataset:
     name: str
     fingerprint: str
-    path: str
+    path: str  # in the cache's filesystem (no scheme)
     manifest: dict[str, Any]
     tables: dict[str, pa.Table]
+    uri: str = ""  # the same with its scheme (s3://...), for printing
 
     def __getitem__(self, split: str) -> pa.Table:
         if split not in self.tables:
@@ -194,9 +195,9 @@ class DatasetCache:
         try:
             manifest = json.loads(sfs.read_bytes(self.fs, path))
         except (ValueError, UnicodeDecodeError) as error:
-            raise CacheCorrupt(f"{path}: unreadable manifest ({error})") from error
+            raise CacheCorrupt(f"{sfs.uri(self.fs, path)}: unreadable manifest ({error})") from error
         if manifest.get("fingerprint") != fp or not isinstance(manifest.get("splits"), dict):
-            raise CacheCorrupt(f"{path}: manifest does not describe entry {name}-{fp}")
+            raise CacheCorrupt(f"{sfs.uri(self.fs, path)}: manifest does not describe entry {name}-{fp}")
         return manifest
 
     def open(self, name: str, fp: str, verify: bool | None = None) -> CachedDataset:
@@ -210,23 +211,23 @@ class DatasetCache:
             file_path = sfs.join(path, info["file"])
             file_info = self.fs.get_file_info(file_path)
             if file_info.type == pafs.FileType.NotFound:
-                raise CacheCorrupt(f"{file_path}: missing (the manifest lists it)")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: missing (the manifest lists it)")
             if file_info.size != info["bytes"]:
-                raise CacheCorrupt(f"{file_path}: size {file_info.size} != manifest {info['bytes']}")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: size {file_info.size} != manifest {info['bytes']}")
             key = (path, build_id, split)
             check = key not in self._verified if verify is None else verify
             buffer = self._read_buffer(file_path, info["bytes"])
             if check:
-                self._check_sums(file_path, buffer, info, full=False)
+                self._check_sums(sfs.uri(self.fs, file_path), buffer, info, full=False)
                 self._verified.add(key)
             try:
                 table = pa.ipc.open_file(buffer).read_all()
             except (pa.ArrowInvalid, OSError) as error:
-                raise CacheCorrupt(f"{file_path}: not a readable Arrow file ({error})") from error
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: not a readable Arrow file ({error})") from error
             if table.num_rows != info["rows"]:
-                raise CacheCorrupt(f"{file_path}: {table.num_rows} rows != manifest {info['rows']}")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: {table.num_rows} rows != manifest {info['rows']}")
             tables[split] = table
-        return CachedDataset(name, fp, path, manifest, tables)
+        return CachedDataset(name, fp, path, manifest, tables, sfs.uri(self.fs, path))
 
     def _read_buffer(self, path: str, size: int) -> pa.Buffer:
         if self.local:
@@ -289,7 +290,7 @@ class DatasetCache:
                 return
             sfs.write_bytes_atomic(self.fs, path, data)
         except OSError as error:  # a read-only cache mount still serves entries
-            print(f"cache: could not record {path} ({error})", file=sys.stderr)
+            print(f"cache: could not record {sfs.uri(self.fs, path)} ({error})", file=sys.stderr)
 
     def remove(self, name: str, fp: str) -> None:
         path = self.entry_path(name, fp)
@@ -353,7 +354,7 @@ class DatasetCache:
                     if file_info.type == pafs.FileType.NotFound or file_info.size != info["bytes"]:
                         raise CacheCorrupt(f"{split}: size {file_info.size} != manifest {info['bytes']}")
                     buffer = self._read_buffer(file_path, info["bytes"])
-                    self._check_sums(file_path, buffer, info, full=full)
+                    self._check_sums(sfs.uri(self.fs, file_path), buffer, info, full=full)
                     if pa.ipc.open_file(buffer).read_all().num_rows != info["rows"]:
                         raise CacheCorrupt(f"{split}: row count differs from the manifest")
                     row["bytes"] += info["bytes"]

@@ -23,7 +23,7 @@ from ray.tune import Callback
 from storage import fs as sfs
 from storage.cache import DatasetCache
 from storage.faults import COUNTER_ENV, DRIVER_ENV, FAULT_ENV, fault_point
-from storage.ledger import Ledger
+from storage.ledger import COMPACT_EVERY, Ledger
 from storage.records import TrialSpec
 from studies import tracking
 from studies.plan import Plan, make_plan
@@ -119,7 +119,7 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     spec = TrialSpec.from_dict(config["trial"])
     ledger = Ledger(ctx["storage"])
     sign = 1 if get_task(spec.task).lower_is_better else -1
-    if spec.key in ledger.keys():  # a retry after the record was written
+    if ledger.contains(spec.key):  # a retry after the record was written (one look-up, no listing)
         tune.report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1})
         return
     tracker = tracking.TrialTracker(spec, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"])
@@ -198,6 +198,38 @@ class _Progress:
 
 
 _PROGRESS: dict[int, _Progress] = {}
+
+
+class CompactCallback(Callback):
+    """Compacts the ledger every `every` finished trials (storage.ledger.COMPACT_EVERY), in the
+    driver, so readers of a long study open a few parts instead of one file per trial. A failed
+    compaction is logged and the study goes on: nothing is lost, the next one merges more."""
+
+    def __init__(self, storage: str, every: int) -> None:
+        self.storage, self.every, self.finished = storage, every, 0
+
+    def _count(self) -> None:
+        self.finished += 1
+        if self.every > 0 and self.finished % self.every == 0:
+            compact_ledger(self.storage, reason=f"{self.finished} trials finished")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._count()
+
+
+def compact_ledger(storage: str, *, reason: str) -> None:
+    from storage.ledger import COMPACT_EVERY, Ledger
+
+    try:
+        result = Ledger(storage).compact()
+    except Exception:  # noqa: BLE001 -- compaction only speeds reads up; the records are safe as they are
+        log.exception("ledger compaction (%s) failed; the records are untouched", reason)
+        return
+    if result.part:
+        log.info("ledger compacted (%s): %d records in %s (%.1fs)", reason, result.records, result.part, result.seconds)
 
 
 class ProgressCallback(Callback):
@@ -325,7 +357,7 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
             storage_path=paths["ray_results"],
             failure_config=tune.FailureConfig(max_failures=res.max_failures),
             verbose=0,
-            callbacks=[bar.callback()],
+            callbacks=[bar.callback(), CompactCallback(paths["storage"], COMPACT_EVERY)],
         ),
     )
     try:
@@ -372,7 +404,10 @@ def run_study(
     save_plan(plan, paths)
     before = len(Ledger(paths["storage"]).keys())
     if todo or plan.search_cells:
-        run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
+        try:
+            run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
+        finally:  # at the study's end (finished, failed or interrupted): the trials' files into one part
+            compact_ledger(paths["storage"], reason="end of the study")
     ran = len(Ledger(paths["storage"]).keys()) - before if plan.search_cells else len(todo)
     result = RunResult(paths["storage"], plan.planned, len(plan.done) if not plan.search_cells else before, ran)
     result.counts = trial_counts(study, plan)
@@ -387,7 +422,7 @@ def run_study(
                   f"  retry with: scaling report {shlex.quote(paths['storage'])}", file=sys.stderr)
             result.report_error = f"{type(error).__name__}: {error}"
         else:
-            result.report_path, result.fits = written.html_path, written.fit_rows
+            result.report_path, result.fits = written.html_path, written.fit_rows  # URIs keep their scheme
             tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path)
     result.seconds = time.perf_counter() - t0
     if not result.ok:
