@@ -221,7 +221,7 @@ class CompactCallback(Callback):
 
 
 def compact_ledger(storage: str, *, reason: str) -> None:
-    from storage.ledger import COMPACT_EVERY, Ledger
+    from storage.ledger import Ledger
 
     try:
         result = Ledger(storage).compact()
