@@ -123,3 +123,14 @@ def test_only_trials_that_differ_in_seed_pack(tmp_path):
     assert pack_key(other) != pack_key(a)
     with pytest.raises(ValueError, match="differ in more than their seed"):
         run_pack([a, other], storage_uri=str(tmp_path), cache_uri=str(tmp_path / "c"))
+
+
+def test_pack_seeds_is_validated_with_the_fix(tmp_path):
+    from conftest import tiny_study_dict
+    from studies.spec import StudySpec
+
+    for good in (1, 5, "auto"):
+        data = tiny_study_dict(tmp_path, resources={"pack_seeds": good})
+        assert StudySpec.model_validate(data).resources.pack_seeds == good
+    with pytest.raises(Exception, match="pack_seeds=0: give a number of seeds from 1 to 1024, or auto"):
+        StudySpec.model_validate(tiny_study_dict(tmp_path, resources={"pack_seeds": 0}))

@@ -61,6 +61,12 @@ def pack_key(spec: TrialSpec) -> str:
     return dataclasses.replace(spec, seed=0).key
 
 
+def packable(spec: TrialSpec) -> bool:
+    """Whether a trial can train in a pack: the oscillator's ODE modes (verification runs with their
+    own random starts and statistics) always run alone."""
+    return not (spec.variant == "oscillator" and spec.variant_options.get("mode", "analytic") != "analytic")
+
+
 class _SeedDropout(nn.Module):
     """Stands in for `nn.Dropout` in the stacked model: applies the mask this seed drew outside
     vmap (the next one in call order), scaled as torch's CPU dropout scales it."""
@@ -243,6 +249,8 @@ def run_pack(
         raise ValueError(f"run_pack: the trials differ in more than their seed ({len(keys)} pack keys); "
                          "pack only trials of one cell and recipe")
     seeds = [s.seed for s in specs]
+    if not all(packable(s) for s in specs):
+        raise ValueError("run_pack: oscillator ODE modes (mode: euler | rk45) train alone; run them with run_trial")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"run_pack: seeds {seeds} repeat; each seed once per pack")
     ids = list(wandb_run_ids or [None] * len(specs))
