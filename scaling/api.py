@@ -449,9 +449,35 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
             counts["in_progress"] += 1
         else:
             counts["pending"] += 1
+    design_slots = slots.pop(DESIGN_CELL, {}).get("design", 0)
     for cell, stages in slots.items():
         _fill_slots(cells[cell], cell, stages, study.rows, seen, started)
+    if design_slots:
+        _fill_design(cells, design_slots, study.rows, seen, started)
     return cells
+
+
+DESIGN_CELL = "design"  # plan.json's cell of an adaptive design's open slots (studies.runner)
+
+
+def _fill_design(cells: dict[str, dict[str, int]], slots: int, rows: list[dict[str, Any]], known: set[str],
+                 started: set[str]) -> None:
+    """An adaptive design's records count under the cells the design chose; its open slots (in
+    progress: a checkpoint with no record; else pending) stay under the `design` row."""
+    outcome: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        if r.get("stage") != "design" or r["key"] in known:
+            continue
+        if r["status"] != "failed" or r["key"] not in outcome:
+            outcome[r["key"]] = (r["cell"], r["status"])
+    for cell, state in outcome.values():
+        counts = cells.setdefault(cell, {s: 0 for s in STATUS_KEYS})
+        counts[state] = counts.get(state, 0) + 1
+    counts = cells.setdefault(DESIGN_CELL, {s: 0 for s in STATUS_KEYS})
+    open_slots = max(0, slots - len(outcome))
+    running = min(open_slots, len(started - outcome.keys() - known))
+    counts["in_progress"] += running
+    counts["pending"] += open_slots - running
 
 
 def _fill_slots(counts: dict[str, int], cell: str, stages: dict[str, int], rows: list[dict[str, Any]],

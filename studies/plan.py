@@ -18,12 +18,15 @@ def expand(study: StudySpec) -> list[TrialSpec]:
     from workers.tasks import get_task
 
     trials = []
+    grid_variants = [v for v in study.variants if v.d_osc is not None or v.name not in _uses_d_osc()]
+    if study.design is not None and all(v.name == study.baseline for v in grid_variants):
+        grid_variants = []  # a design with no grid: it runs the baseline where it needs it
     for task_entry in study.tasks:
         task = get_task(task_entry.name)
         task_options = task.options(task_entry.options)
         data_fp = fingerprint(task.identity(task_options))
         model, train = model_and_train(study, task.name)
-        for variant in study.variants:
+        for variant in grid_variants:
             defaults = {k: v for k, v in VARIANT_OPTIONS[variant.name].items() if k != "d_osc"}
             options = {**defaults, **preset_variant_options(study, task.name, variant.name), **variant.options}
             for d_osc in variant.d_osc or [None]:
@@ -49,6 +52,12 @@ def expand(study: StudySpec) -> list[TrialSpec]:
     keys = [t.key for t in trials]
     assert len(set(keys)) == len(keys), "two trials share a key: the grid has duplicate cells"
     return trials
+
+
+def _uses_d_osc() -> frozenset:
+    from workers.variant_options import USES_D_OSC
+
+    return USES_D_OSC
 
 
 BUDGETS = ("steps", "epochs", "tokens")
@@ -108,6 +117,7 @@ class Plan:
     search_cells: list[TrialSpec] = field(default_factory=list)  # one template per searched cell
     search_trials: int = 0  # per cell: search trials x search seeds
     replicate_seeds: list[int] = field(default_factory=list)
+    design_trials: int = 0  # trials an adaptive design chooses as it goes (studies/design.py)
 
     @property
     def todo(self) -> list[TrialSpec]:
@@ -115,9 +125,11 @@ class Plan:
 
     @property
     def planned(self) -> int:
-        return len(self.trials) + len(self.search_cells) * (self.search_trials + len(self.replicate_seeds))
+        return len(self.trials) + len(self.search_cells) * (self.search_trials + len(self.replicate_seeds)) + self.design_trials
 
     def stage_counts(self) -> dict[str, int]:
+        if self.design_trials:
+            return {"grid": len(self.trials), "design": self.design_trials}
         if not self.search_cells:
             return {"grid": len(self.trials)}
         return {
@@ -129,6 +141,8 @@ class Plan:
 def make_plan(study: StudySpec) -> Plan:
     trials = expand(study)
     ledger_keys = Ledger(study.storage_uri()).keys()
+    if study.design is not None:
+        return Plan(trials, ledger_keys & {t.key for t in trials}, design_trials=max(0, study.design.budget - len(trials)))
     if study.search is None:
         return Plan(trials, ledger_keys & {t.key for t in trials})
     first = study.search.seeds[0]
