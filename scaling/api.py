@@ -542,6 +542,50 @@ def ledger_notes(study: StudyResults) -> list[str]:
     return [f"ledger: ignored {item['path']}: {item['reason']}" for item in study.ignored]
 
 
+def design(study: StudyResults) -> dict[str, Any] | None:
+    """An adaptive study's design (design.json, written by the runner): the proposals in order, each
+    with its point, rule, reason and expected gain, and the target's width after each batch,
+    refitted from the ledger (the grid's runs plus the design's first k batches). None without a design."""
+    from scaling import design as D
+
+    fs, root = sfs.resolve(study.storage)
+    path = sfs.join(root, "design.json")
+    if not sfs.exists(fs, path):
+        return None
+    info = json.loads(sfs.read_bytes(fs, path))
+    target = D.Target(info["target"]["kind"], info["target"]["x0"])
+    sign = 1.0 if F.lower_is_better(study.metric_name(info["task"])) else -1.0
+    design_keys = {p["key"] for p in info["proposals"]}
+    size = info.get("target_params")
+    by_key: dict[str, Any] = {}
+    prior = []
+    for r in study.done_rows:
+        if r["task"] != info["task"] or r["status"] != "completed" or not finite(r["metric_value"]):
+            continue
+        if (r["target_params"] or None) != (int(size) if size else None):
+            continue
+        if r["variant"] == info["baseline"]:
+            point = D.Point(D.BASELINE, None, int(r["seed"]))
+        elif r["variant"] == info["variant"] and r["d_osc"] is not None:
+            point = D.Point(D.VARIANT, float(r["d_osc"]), int(r["seed"]))
+        else:
+            continue
+        if r["key"] in design_keys:
+            by_key[r["key"]] = (point, sign * float(r["metric_value"]))
+        elif r.get("stage") != "search":
+            prior.append((point, sign * float(r["metric_value"])))
+    batch = max(1, int(info.get("batch") or 1))
+    widths = []
+    n = len(info["proposals"])
+    for end in [0, *range(batch, n, batch), n] if n else [0]:
+        runs = prior + [by_key[p["key"]] for p in info["proposals"][:end] if p["key"] in by_key]
+        fit = D.current_fit(runs, target)
+        widths.append({"after_trials": end, "batch": -(-end // batch), "runs": len(runs), "width": fit.width,
+                       "identified": fit.reason == "", "reason": fit.reason})
+    info["widths"] = widths
+    return info
+
+
 def searches(study: StudyResults) -> list[dict[str, Any]]:
     """Per searched cell (sorted): its search trials in the order they finished, and the configuration
     chosen. A search trial is one set of hyperparameters, run at every search seed; its objective is

@@ -267,7 +267,15 @@ def cmd_import(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.design:  # adaptive designs against the grid on simulated studies (studies/design_bench.py)
+        from studies.design_bench import main as design_bench
+
+        argv = ["--reps", str(args.reps), "--noise", str(args.noise), "--batch", str(args.design_batch),
+                "--budgets", *map(str, args.budgets), "--json", args.json or "design_bench.json"]
+        return design_bench(argv)
     from workers.bench import format_table, run_bench, write_json
+
+    args.json = args.json or "bench.json"
 
     result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
                        repeats=args.repeats, op_seconds=args.op_seconds, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
@@ -418,7 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the training-step cases")
     p.add_argument("--no-steps", action="store_true", help="attention op only, no training steps")
     p.add_argument("--no-naive", action="store_true", help="leave out the naive (dense-formula) oscillator")
-    p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    p.add_argument("--json", help="where to write the results (default bench.json; with --design design_bench.json)")
+    p.add_argument("--design", action="store_true",
+                   help="instead: adaptive designs against the uniform grid on simulated studies (alpha's interval "
+                        "width and coverage at equal budgets; studies/design_bench.py)")
+    p.add_argument("--reps", type=int, default=50, help="--design: simulated studies per budget (default 50)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[30, 60], help="--design: trial budgets (default 30 60)")
+    p.add_argument("--noise", type=float, default=1.0, help="--design: seed noise x the smallest gap (default 1)")
+    p.add_argument("--design-batch", type=int, default=5, help="--design: proposals per batch (default 5)")
     p.set_defaults(func=cmd_bench)
 
     from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`

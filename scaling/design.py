@@ -37,6 +37,7 @@ of proposals for concurrent workers spreads instead of repeating the same point.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -86,6 +87,7 @@ class State:
     lost: list[Point] = field(default_factory=list)  # diverged or failed: budget spent, no data
     floor: bool = False
     initial_seeds: int = 2
+    known: tuple[float, float] | None = None  # (alpha, C) of a simulated law: the oracle reference of a benchmark
 
     @property
     def spent(self) -> set[Point]:
@@ -134,6 +136,12 @@ class Fit:
 
 
 def current_fit(observed: list[tuple[Point, float]], target: Target, *, floor: bool = False) -> Fit:
+    """Memoised on the runs (a batch of proposals sees the same finished runs)."""
+    return _current_fit(tuple(observed), target, floor)
+
+
+@functools.lru_cache(maxsize=64)
+def _current_fit(observed: tuple[tuple[Point, float], ...], target: Target, floor: bool) -> Fit:
     """The profile of the finished runs, whether it identifies the law (scaling.profile.identify),
     and the target's actual interval width (the width the report will show)."""
     runs = runs_of(observed)
@@ -345,6 +353,8 @@ def propose(state: State) -> Proposal | None:
 
 
 def _draws(fit: Fit, state: State) -> tuple[list, float, str]:
+    if state.known is not None:
+        return [(state.known[0], np.array([state.known[1]]))], 1.0, "at the known law (oracle)"
     prof = fit.prof
     if prof is None:
         return PRIOR_DRAWS, 1.0, "no fit yet: averaged over a vague spread of alpha"

@@ -202,11 +202,17 @@ def test_proposals_live_in_optuna_storage_and_a_new_driver_continues(tmp_path):
 
 
 def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_path):
+    from scaling import api
+    from scaling.report import render
     from storage.ledger import Ledger
     from studies.design_search import DesignSearcher
+    from studies.plan import make_plan
+    from studies.runner import save_plan, save_study_file, study_paths, trial_counts
     from studies.spec import parse_study
 
-    study = parse_study(_adaptive(tmp_path, budget=10))
+    study = parse_study(_adaptive(tmp_path, budget=10, batch=4))
+    save_study_file(study, study_paths(study))
+    save_plan(make_plan(study), study_paths(study))
     ledger = Ledger(study.storage_uri())
     rng, shared = np.random.default_rng(4), {}
 
@@ -239,3 +245,15 @@ def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_pa
     design = json.loads((tmp_path / "study" / "design.json").read_text())
     assert [p["state"] for p in design["proposals"]] == ["completed"] * 10
     assert {p["rule"] for p in design["proposals"]} >= {"start"} and design["budget"] == 10
+
+    # status, the design's report section and its API: the same trials, counted in the cells chosen
+    assert trial_counts(study) == {"completed": 10, "failed": 0, "missing": 0}
+    opened = api.open_study(study.storage_uri())
+    cells = api.status(opened)
+    assert cells["design"]["pending"] == 0 and cells["mqar/softmax"]["completed"] >= 2
+    assert sum(c["completed"] for c in cells.values()) == 10
+    info = api.design(opened)
+    assert [w["after_trials"] for w in info["widths"]] == [0, 4, 8, 10]  # start, then every batch of 4
+    assert info["widths"][-1]["identified"] and info["widths"][-1]["width"] > 0
+    page, md = render(opened, api.fits(opened))
+    assert "Adaptive design" in page and "Design sequence" in md and "space-filling start" in md
