@@ -203,7 +203,7 @@ def test_proposals_live_in_optuna_storage_and_a_new_driver_continues(tmp_path):
 
 def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_path):
     from scaling import api
-    from scaling.report import render
+    from scaling.report import _design_section
     from storage.ledger import Ledger
     from studies.design_search import DesignSearcher
     from studies.plan import make_plan
@@ -255,5 +255,21 @@ def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_pa
     info = api.design(opened)
     assert [w["after_trials"] for w in info["widths"]] == [0, 4, 8, 10]  # start, then every batch of 4
     assert info["widths"][-1]["identified"] and info["widths"][-1]["width"] > 0
-    page, md = render(opened, api.fits(opened))
-    assert "Adaptive design" in page and "Design sequence" in md and "space-filling start" in md
+    page, md = _design_section(opened)  # the report's section (the whole report draws plots: slow)
+    md = "\n".join(md)
+    assert "Adaptive design" in "".join(page) and "Design sequence" in md and "space-filling start" in md
+    assert "batch 3 (10 design trials)" in md
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+@pytest.mark.bench
+def test_scaling_bench_design_writes_the_issue_schema(tmp_path):
+    from scaling.cli import main
+
+    out = tmp_path / "design.json"
+    assert main(["bench", "--design", "--reps", "2", "--budgets", "12", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["design"]["12"]
+    for name in ("grid_width", "adaptive_width", "ratio", "grid_coverage", "adaptive_coverage"):
+        assert name in result
+    assert result["adaptive_trials"] == 12 and len(result["first_sequence"]) == 12
