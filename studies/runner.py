@@ -385,7 +385,13 @@ def run_study(
             result.report_error = f"{type(error).__name__}: {error}"
         else:
             result.report_path, result.fits = written.html_path, written.fit_rows
-            tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path)
+            design = None
+            if study.design is not None:  # the design sequence and widths beside the fits
+                from scaling import api
+
+                design = api.design(api.open_storage(paths["storage"]))
+            tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path,
+                                       design=design)
     result.seconds = time.perf_counter() - t0
     if not result.ok:
         target = study_file or paths["storage"]
