@@ -214,7 +214,8 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
         if log_limits:
             _clipped_band(ax_log, f, color, *log_limits)
     for ax in (ax_log, ax_lin):
-        ax.set_xscale("log", base=2)
+        if ax is not ax_log or log_limits:  # an empty log panel has no x range to put on a log scale
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("d_osc", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     ylabel = f"gap in {ref.metric} ({variant} − {ref.baseline})"

@@ -273,3 +273,26 @@ def test_scaling_bench_design_writes_the_issue_schema(tmp_path):
     for name in ("grid_width", "adaptive_width", "ratio", "grid_coverage", "adaptive_coverage"):
         assert name in result
     assert result["adaptive_trials"] == 12 and len(result["first_sequence"]) == 12
+
+
+# ---- end to end on local Ray ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_grid_then_a_design_runs_end_to_end_and_a_rerun_repeats_nothing(tmp_path):
+    from storage.ledger import Ledger
+    from studies.runner import run_study
+    from studies.spec import parse_study
+
+    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2, 8]}], seeds=[0, 1, 2])
+    data["design"] = {"d_osc": [2, 4, 8, 16], "budget": 13}
+    study = parse_study(data)
+    result = run_study(study, num_cpus=2, progress=False)
+    assert result.ok, result.counts
+    rows = Ledger(study.storage_uri()).rows()
+    assert len(rows) == 13 and sum(r["stage"] == "design" for r in rows) == 4
+    design = json.loads((tmp_path / "study" / "design.json").read_text())
+    assert [p["state"] for p in design["proposals"]] == ["completed"] * 4 and design["grid_trials"] == 9
+    assert "Adaptive design" in (tmp_path / "study" / "report.md").read_text()
+    again = run_study(study, num_cpus=2, progress=False, report=False)
+    assert again.ran == 0 and len(Ledger(study.storage_uri()).rows()) == 13
