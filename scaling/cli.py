@@ -73,10 +73,19 @@ def cmd_plan(args) -> int:
           f"{c.seconds_per_trial:.0f}s" if c.seconds_per_trial else "–", c.note] for c in costs],
     )
     stages = ", ".join(f"{n} {stage}" for stage, n in plan.stage_counts().items())
-    print(f"{plan.planned} trials ({stages}); {len(plan.done)} already in the ledger; storage {study.storage_uri()}")
+    done = len(plan.done)
+    if plan.design_trials:  # the design's finished trials (their keys are chosen as it goes)
+        from storage.ledger import Ledger
+
+        done += len({r["key"] for r in Ledger(study.storage_uri()).rows() if r.get("stage") == "design" and r["status"] != "failed"})
+    print(f"{plan.planned} trials ({stages}); {done} already in the ledger; storage {study.storage_uri()}")
     if all(c.seconds_per_trial for c in costs):
         slots = study.resources.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // study.resources.cpus_per_trial))
-        total = sum(c.seconds_per_trial * c.trials for c in costs) / slots
+        total = sum(c.seconds_per_trial * c.trials for c in costs)
+        design = {t.cell for t in plan.design_cells}
+        if plan.design_trials:  # the design's trials, at the mean time of the cells it may choose
+            total += plan.design_trials * sum(c.seconds_per_trial for c in costs if c.cell in design) / max(1, len(design))
+        total /= slots
         print(f"estimated wall time: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
               "(FLOP rate of this study's finished trials, else of `scaling bench` in bench.json / $SCALING_BENCH_JSON)")
     else:

@@ -118,6 +118,7 @@ class Plan:
     search_trials: int = 0  # per cell: search trials x search seeds
     replicate_seeds: list[int] = field(default_factory=list)
     design_trials: int = 0  # trials an adaptive design chooses as it goes (studies/design.py)
+    design_cells: list[TrialSpec] = field(default_factory=list)  # one template per cell the design may choose
 
     @property
     def todo(self) -> list[TrialSpec]:
@@ -142,7 +143,8 @@ def make_plan(study: StudySpec) -> Plan:
     trials = expand(study)
     ledger_keys = Ledger(study.storage_uri()).keys()
     if study.design is not None:
-        return Plan(trials, ledger_keys & {t.key for t in trials}, design_trials=max(0, study.design.budget - len(trials)))
+        return Plan(trials, ledger_keys & {t.key for t in trials}, design_trials=max(0, study.design.budget - len(trials)),
+                    design_cells=design_templates(study))
     if study.search is None:
         return Plan(trials, ledger_keys & {t.key for t in trials})
     first = study.search.seeds[0]
@@ -150,6 +152,17 @@ def make_plan(study: StudySpec) -> Plan:
     replicate_seeds = [s for s in study.seeds if s not in study.search.seeds]
     search_trials = study.search.trials_per_cell * len(study.search.seeds)
     return Plan([], set(), templates, search_trials, replicate_seeds)
+
+
+def design_templates(study: StudySpec) -> list[TrialSpec]:
+    """One trial per cell an adaptive design may choose (the baseline and each allowed d_osc), so the
+    resource check and `scaling plan` see their shapes before any is chosen."""
+    from scaling.design import BASELINE, VARIANT, Point
+    from studies.design import TrialFactory, resolve
+
+    factory = TrialFactory(study, resolve(study))
+    points = [Point(BASELINE, None, study.seeds[0])] + [Point(VARIANT, x, study.seeds[0]) for x in factory.axes["xs"]]
+    return [factory.spec(p) for p in points]
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,9 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
     for spec in plan.trials + plan.search_cells:
         per_cell.setdefault(spec.cell, []).append(spec)
     n_per_cell = {cell: len(specs) for cell, specs in per_cell.items()}
+    for spec in plan.design_cells:  # the design decides how many: counted as the grid's (0 beyond it)
+        per_cell.setdefault(spec.cell, []).append(spec)
+        n_per_cell.setdefault(spec.cell, 0)
     for spec in plan.search_cells:
         n_per_cell[spec.cell] = plan.search_trials + len(plan.replicate_seeds)
     rates = _flop_rates(study)
@@ -197,7 +213,8 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
         flops = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"] * train["steps"]
         rate = rates.get(spec.variant) or rates.get("*")
         total, non_embedding = model.param_counts()
-        out.append(CellCost(cell, n_per_cell[cell], total, non_embedding, flops, flops / rate if rate else None))
+        note = "+ design's choice" if any(t.cell == cell for t in plan.design_cells) else ""
+        out.append(CellCost(cell, n_per_cell[cell], total, non_embedding, flops, flops / rate if rate else None, note))
     return out
 
 
