@@ -107,9 +107,9 @@ def _run(state: D.State, rng, batch: int = 1, sd: float = 2.2):
 
 
 def test_start_then_completion_then_gain_and_every_x_keeps_two_seeds():
-    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 24, D.Target("alpha"))
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 18, D.Target("alpha"))
     made = _run(state, np.random.default_rng(0))
-    assert len(made) == 24 and len(set(p.point for p in made)) == 24  # the budget, no point twice
+    assert len(made) == 18 and len(set(p.point for p in made)) == 18  # the budget, no point twice
     start = [p.point for p in made[:8]]
     assert [p.rule for p in made[:8]] == ["start"] * 8
     assert {p.x for p in start if p.x} == {2.0, 8.0, 32.0} and {p.seed for p in start} == {0, 1}
@@ -127,9 +127,9 @@ def test_start_then_completion_then_gain_and_every_x_keeps_two_seeds():
 
 
 def test_a_batch_spreads_instead_of_repeating_a_point():
-    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 20, D.Target("alpha"))
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 16, D.Target("alpha"))
     made = _run(state, np.random.default_rng(1), batch=4)
-    assert len(made) == 20 and len({p.point for p in made}) == 20
+    assert len(made) == 16 and len({p.point for p in made}) == 16
 
 
 def test_expected_width_falls_with_more_runs_and_prefers_informative_points():
@@ -259,6 +259,17 @@ def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_pa
     md = "\n".join(md)
     assert "Adaptive design" in "".join(page) and "Design sequence" in md and "space-filling start" in md
     assert "batch 3 (10 design trials)" in md
+
+    from fastapi.testclient import TestClient
+
+    from scaling.server import create_app
+
+    client = TestClient(create_app(str(tmp_path), "t0ken"))
+    got = client.get("/studies/study/design", headers={"Authorization": "Bearer t0ken"})
+    assert got.status_code == 200 and len(got.json()["proposals"]) == 10 and got.json()["widths"][-1]["identified"]
+    assert client.get("/studies/study/design").status_code == 401
+    (tmp_path / "study" / "design.json").unlink()
+    assert client.get("/studies/study/design", headers={"Authorization": "Bearer t0ken"}).status_code == 404
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
