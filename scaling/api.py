@@ -29,7 +29,8 @@ from scaling import fits as F
 from scaling import laws
 from scaling.fits import FitResult
 from storage import fs as sfs
-from storage.ledger import Ledger
+from storage.ledger import Ledger, table_rows
+from storage.suggest import did_you_mean
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as studies.spec: names directories
@@ -56,6 +57,7 @@ class StudyResults:
     plan: list[dict[str, Any]] | None  # planned trials (key, cell, task, variant, d_osc, seed)
     # files under ledger/ that are not finished records (temporary or partial files), skipped: path, reason
     ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    table: Any = None  # the same rows as an Arrow table (trials export sorts and writes it without Python rows)
 
     @property
     def baseline(self) -> str:
@@ -86,19 +88,51 @@ def _read_yaml(fs, path: str) -> dict[str, Any]:
     return data
 
 
-def open_study(ref: str) -> StudyResults:
-    """A study from its storage directory/URI, or from its study file (storage read from it)."""
+def open_study(ref: str, *, rows: bool = True) -> StudyResults:
+    """A study from its storage directory/URI, from its study file (storage read from it), or by
+    name: a bare name that is no path here is looked up under `study_roots()`.
+    rows=False: the Arrow table only (`rows` empty), for exports that never need Python rows."""
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
         config = yaml.safe_load(Path(ref).read_text()) or {}
         if not isinstance(config, dict) or "name" not in config:
             raise StudyNotFound(f"{ref}: not a study file (no `name`)")
         storage = sfs.study_storage_uri(config["name"], config.get("storage"))
+    elif NAME_RE.match(ref) and not ref.endswith((".yaml", ".yml")) and not Path(ref).exists():
+        storage = find_study(ref)
     else:
         storage = sfs.absolute_uri(ref)
-    return open_storage(storage)
+    return open_storage(storage, rows=rows)
 
 
-def open_storage(storage: str) -> StudyResults:
+def study_roots() -> list[str]:
+    """Where studies are looked for by name (and `scaling studies` lists by default):
+    $SCALING_STUDIES_ROOT when set, then ./runs, where a study file without `storage:` keeps its results."""
+    roots = [sfs.absolute_uri(r) for r in (os.environ.get("SCALING_STUDIES_ROOT"), sfs.DEFAULT_STUDY_ROOT) if r]
+    return list(dict.fromkeys(roots))
+
+
+def find_study(name: str, roots: list[str] | None = None) -> str:
+    """The storage URI of the study called `name` (its directory's name, or the `name:` in its
+    study.yaml) under the roots; StudyNotFound lists the close names and how to see them all."""
+    roots = roots or study_roots()
+    known: list[str] = []
+    for root in roots:
+        fs, base = sfs.resolve(root)
+        if sfs.exists(fs, sfs.join(base, name, "study.yaml")):
+            return sfs.join(root, name) if not sfs.is_local(root) else sfs.join(base, name)
+        for entry in list_studies(root):
+            if entry.get("study") == name:
+                return sfs.join(root, entry["name"]) if not sfs.is_local(root) else sfs.join(base, entry["name"])
+            known += [entry["name"]] + ([entry["study"]] if entry.get("study") else [])
+    where = " or ".join(roots)
+    hint = did_you_mean(name, sorted(set(known)))
+    raise StudyNotFound(
+        f"{name}: no such file or directory, and no study of that name under {where}{hint}; `scaling studies` lists "
+        "the studies there (SCALING_STUDIES_ROOT sets the root); or give a study file or a study's storage directory"
+    )
+
+
+def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
     """A study from its storage directory or URI only: never from a study file, so whatever a file's
     `storage:` names is not followed (what the HTTP API serves: directories under its root)."""
     fs, root = sfs.resolve(storage)
@@ -114,9 +148,9 @@ def open_storage(storage: str) -> StudyResults:
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
     ledger = Ledger(storage)
-    rows = ledger.rows()
-    return StudyResults(str(config.get("name", Path(root).name)), storage, config, rows, plan,
-                        [item.as_dict() for item in ledger.ignored])
+    table = ledger.table()
+    return StudyResults(str(config.get("name", Path(root).name)), storage, config, table_rows(table) if rows else [], plan,
+                        [item.as_dict() for item in ledger.ignored], table)
 
 
 def list_studies(root: str) -> list[dict[str, Any]]:
@@ -138,6 +172,27 @@ def list_studies(root: str) -> list[dict[str, Any]]:
                     "tasks": [t.get("name") for t in config.get("tasks", []) if isinstance(t, dict)],
                     "variants": [v.get("name") for v in config.get("variants", []) if isinstance(v, dict)]})
     return sorted(out, key=lambda s: s["name"])
+
+
+def studies_overview(root: str) -> list[dict[str, Any]]:
+    """`list_studies` with each study's trial counts (STATUS_KEYS, as `status`), planned total and
+    last finished trial: what `scaling studies` shows. A study that cannot be read keeps its row,
+    with the error."""
+    out = []
+    fs, base = sfs.resolve(root)
+    for entry in list_studies(root):
+        row = {**entry, "storage": sfs.join(base, entry["name"]) if sfs.is_local(root) else sfs.join(root, entry["name"])}
+        if "error" not in entry:
+            try:
+                study = open_storage(row["storage"])
+            except Exception as error:  # noqa: BLE001 -- one broken study must not hide the others
+                row["error"] = f"{type(error).__name__}: {error}"
+            else:
+                totals = status_totals(status(study))
+                finished = [str(r["finished_at"]) for r in study.rows if r.get("finished_at")]
+                row.update(totals, planned=sum(totals.values()), last_finished=max(finished) if finished else None)
+        out.append(row)
+    return out
 
 
 # ---- fits ---------------------------------------------------------------------------------------
@@ -320,7 +375,7 @@ def find_fit(
         raise QueryError(f"the {law} fit for {task}/{variant} ({found[0].method}) is not identified: {found[0].reason}")
     if not usable:
         have = sorted({(f.task, f.variant, f.law) for f in fits(study) if f.ok})
-        reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study"
+        reason = "; ".join(found[0].notes) if found else "no such task/variant/law in the study" + unknown_names(study, task, variant)
         raise QueryError(
             f"no usable {law} fit for task={task!r} variant={variant!r} method={method!r} in study {study.name} "
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
@@ -328,6 +383,16 @@ def find_fit(
     groups = [f.group_label for f in usable]
     option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
     raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
+
+
+def unknown_names(study: StudyResults, task: str | None, variant: str | None) -> str:
+    """'; task 'wikitxt2' is not in the study; did you mean 'wikitext2'?' for names the study lacks."""
+    out = ""
+    variants = sorted({r["variant"] for r in study.rows})
+    for what, name, known in (("task", task, study.tasks), ("variant", variant, variants)):
+        if name is not None and name not in known:
+            out += f"; {what} {name!r} is not in the study{did_you_mean(name, known)} (it has {known})"
+    return out
 
 
 def group_of(law: str | None, *, target_params: int | None = None, at_d_osc: int | None = None) -> dict[str, Any] | None:
@@ -672,6 +737,22 @@ def trials(
             and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
     rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
     return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
+
+
+def trials_table(study: StudyResults, *, task: str | None = None, variant: str | None = None,
+                 status: str | None = None, cell: str | None = None):
+    """The ledger rows of `trials` (TRIAL_FIELDS, same filters and order) as an Arrow table, for
+    exports of any size: filtered and sorted by Arrow, never row by row in Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = study.table if study.table is not None else pa.Table.from_pylist(study.rows)
+    for name, value in (("task", task), ("variant", variant), ("status", status), ("cell", cell)):
+        if value is not None:
+            table = table.filter(pc.equal(table.column(name), value))
+    table = table.select([f for f in TRIAL_FIELDS if f in table.column_names])
+    return table.sort_by([("cell", "ascending"), ("seed", "ascending"), ("key", "ascending"),
+                          ("finished_at", "ascending")])
 
 
 def within_d_osc(study: StudyResults, *, min_d_osc: float | None = None, max_d_osc: float | None = None) -> StudyResults:

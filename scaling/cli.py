@@ -30,6 +30,10 @@ def cmd_run(args) -> int:
 
     study = load_study(args.study)  # before torch and ray are imported: a bad file is refused at once
     check_can_run(study)
+    if args.address:
+        from studies.remote import use_token
+
+        use_token(args.token_file)
     from studies.runner import run_study
 
     result = run_study(study, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress,
@@ -37,7 +41,7 @@ def cmd_run(args) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     print(f"study {study.name}: {result.planned} planned, {result.skipped} already in the ledger, "
           f"{result.ran} run now ({counts}) in {result.seconds:.0f}s")
-    print(f"ledger:  {os.path.join(result.storage, 'ledger')}")
+    print(f"ledger:  {result.storage.rstrip('/')}/ledger")  # a URI keeps its scheme (s3://...)
     if result.report_path:
         print(f"report:  {result.report_path}")
         for row in result.fits:  # every law and method; `scaling fits DIR` has the full table
@@ -56,42 +60,75 @@ def _f(value) -> str:
 
 
 def cmd_plan(args) -> int:
+    """The trials and their cost, done and still to run. Runs nothing and builds nothing: the data's
+    sizes are read from the dataset cache (memory-mapped), and a cell whose data are not cached says so."""
     from studies.spec import load_study
 
     study = load_study(args.study)  # before torch is imported: a bad file is refused at once
+    from storage.cache import NotCached
     from studies.plan import cell_costs, make_plan
 
-    plan = make_plan(study)
+    try:
+        plan = make_plan(study, build=False)
+    except NotCached as missing:  # target_params: the trial keys depend on the model sized to the data
+        print(f"error: study {study.name} sizes its models to target_params, which needs the data's vocabulary: "
+              f"{missing}. `scaling plan` builds nothing; run `scaling cache build --study {args.study}`, then plan "
+              "again", file=sys.stderr)
+        return EXIT_FAILED
     if plan.trials:
         rows = [[t.key, t.task, t.variant, t.d_osc or "", t.seed, t.stage, "done" if t.key in plan.done else "to run"] for t in plan.trials]
         _print_table(["key", "task", "variant", "d_osc", "seed", "stage", "state"], rows)
-    costs = cell_costs(study, plan)
+    costs = cell_costs(study, plan, build=False)
     _print_table(
-        ["cell", "trials", "params (non-emb.)", "train FLOPs / trial", "est. time / trial", "note"],
-        [[c.cell, c.trials, f"{c.params_total:,} ({c.params_non_embedding:,})" if c.params_total else "–",
+        ["cell", "trials", "done", "to run", "params (non-emb.)", "train FLOPs / trial", "est. time / trial",
+         "est. time to run", "note"],
+        [[c.cell, c.trials, c.done, c.remaining,
+          f"{c.params_total:,} ({c.params_non_embedding:,})" if c.params_total else "–",
           f"{c.flops_per_trial:.3g}" if c.flops_per_trial else "–",
-          f"{c.seconds_per_trial:.0f}s" if c.seconds_per_trial else "–", c.note] for c in costs],
+          f"{c.seconds_per_trial:.0f}s" if c.seconds_per_trial else "–",
+          _duration(c.seconds_per_trial * c.remaining) if c.seconds_per_trial else ("0s" if not c.remaining else "–"),
+          c.note] for c in costs],
     )
     stages = ", ".join(f"{n} {stage}" for stage, n in plan.stage_counts().items())
-    done = len(plan.done)
-    if plan.design_trials:  # the design's finished trials (their keys are chosen as it goes)
+    done = sum(c.done for c in costs)
+    remaining = sum(c.remaining for c in costs)
+    design_left = 0
+    if plan.design_trials:  # the design's trials: its finished ones are in the ledger under the cells it chose
         from storage.ledger import Ledger
 
-        done += len({r["key"] for r in Ledger(study.storage_uri()).rows() if r.get("stage") == "design" and r["status"] != "failed"})
-    print(f"{plan.planned} trials ({stages}); {done} already in the ledger; storage {study.storage_uri()}")
-    if all(c.seconds_per_trial for c in costs):
-        slots = study.resources.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // study.resources.cpus_per_trial))
-        total = sum(c.seconds_per_trial * c.trials for c in costs)
-        design = {t.cell for t in plan.design_cells}
-        if plan.design_trials:  # the design's trials, at the mean time of the cells it may choose
-            total += plan.design_trials * sum(c.seconds_per_trial for c in costs if c.cell in design) / max(1, len(design))
+        design_done = len({r["key"] for r in Ledger(study.storage_uri()).rows()
+                           if r.get("stage") == "design" and r["status"] != "failed"})
+        design_left = max(0, plan.design_trials - design_done)
+        done, remaining = done + design_done, remaining + design_left
+    flops_done = sum(c.flops_per_trial * c.done for c in costs if c.flops_per_trial)
+    flops_left = sum(c.flops_per_trial * c.remaining for c in costs if c.flops_per_trial)
+    print(f"{plan.planned} trials ({stages}); storage {study.storage_uri()}")
+    print(f"done:    {done} trial(s) in the ledger ({flops_done:.3g} training FLOPs; "
+          f"{_duration(sum(c.done_seconds for c in costs))} of measured trial time)")
+    print(f"to run:  {remaining} trial(s) ({flops_left:.3g} training FLOPs"
+          + ("" if all(c.flops_per_trial for c in costs if c.remaining) else "; cells without FLOPs not counted") + ")")
+    slots = study.resources.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // study.resources.cpus_per_trial))
+    if remaining == 0:
+        print("estimated wall time to finish: 0: every planned trial is in the ledger")
+    elif all(c.seconds_per_trial for c in costs if c.remaining):
+        total = sum(c.seconds_per_trial * c.remaining for c in costs if c.remaining)
+        design = [c.seconds_per_trial for c in costs if c.seconds_per_trial and "design" in c.note]
+        if design_left and design:  # at the mean time of the cells the design may choose
+            total += design_left * sum(design) / len(design)
         total /= slots
-        print(f"estimated wall time: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
+        print(f"estimated wall time to finish: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
               "(FLOP rate of this study's finished trials, else of `scaling bench` in bench.json / $SCALING_BENCH_JSON)")
+    elif any("cache" in c.note for c in costs if c.remaining):
+        print(f"estimated wall time to finish: unknown: some data are not in the cache yet (`scaling plan` builds "
+              f"nothing; `scaling cache build --study {args.study}` prepares them)")
     else:
-        print("estimated wall time: unknown: no finished trials in this study and no `scaling bench` figures "
+        print("estimated wall time to finish: unknown: no finished trials in this study and no `scaling bench` figures "
               "(run `scaling bench --json bench.json`, or set SCALING_BENCH_JSON)")
     return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def cmd_submit(args) -> int:
@@ -100,17 +137,65 @@ def cmd_submit(args) -> int:
     study = load_study(args.study)  # before ray is imported: a bad file is refused at once
     from studies import remote
 
-    job_id = remote.submit(study, args.study, address=args.address, working_dir=args.working_dir, forward_env=tuple(args.env))
+    remote.use_token(args.token_file)
+    job_id = remote.submit(study, args.study, address=args.address, working_dir=args.working_dir,
+                           forward_env=tuple(args.env), excludes=tuple(args.exclude), announce=print)
+    where = f"--address {remote.default_address(args.address)}" + (f" --token-file {args.token_file}" if args.token_file else "")
     print(f"submitted study {study.name} as Ray job {job_id}\n"
-          f"  scaling status {job_id} --address {remote.default_address(args.address)}\n"
-          f"  scaling logs {job_id} --address {remote.default_address(args.address)} --follow\n"
-          f"  scaling cancel {job_id} --address {remote.default_address(args.address)}")
+          f"  scaling status {job_id} {where}\n"
+          f"  scaling logs {job_id} {where} --follow\n"
+          f"  scaling cancel {job_id} {where}")
+    return EXIT_OK
+
+
+def cmd_jobs(args) -> int:
+    from studies import remote
+
+    remote.use_token(args.token_file)
+    jobs = remote.list_jobs(args.address)
+    if args.format == "json":
+        print(json.dumps(jobs, indent=1, default=str))
+        return EXIT_OK
+    if not jobs:
+        print(f"no jobs on {remote.default_address(args.address)}")
+        return EXIT_OK
+    _print_table(["job", "status", "study", "started", "ended", "message"],
+                 [[j["job_id"], j["status"], j["study"] or "", _when(j["start_time"]), _when(j["end_time"]),
+                   (j["message"] or "")[:60]] for j in jobs])
+    return EXIT_OK
+
+
+def _when(ms) -> str:
+    """A Ray job timestamp (ms since the epoch) as local time."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
+
+
+def cmd_studies(args) -> int:
+    from scaling import api
+
+    roots = [args.root] if args.root else api.study_roots()
+    rows = [row for root in roots for row in api.studies_overview(root)]
+    if args.format == "json":
+        print(json.dumps(rows, indent=1, default=str))
+        return EXIT_OK
+    if not rows:
+        print(f"no studies under {' or '.join(roots)} (a study's storage directory holds a study.yaml once it has run)")
+        return EXIT_OK
+    keys = api.STATUS_KEYS
+    _print_table(["study", "tasks", "variants", *keys, "last finished", "storage"],
+                 [[r["name"], ", ".join(r.get("tasks") or []), ", ".join(r.get("variants") or []),
+                   *((r.get(k, "") for k in keys) if "error" not in r else ["error", *[""] * (len(keys) - 1)]),
+                   (r.get("last_finished") or "")[:19], r["storage"] if "error" not in r else r["error"]]
+                  for r in rows])
     return EXIT_OK
 
 
 def cmd_logs(args) -> int:
     from studies import remote
 
+    remote.use_token(args.token_file)
     if args.follow:
         import asyncio
 
@@ -127,6 +212,7 @@ def cmd_logs(args) -> int:
 def cmd_cancel(args) -> int:
     from studies import remote
 
+    remote.use_token(args.token_file)
     stopped = remote.cancel(args.job, args.address)
     print(f"job {args.job}: {'stop requested' if stopped else 'already finished'}")
     return EXIT_OK
@@ -136,6 +222,7 @@ def cmd_status(args) -> int:
     if args.address:  # a Ray job on a remote cluster
         from studies import remote
 
+        remote.use_token(args.token_file)
         info = remote.job_status(args.study, args.address)
         if args.format == "json":
             print(json.dumps(info, indent=1, default=str))
@@ -191,11 +278,54 @@ def cmd_fits(args) -> int:
         from scaling.report import COMPACT_HEADER, compact_fit_rows
 
         if not fits:
-            print(f"no fits match in study {study.name} (tasks: {', '.join(study.tasks) or 'none'})")
+            hint = api.unknown_names(study, args.task, args.variant)
+            print(f"no fits match in study {study.name} (tasks: {', '.join(study.tasks) or 'none'}){hint}")
         _print_table(COMPACT_HEADER, compact_fit_rows(fits))
         for fit in fits:
             for note in fit.notes:
                 print(f"  note {fit.task}/{fit.variant} {fit.law} {fit.method}: {note}")
+    return EXIT_OK
+
+
+def cmd_trials(args) -> int:
+    """One row per ledger record (failed attempts too), sorted by cell, seed and key."""
+    from scaling import api
+
+    study = api.open_study(args.study, rows=False)
+    table = api.trials_table(study, task=args.task, variant=args.variant, status=args.status, cell=args.cell)
+    table = table.slice(args.offset, args.limit) if args.limit is not None else table.slice(args.offset)
+    if args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = sys.stdout.buffer
+        sys.stdout.flush()
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+        sink.flush()
+    elif args.format == "json":
+        from storage.ledger import table_rows
+
+        print(json.dumps([api.F._clean(r) for r in table_rows(table)], indent=1))
+    else:
+        from storage.ledger import table_rows
+
+        fields = ["key", "cell", "seed", "stage", "status", "metric_name", "metric_value", "wall_seconds", "host"]
+        _print_table(fields, [[r[f] for f in fields] for r in table_rows(table.select(fields))])
+        print(f"{table.num_rows} trial record(s) in study {study.name} (all columns: --format csv or json)")
+    return EXIT_OK
+
+
+def cmd_compact(args) -> int:
+    from scaling import api
+    from storage.ledger import Ledger
+
+    storage = api.open_study(args.study).storage if args.study.endswith((".yaml", ".yml")) else args.study
+    ledger = Ledger(storage)
+    result = ledger.compact(full=args.full)
+    if result.part is None:
+        print(f"ledger {ledger.uri}: {result.skipped}")
+    else:
+        print(f"ledger {ledger.uri}: merged {result.merged_files} record file(s) and {result.merged_parts} part(s) into "
+              f"{result.part} ({result.records} records, {result.seconds:.1f}s); removed {result.removed} merged file(s)")
     return EXIT_OK
 
 
@@ -315,44 +445,81 @@ def _group_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at-d-osc", type=int, help="which d_osc (gap_vs_params, loss_vs_params)")
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped command or choice (`scaling stauts`)."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            from storage.suggest import did_you_mean
+
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices})"
+                                                 f"{did_you_mean(value, action.choices)}")
+
+
+TOKEN_HELP = ("file holding the cluster's Ray auth token (sets RAY_AUTH_TOKEN_PATH and RAY_AUTH_MODE=token); "
+              "default: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, which every Ray "
+              "cluster of this account on this machine shares (a warning says so)")
+
+
+def _cluster_options(p: argparse.ArgumentParser, address_help: str) -> None:
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--token-file", metavar="PATH", help=TOKEN_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaling", description="Scaling studies of oscillator attention.")
+    parser = SuggestingParser(prog="scaling", description="Scaling studies of oscillator attention.")
     sub = parser.add_subparsers(dest="command", required=True)
-    study_help = "a study file (.yaml) or a study's storage directory"
+    study_help = "a study file (.yaml), a study's storage directory, or a study's name (under ./runs or $SCALING_STUDIES_ROOT)"
 
     p = sub.add_parser("run", help="run a study's missing trials on Ray, then fit and report")
     p.add_argument("study", help="the study file (.yaml)")
-    p.add_argument("--address", help="join a running Ray cluster (e.g. auto or ray://HEAD:10001); default: embedded local Ray")
+    _cluster_options(p, "join a running Ray cluster (e.g. auto or ray://HEAD:10001); default: embedded local Ray")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip fits and report at the end")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="print the trial table without running anything")
+    p = sub.add_parser("plan", help="the trial table and its cost, done and remaining (runs and builds nothing)")
     p.add_argument("study")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("submit", help="submit a study to a remote Ray cluster as a Ray Job")
-    p.add_argument("study", help="the study file (.yaml), inside the working directory")
-    p.add_argument("--address", help="the cluster's job API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
-    p.add_argument("--working-dir", default=".", help="directory shipped with the job (default: .)")
+    p.add_argument("study", help="the study file (.yaml); its text travels inside the job, so it may lie outside the working directory")
+    job_api = "the cluster's job API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+    _cluster_options(p, job_api)
+    p.add_argument("--working-dir", default=".",
+                   help="directory shipped with the job (default: .), minus what its .gitignore/.rayignore files list")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="also leave out paths matching this gitignore-style pattern, e.g. 'data/' (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable (not secrets)")
     p.set_defaults(func=cmd_submit)
 
+    p = sub.add_parser("jobs", help="the Ray jobs on a cluster (newest first): id, state, study")
+    _cluster_options(p, job_api)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("studies", help="the studies under a root directory, with their trial counts")
+    p.add_argument("root", nargs="?",
+                   help="directory (or URI) holding study storage directories (default: $SCALING_STUDIES_ROOT, then ./runs)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_studies)
+
     p = sub.add_parser("logs", help="a submitted study's driver log")
     p.add_argument("job", help="the Ray job id printed by `scaling submit`")
-    p.add_argument("--address")
+    _cluster_options(p, job_api)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", help="stop a submitted study (finished trials stay in the ledger)")
     p.add_argument("job")
-    p.add_argument("--address")
+    _cluster_options(p, job_api)
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("status", help="per cell: completed / diverged / failed / in progress / pending")
     p.add_argument("study", help=study_help + "; with --address, a Ray job id from `scaling submit`")
-    p.add_argument("--address", help="the cluster's job API: show the submitted job's state")
+    _cluster_options(p, "the cluster's job API: show the submitted job's state")
     p.add_argument("--format", choices=["table", "json"], default="table",
                    help="json: counts per cell and in total, and the ETA (as the HTTP API's GET /studies/{name})")
     p.set_defaults(func=cmd_status)
@@ -368,6 +535,22 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_options(p)
     _range_options(p)
     p.set_defaults(func=cmd_fits)
+
+    p = sub.add_parser("trials", help="the ledger's records, one row per trial (and failed attempt)")
+    p.add_argument("study", help=study_help)
+    p.add_argument("--task")
+    p.add_argument("--variant")
+    p.add_argument("--status", choices=["completed", "diverged", "pruned", "failed"])
+    p.add_argument("--cell", help="e.g. wikitext2/oscillator/d8")
+    p.add_argument("--limit", type=int, help="at most this many rows (default: all)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many rows first")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_trials)
+
+    p = sub.add_parser("compact", help="merge the ledger's record files into one part (safe beside a running study)")
+    p.add_argument("study", help=study_help + " (or its storage URI, e.g. s3://bucket/studies/NAME)")
+    p.add_argument("--full", action="store_true", help="merge every part too, however large (one file)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("predict", help="the fitted law at a new d_osc or parameter count, with intervals")
     p.add_argument("study", help=study_help)

@@ -172,12 +172,17 @@ def _crossing(a: np.ndarray, r: np.ndarray, thr: float, i: int, j: int) -> float
 
 def _demean_by_seed(v: np.ndarray, seed: np.ndarray, n_seeds: int) -> np.ndarray:
     """v minus its mean within each seed (the seed levels theta projected out), along the last axis
-    of v (..., N)."""
-    counts = np.bincount(seed, minlength=n_seeds).astype(float)
-    onehot = np.zeros((len(seed), n_seeds))
-    onehot[np.arange(len(seed)), seed] = 1.0
-    means = (v @ onehot) / np.maximum(counts, 1.0)
-    return v - means @ onehot.T
+    of v (..., N). Group sums by one sort and `np.add.reduceat`: O(N) per row (a dense one-hot
+    product was O(N x seeds), 60 s of a 10,000-trial study's fits)."""
+    if len(seed) == 0:
+        return np.array(v, dtype=float, copy=True)
+    shape = v.shape
+    flat = np.asarray(v, dtype=float).reshape(-1, shape[-1])
+    order = np.argsort(seed, kind="stable")
+    present, starts, counts = np.unique(seed[order], return_index=True, return_counts=True)
+    means = np.zeros((flat.shape[0], n_seeds))
+    means[:, present] = np.add.reduceat(flat[:, order], starts, axis=1) / counts
+    return (flat - means[:, seed]).reshape(shape)
 
 
 def profile(runs: Runs, *, floor: bool = False, level: float = 0.95, grid: np.ndarray = GRID) -> Profile | None:

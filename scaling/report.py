@@ -778,7 +778,8 @@ def write_report(storage_or_study: str, *, n_boot: int = F.N_BOOT) -> WrittenRep
     sfs.write_bytes_atomic(fs, paths["report.html"], page.encode())
     sfs.write_bytes_atomic(fs, paths["report.md"], markdown.encode())
     sfs.write_bytes_atomic(fs, paths["fits.json"], json.dumps([f.to_dict() for f in fits], indent=1, allow_nan=False).encode())
-    return WrittenReport(paths["report.html"], paths["report.md"], paths["fits.json"], [f.to_row() for f in fits])
+    uris = {name: sfs.uri(fs, path) for name, path in paths.items()}  # s3://bkt/..., not bkt/...
+    return WrittenReport(uris["report.html"], uris["report.md"], uris["fits.json"], [f.to_row() for f in fits])
 
 
 # ---- adaptive design ----------------------------------------------------------------------------

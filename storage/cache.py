@@ -59,6 +59,11 @@ def request_key(request: dict[str, Any]) -> str:
     return stable_hash({"request": request, "format": FORMAT_VERSION}, 20)
 
 
+class NotCached(LookupError):
+    """A split that is not in the cache yet, asked for by a caller that must not build it
+    (`scaling plan`); the message says how to build it."""
+
+
 class CacheCorrupt(RuntimeError):
     pass
 
@@ -67,9 +72,10 @@ class CacheCorrupt(RuntimeError):
 class CachedDataset:
     name: str
     fingerprint: str
-    path: str
+    path: str  # in the cache's filesystem (no scheme)
     manifest: dict[str, Any]
     tables: dict[str, pa.Table]
+    uri: str = ""  # the same with its scheme (s3://...), for printing
 
     def __getitem__(self, split: str) -> pa.Table:
         if split not in self.tables:
@@ -161,6 +167,14 @@ class DatasetCache:
             self._write_ref(name, request, fp)
         return entry
 
+    def get(self, name: str, identity: dict[str, Any]) -> CachedDataset | None:
+        """Open the entry for (name, identity) if it is there, building nothing and checking sizes
+        only (memory-mapped: its arrays' shapes cost no reading); None when it is missing or damaged."""
+        try:
+            return self.open(name, fingerprint(identity), verify=False)
+        except (FileNotFoundError, CacheCorrupt):
+            return None
+
     def open_request(self, name: str, request: dict[str, Any]) -> CachedDataset | None:
         """The entry last built for this request, or None when there is none. Raises CacheCorrupt
         when it is damaged (only a machine that has the source can rebuild it)."""
@@ -181,9 +195,9 @@ class DatasetCache:
         try:
             manifest = json.loads(sfs.read_bytes(self.fs, path))
         except (ValueError, UnicodeDecodeError) as error:
-            raise CacheCorrupt(f"{path}: unreadable manifest ({error})") from error
+            raise CacheCorrupt(f"{sfs.uri(self.fs, path)}: unreadable manifest ({error})") from error
         if manifest.get("fingerprint") != fp or not isinstance(manifest.get("splits"), dict):
-            raise CacheCorrupt(f"{path}: manifest does not describe entry {name}-{fp}")
+            raise CacheCorrupt(f"{sfs.uri(self.fs, path)}: manifest does not describe entry {name}-{fp}")
         return manifest
 
     def open(self, name: str, fp: str, verify: bool | None = None) -> CachedDataset:
@@ -197,23 +211,23 @@ class DatasetCache:
             file_path = sfs.join(path, info["file"])
             file_info = self.fs.get_file_info(file_path)
             if file_info.type == pafs.FileType.NotFound:
-                raise CacheCorrupt(f"{file_path}: missing (the manifest lists it)")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: missing (the manifest lists it)")
             if file_info.size != info["bytes"]:
-                raise CacheCorrupt(f"{file_path}: size {file_info.size} != manifest {info['bytes']}")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: size {file_info.size} != manifest {info['bytes']}")
             key = (path, build_id, split)
             check = key not in self._verified if verify is None else verify
             buffer = self._read_buffer(file_path, info["bytes"])
             if check:
-                self._check_sums(file_path, buffer, info, full=False)
+                self._check_sums(sfs.uri(self.fs, file_path), buffer, info, full=False)
                 self._verified.add(key)
             try:
                 table = pa.ipc.open_file(buffer).read_all()
             except (pa.ArrowInvalid, OSError) as error:
-                raise CacheCorrupt(f"{file_path}: not a readable Arrow file ({error})") from error
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: not a readable Arrow file ({error})") from error
             if table.num_rows != info["rows"]:
-                raise CacheCorrupt(f"{file_path}: {table.num_rows} rows != manifest {info['rows']}")
+                raise CacheCorrupt(f"{sfs.uri(self.fs, file_path)}: {table.num_rows} rows != manifest {info['rows']}")
             tables[split] = table
-        return CachedDataset(name, fp, path, manifest, tables)
+        return CachedDataset(name, fp, path, manifest, tables, sfs.uri(self.fs, path))
 
     def _read_buffer(self, path: str, size: int) -> pa.Buffer:
         if self.local:
@@ -276,7 +290,7 @@ class DatasetCache:
                 return
             sfs.write_bytes_atomic(self.fs, path, data)
         except OSError as error:  # a read-only cache mount still serves entries
-            print(f"cache: could not record {path} ({error})", file=sys.stderr)
+            print(f"cache: could not record {sfs.uri(self.fs, path)} ({error})", file=sys.stderr)
 
     def remove(self, name: str, fp: str) -> None:
         path = self.entry_path(name, fp)
@@ -340,7 +354,7 @@ class DatasetCache:
                     if file_info.type == pafs.FileType.NotFound or file_info.size != info["bytes"]:
                         raise CacheCorrupt(f"{split}: size {file_info.size} != manifest {info['bytes']}")
                     buffer = self._read_buffer(file_path, info["bytes"])
-                    self._check_sums(file_path, buffer, info, full=full)
+                    self._check_sums(sfs.uri(self.fs, file_path), buffer, info, full=full)
                     if pa.ipc.open_file(buffer).read_all().num_rows != info["rows"]:
                         raise CacheCorrupt(f"{split}: row count differs from the manifest")
                     row["bytes"] += info["bytes"]

@@ -73,7 +73,7 @@ def describe(entry, seconds: float, built: bool) -> str:
     if built and source:
         build_s = max(float(manifest.get("build_seconds") or seconds), 1e-9)
         line += f"\n  prepared {_mb(source)} of source at {source / 1e6 / build_s:.1f} MB/s"
-    return line + f"\n  {entry.path}"
+    return line + f"\n  {entry.uri or entry.path}"
 
 
 def cmd_build(args) -> int:

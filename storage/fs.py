@@ -8,6 +8,8 @@ import uuid
 
 import pyarrow.fs as pafs
 
+from storage.faults import fault_point
+
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
@@ -42,6 +44,24 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+_SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://", "abfs": "abfs://"}
+
+
+def uri(fs: pafs.FileSystem, path: str) -> str:
+    """The URI a user can paste back: `resolve` strips the scheme (s3://bkt/x -> bkt/x), this puts it back.
+    Local paths stay plain paths. Everything the service prints goes through here."""
+    scheme = _SCHEMES.get(fs.type_name)
+    if scheme is None:  # local (or a filesystem without a URI scheme we know): the path as it is
+        return path
+    return path if path.startswith(scheme) else scheme + path.lstrip("/")
+
+
+def display(uri_or_path: str) -> str:
+    """A storage URI or path for printing: an s3://, gs://... URI is kept as given (never shortened
+    to its bucket path); a local path is made absolute."""
+    return uri_or_path if not is_local(uri_or_path) else absolute_uri(uri_or_path)
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -56,10 +76,52 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(tmp) as out:
             out.write(data)
+        fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as out:
             out.write(data)
+
+
+def write_bytes_exclusive(fs: pafs.FileSystem, path: str, data: bytes, *, replace_if_smaller: int = 0) -> bool:
+    """Create `path` with `data` unless it already exists; False (nothing written) when it does.
+
+    Local disk and NFS: a temporary sibling is hard-linked to the final name, which fails when the
+    name exists (atomic on POSIX filesystems and on NFS, the classic lock-file technique), so of
+    many concurrent writers of one name exactly one wins. An existing file shorter than
+    `replace_if_smaller` bytes (a write cut short by an older version) is replaced. Object stores:
+    one HEAD then one PUT; racing PUTs of one name leave one object (the last), never two.
+    """
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
+        try:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links (some FUSE/SMB mounts): O_EXCL create instead
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+        except FileExistsError:
+            if os.path.getsize(path) >= replace_if_smaller:
+                return False
+            os.replace(tmp, path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.NotFound and (info.size or 0) >= replace_if_smaller:
+        return False
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    return True
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from storage.cache import fingerprint
+from storage.cache import NotCached, fingerprint
 from storage.ledger import Ledger
 from storage.records import TrialSpec
 from studies.spec import StudySpec
 
 
-def expand(study: StudySpec) -> list[TrialSpec]:
-    """The grid: tasks x variants x d_osc (for variants that have it) x seeds, in a stable order."""
+def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
+    """The grid: tasks x variants x d_osc (for variants that have it) x seeds, in a stable order.
+    Sizing to `target_params` reads the data's vocabulary: with build=False (`scaling plan`) from the
+    cache only, raising NotCached when the data are not prepared."""
     from workers import CODE_VERSION
     from workers.attention import VARIANT_OPTIONS
     from workers.tasks import get_task
@@ -32,7 +34,8 @@ def expand(study: StudySpec) -> list[TrialSpec]:
             for d_osc in variant.d_osc or [None]:
                 variant_options = dict(options) if d_osc is None else {**options, "d_osc": d_osc}
                 for target in study.target_params or [None]:
-                    shaped = model if target is None else sized_model(study, task, task_options, model, variant.name, variant_options, target)
+                    shaped = model if target is None else sized_model(study, task, task_options, model, variant.name,
+                                                                      variant_options, target, build=build)
                     for seed in study.seeds:
                         trials.append(
                             TrialSpec(
@@ -91,12 +94,13 @@ def preset_variant_options(study: StudySpec, task: str, variant: str) -> dict:
     return dict(paper_preset(task).get("variant_options", {}).get(variant, {}))
 
 
-def sized_model(study: StudySpec, task, task_options: dict, model: dict, variant: str, variant_options: dict, target: float) -> dict:
+def sized_model(study: StudySpec, task, task_options: dict, model: dict, variant: str, variant_options: dict, target: float,
+                *, build: bool = True) -> dict:
     """The study's model with depth, width, heads and FFN chosen for `target` parameters."""
     from storage.cache import DatasetCache
     from workers.sizing import model_fields, shape_for_target
 
-    fields = task.model_fields(task.prepare(task_options, DatasetCache(study.cache)))
+    fields = task.model_fields(task.prepare(task_options, DatasetCache(study.cache), build=build))
     sizing = study.sizing
     shape = shape_for_target(
         target, variant=variant, variant_options=variant_options, vocab_size=fields.get("vocab_size", 0),
@@ -139,12 +143,13 @@ class Plan:
         }
 
 
-def make_plan(study: StudySpec) -> Plan:
-    trials = expand(study)
+def make_plan(study: StudySpec, *, build: bool = True) -> Plan:
+    """What the study runs; build=False reads the dataset cache but builds nothing (see `expand`)."""
+    trials = expand(study, build=build)
     ledger_keys = Ledger(study.storage_uri()).keys()
     if study.design is not None:
         return Plan(trials, ledger_keys & {t.key for t in trials}, design_trials=max(0, study.design.budget - len(trials)),
-                    design_cells=design_templates(study))
+                    design_cells=design_templates(study, build=build))
     if study.search is None:
         return Plan(trials, ledger_keys & {t.key for t in trials})
     first = study.search.seeds[0]
@@ -154,13 +159,13 @@ def make_plan(study: StudySpec) -> Plan:
     return Plan([], set(), templates, search_trials, replicate_seeds)
 
 
-def design_templates(study: StudySpec) -> list[TrialSpec]:
+def design_templates(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
     """One trial per cell an adaptive design may choose (the baseline and each allowed d_osc), so the
     resource check and `scaling plan` see their shapes before any is chosen."""
     from scaling.design import BASELINE, VARIANT, Point
     from studies.design import TrialFactory, resolve
 
-    factory = TrialFactory(study, resolve(study))
+    factory = TrialFactory(study, resolve(study), build=build)
     points = [Point(BASELINE, None, study.seeds[0])] + [Point(VARIANT, x, study.seeds[0]) for x in factory.axes["xs"]]
     return [factory.spec(p) for p in points]
 
@@ -169,18 +174,26 @@ def design_templates(study: StudySpec) -> list[TrialSpec]:
 class CellCost:
     cell: str
     trials: int
+    done: int  # trials of the cell already in the ledger (finished: completed, diverged or pruned)
     params_total: int | None
     params_non_embedding: int | None
     flops_per_trial: float | None  # training FLOPs (forward + backward) of one trial
     seconds_per_trial: float | None  # estimated from finished trials' measured FLOP rate
     note: str = ""
+    done_seconds: float = 0.0  # measured wall time of the cell's finished trials
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.trials - self.done)
 
 
-def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
-    """Parameters, training FLOPs and an estimated wall time per cell, running no trial.
+def cell_costs(study: StudySpec, plan: Plan, *, build: bool = True) -> list[CellCost]:
+    """Parameters, training FLOPs and an estimated wall time per cell, running no trial, with the
+    trials already in the ledger (done, their measured time) apart from those still to run.
 
-    The data are prepared (cached) if needed: counts depend on the vocabulary. The time estimate
-    divides FLOPs by the FLOP rate measured in this study's finished trials (same variant first)."""
+    Counts depend on the vocabulary: the data are read from the cache, and prepared if needed unless
+    build=False (`scaling plan`: a cell whose data are not cached gets a note instead). The time
+    estimate divides FLOPs by the FLOP rate measured in this study's finished trials (same variant first)."""
     from storage.cache import DatasetCache
     from workers.tasks import get_task
     from workers.trial import build_model, resolve_budget, resolve_train
@@ -195,15 +208,23 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
     for spec in plan.search_cells:
         n_per_cell[spec.cell] = plan.search_trials + len(plan.replicate_seeds)
     rates = _flop_rates(study)
+    done, done_seconds = _done_per_cell(study, plan)
     cache = DatasetCache(study.cache)
     out = []
     for cell, specs in per_cell.items():
         spec = specs[0]
         task = get_task(spec.task)
+        finished = dict(done=done.get(cell, 0), done_seconds=done_seconds.get(cell, 0.0))
         try:
-            prepared = task.prepare(spec.task_options, cache)
+            prepared = task.prepare(spec.task_options, cache, build=build)
+        except NotCached:
+            out.append(CellCost(cell, n_per_cell[cell], params_total=None, params_non_embedding=None,
+                                flops_per_trial=None, seconds_per_trial=None,
+                                note="data not cached yet (see below)", **finished))
+            continue
         except Exception as error:  # noqa: BLE001 -- a missing source is reported, not fatal here
-            out.append(CellCost(cell, n_per_cell[cell], None, None, None, None, f"data not available: {error}"))
+            out.append(CellCost(cell, n_per_cell[cell], params_total=None, params_non_embedding=None,
+                                flops_per_trial=None, seconds_per_trial=None, note=f"data not available: {error}", **finished))
             continue
         with torch_meta():  # counts and FLOPs without allocating (a huge shape must not fill the memory)
             model = build_model(spec, task.model_fields(prepared))
@@ -214,8 +235,27 @@ def cell_costs(study: StudySpec, plan: Plan) -> list[CellCost]:
         rate = rates.get(spec.variant) or rates.get("*")
         total, non_embedding = model.param_counts()
         note = "+ design's choice" if any(t.cell == cell for t in plan.design_cells) else ""
-        out.append(CellCost(cell, n_per_cell[cell], total, non_embedding, flops, flops / rate if rate else None, note))
+        out.append(CellCost(cell, n_per_cell[cell], params_total=total, params_non_embedding=non_embedding,
+                            flops_per_trial=flops, seconds_per_trial=flops / rate if rate else None, note=note,
+                            **finished))
     return out
+
+
+def _done_per_cell(study: StudySpec, plan: Plan) -> tuple[dict[str, int], dict[str, float]]:
+    """Per cell, the planned trials the ledger holds a finished record of, and their wall seconds.
+    A searched cell counts its finished records (Optuna picks its keys as it goes)."""
+    known = {t.key for t in plan.trials}
+    searched = {t.cell for t in plan.search_cells}
+    seen: set[str] = set()
+    count: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for row in Ledger(study.storage_uri()).rows():
+        if row["status"] == "failed" or row["key"] in seen or not (row["key"] in known or row["cell"] in searched):
+            continue
+        seen.add(row["key"])
+        count[row["cell"]] = count.get(row["cell"], 0) + 1
+        seconds[row["cell"]] = seconds.get(row["cell"], 0.0) + float(row["wall_seconds"] or 0.0)
+    return count, seconds
 
 
 def _flop_rates(study: StudySpec) -> dict[str, float]:

@@ -22,10 +22,12 @@ from ray.tune import Callback
 
 from storage import fs as sfs
 from storage.cache import DatasetCache
-from storage.ledger import Ledger
+from storage.faults import COUNTER_ENV, DRIVER_ENV, FAULT_ENV, fault_point
+from storage.ledger import COMPACT_EVERY, Ledger
 from storage.records import TrialSpec
 from studies import tracking
 from studies.plan import Plan, make_plan
+from studies.reaper import RayOwner
 from studies.resources import check_resources
 from studies.search import OBJECTIVE, StudySearcher
 from studies.spec import StudySpec, ensure_storage
@@ -118,12 +120,14 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from studies.spec import WandbEntry
     from workers.tasks import get_task
 
+    if "trials" in config:  # a pack: a cell's seeds as one stacked model
+        return _trainable_pack(config, ctx)
     run_trial = _import(ctx.get("trial_fn") or "workers:run_trial")
 
     spec = TrialSpec.from_dict(config["trial"])
     ledger = Ledger(ctx["storage"])
     sign = 1 if get_task(spec.task).lower_is_better else -1
-    if spec.key in ledger.keys():  # a retry after the record was written
+    if ledger.contains(spec.key):  # a retry after the record was written (one look-up, no listing)
         tune.report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1})
         return
     tracker = tracking.TrialTracker(spec, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"])
@@ -162,6 +166,58 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {spec.key} failed:\n{record.error}")
     value = record.metric_value if record.metric_value is not None else float("nan")
     tune.report({OBJECTIVE: sign * value, "trial_key": spec.key, "record_written": 1})
+
+
+def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial that trains several seeds of one cell together (workers.stacked.run_pack):
+    every seed keeps its own W&B run and ledger record; seeds already in the ledger are left out."""
+    from ray import tune
+
+    from studies.spec import WandbEntry
+    from workers.stacked import run_pack
+
+    ledger = Ledger(ctx["storage"])
+    done = ledger.keys()
+    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if s.key not in done]
+    if not specs:  # a retry after every record was written
+        tune.report({OBJECTIVE: float("nan"), "record_written": 1})
+        return
+    from workers.tasks import get_task
+
+    sign = 1 if get_task(specs[0].task).lower_is_better else -1
+    trackers = [tracking.TrialTracker(s, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"]) for s in specs]
+    bests: dict[int, float] = {}
+
+    def report(index: int, metrics: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        trackers[index].log(scalars, step=int(scalars.get("step", 0)))
+        best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
+        if best is not None:
+            bests[index] = sign * best
+        if index == len(specs) - 1 and bests:  # Tune wants the objective in every report: the pack's mean
+            tune.report({OBJECTIVE: sum(bests.values()) / len(bests), "step": scalars.get("step", 0),
+                         "pack_size": len(specs)})
+
+    try:
+        records = run_pack(specs, storage_uri=ctx["storage"], cache_uri=ctx["cache"], report=report,
+                           num_threads=ctx["threads"], wandb_run_ids=[t.intended_id for t in trackers])
+    except BaseException:
+        for tracker in trackers:
+            tracker.finish({"status": "failed"}, exit_code=1)
+        raise
+    failed = []
+    for tracker, record in zip(trackers, records):
+        tracker.finish({"status": record.status, record.metric_name or "metric": record.metric_value,
+                        "params_total": record.params_total, "wall_seconds": record.wall_seconds,
+                        "pack_size": len(specs)}, exit_code=1 if record.status == "failed" else 0)
+        if tracker.actual_id != record.wandb_run_id:
+            record = dataclasses.replace(record, wandb_run_id=tracker.actual_id)
+        ledger.append(record)
+        if record.status == "failed":
+            failed.append(record)
+    if failed:  # Tune retries the pack; the seeds already recorded are left out then
+        raise RuntimeError(f"{len(failed)} trial(s) of the pack failed:\n{failed[0].error}")
+    tune.report({OBJECTIVE: 0.0, "trial_key": specs[0].key, "record_written": 1, "pack_size": len(specs)})
 
 
 class _Progress:
@@ -204,6 +260,38 @@ class _Progress:
 _PROGRESS: dict[int, _Progress] = {}
 
 
+class CompactCallback(Callback):
+    """Compacts the ledger every `every` finished trials (storage.ledger.COMPACT_EVERY), in the
+    driver, so readers of a long study open a few parts instead of one file per trial. A failed
+    compaction is logged and the study goes on: nothing is lost, the next one merges more."""
+
+    def __init__(self, storage: str, every: int) -> None:
+        self.storage, self.every, self.finished = storage, every, 0
+
+    def _count(self) -> None:
+        self.finished += 1
+        if self.every > 0 and self.finished % self.every == 0:
+            compact_ledger(self.storage, reason=f"{self.finished} trials finished")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._count()
+
+
+def compact_ledger(storage: str, *, reason: str) -> None:
+    from storage.ledger import Ledger
+
+    try:
+        result = Ledger(storage).compact()
+    except Exception:  # noqa: BLE001 -- compaction only speeds reads up; the records are safe as they are
+        log.exception("ledger compaction (%s) failed; the records are untouched", reason)
+        return
+    if result.part:
+        log.info("ledger compacted (%s): %d records in %s (%.1fs)", reason, result.records, result.part, result.seconds)
+
+
 class ProgressCallback(Callback):
     """Feeds a driver-side bar. Holds only a handle: Tune pickles callbacks, a live bar holds locks."""
 
@@ -221,17 +309,19 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
-            bar.update(advance=1, label=f"{_trial_dirname(trial)} done")
+            bar.update(advance=_trials_in(trial), label=f"{_trial_dirname(trial)} done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
             bar.failed += 1
-            bar.update(advance=1, label=f"{_trial_dirname(trial)} FAILED")
+            bar.update(advance=_trials_in(trial), label=f"{_trial_dirname(trial)} FAILED")
 
 
-def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> bool:
-    """Connect to (or start) Ray; True when this call started it, so the caller shuts it down."""
+def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> RayOwner | bool:
+    """Connect to (or start) Ray. When this call starts an embedded Ray it returns the RayOwner that
+    ties Ray's processes to this driver (studies/reaper.py): the caller shuts Ray down and closes it.
+    False when Ray was already up or is a cluster's (`address`), which this driver does not own."""
     import ray
 
     if ray.is_initialized():
@@ -241,7 +331,9 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         # inside a Ray Job the job's runtime env (its env vars, working dir) is merged with ours
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        return False
+    owner = RayOwner.start()
+    try:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
@@ -249,11 +341,22 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
             logging_level=logging.WARNING,
             runtime_env=runtime_env,
         )
-    return True
+    except BaseException:
+        owner.close()
+        raise
+    owner.started()
+    fault_point("driver.ray_started")
+    return owner
 
 
 def _trial_dirname(trial) -> str:
+    if "trials" in trial.config:
+        return TrialSpec.from_dict(trial.config["trials"][0]).key + f"-pack{len(trial.config['trials'])}"
     return TrialSpec.from_dict(trial.config["trial"]).key
+
+
+def _trials_in(trial) -> int:
+    return len(trial.config["trials"]) if "trials" in trial.config else 1
 
 
 def _scheduler(study: StudySpec):
@@ -264,7 +367,7 @@ def _scheduler(study: StudySpec):
 
     class SearchOnlyASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            if trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
+            if "trial" not in trial.config or trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
                 return TrialScheduler.CONTINUE
             if result.get("step", 0) >= study.train.steps:  # the final evaluation: let it finish and record
                 return TrialScheduler.CONTINUE
@@ -281,7 +384,9 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
                trial_fn: str | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tracking.prepare_environment(paths["wandb"])
-    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
+    os.environ[DRIVER_ENV] = str(os.getpid())  # storage/faults.py: whom a fault-injection point kills
+    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
+                                           "SCALING_CACHE", DRIVER_ENV, FAULT_ENV, COUNTER_ENV) if k in os.environ}
     started = _init_ray(address, num_cpus, env_vars)
     import ray
     from ray import tune
@@ -323,17 +428,20 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
             storage_path=paths["ray_results"],
             failure_config=tune.FailureConfig(max_failures=res.max_failures),
             verbose=0,
-            callbacks=[bar.callback()],
+            callbacks=[bar.callback(), CompactCallback(paths["storage"], COMPACT_EVERY)],
         ),
     )
     try:
         with bar.progress:
             bar.update()
             tuner.fit()
+        fault_point("driver.trials_done")
     finally:
         _PROGRESS.pop(id(bar), None)
         if started:
             ray.shutdown()
+            if isinstance(started, RayOwner):
+                started.close()
 
 
 def _cell_done(study: StudySpec, template: TrialSpec) -> int:
@@ -368,7 +476,10 @@ def run_study(
     save_plan(plan, paths)
     before = len(Ledger(paths["storage"]).keys())
     if work:
-        run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
+        try:
+            run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
+        finally:  # at the study's end (finished, failed or interrupted): the trials' files into one part
+            compact_ledger(paths["storage"], reason="end of the study")
     adaptive = bool(plan.search_cells or plan.design_trials)
     ran = len(Ledger(paths["storage"]).keys()) - before if adaptive else len(todo)
     result = RunResult(paths["storage"], plan.planned, len(plan.done) if not adaptive else before, ran)
@@ -384,7 +495,7 @@ def run_study(
                   f"  retry with: scaling report {shlex.quote(paths['storage'])}", file=sys.stderr)
             result.report_error = f"{type(error).__name__}: {error}"
         else:
-            result.report_path, result.fits = written.html_path, written.fit_rows
+            result.report_path, result.fits = written.html_path, written.fit_rows  # URIs keep their scheme
             design = None
             if study.design is not None:  # the design sequence and widths beside the fits
                 from scaling import api

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.suggest import did_you_mean
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FITS = ("gap_vs_dosc",)
 
@@ -64,7 +66,7 @@ class TaskEntry(_Strict):
     def _check(self) -> "TaskEntry":
         tasks = _known_tasks()
         if self.name not in tasks:
-            raise ValueError(f"unknown task {self.name!r}; allowed: {sorted(tasks)}")
+            raise ValueError(f"unknown task {self.name!r}; allowed: {sorted(tasks)}{did_you_mean(self.name, tasks)}")
         tasks[self.name].options(self.options)  # raises naming unknown options
         return self
 
@@ -96,12 +98,13 @@ class VariantEntry(_Strict):
     def _check(self) -> "VariantEntry":
         options, uses_d_osc = _known_variants()
         if self.name not in options:
-            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}")
+            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}{did_you_mean(self.name, options)}")
         allowed = set(options[self.name]) - {"d_osc"}
         unknown = set(self.options) - allowed
         if unknown:
             raise ValueError(
                 f"variant {self.name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}"
+                f"{''.join(did_you_mean(u, allowed) for u in sorted(unknown))}"
             )
         if "d_osc" in self.options:
             raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
@@ -274,6 +277,17 @@ class ResourcesEntry(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0, le=64, allow_inf_nan=False)
     max_concurrent_trials: int | None = Field(None, ge=1, le=100_000)
     max_failures: int = Field(1, ge=0, le=1000)
+    # trials that differ only in seed trained together as one stacked model in one Ray trial
+    # (workers/stacked.py): 1 = one trial per worker; auto = all of a cell's seeds
+    pack_seeds: int | Literal["auto"] = 1
+
+    @field_validator("pack_seeds")
+    @classmethod
+    def _pack_seeds(cls, value):
+        if value != "auto" and not 1 <= value <= 1024:
+            raise ValueError(f"resources.pack_seeds={value!r}: give a number of seeds from 1 to 1024, or auto "
+                             "(all of a cell's seeds in one stacked trial)")
+        return value
 
 
 class WandbEntry(_Strict):
@@ -744,7 +758,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = item["loc"][:-1]
-            message = f"unknown key; allowed keys here: {', '.join(_allowed_keys(parent))}"
+            allowed = _allowed_keys(parent)
+            message = f"unknown key; allowed keys here: {', '.join(allowed)}{did_you_mean(item['loc'][-1], allowed)}"
         elif item["type"] == "missing":
             message = "required field is missing"
         value = item.get("input")

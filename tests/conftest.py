@@ -94,3 +94,26 @@ def write_synthetic_study(storage: pathlib.Path, *, C=2.0, alpha=0.7, base=3.0, 
     for record in extra_rows:
         ledger.append(record)
     return storage
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3-protocol server on 127.0.0.1 (one per test session), bucket `bkt`, with
+    AWS_ENDPOINT_URL and test credentials set for this process and its subprocesses."""
+    pytest.importorskip("moto", reason="moto[server] not installed (pip install -e '.[dev]')")
+    from storage.s3local import local_s3
+
+    with local_s3("bkt") as endpoint:
+        yield endpoint
+
+
+# S3 cases start a moto server (5-8 s on a busy 2-core machine) and cost ~50 ms a request: `slow`
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def storage_uri(request, tmp_path):
+    """A study storage location on each backend: a local directory, and s3://bkt/<unique prefix>."""
+    if request.param == "local":
+        return str(tmp_path / "study")
+    request.getfixturevalue("s3_endpoint")
+    import uuid
+
+    return f"s3://bkt/{uuid.uuid4().hex[:12]}/study"

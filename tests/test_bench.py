@@ -52,6 +52,7 @@ def test_scaling_bench_command_writes_json(tmp_path, capsys):
     assert "targets" in capsys.readouterr().out
 
 
+@pytest.mark.bench  # how many rounds fit the time floor depends on the wall clock
 def test_time_floor_adds_rounds_to_every_case_alike():
     calls = {"a": 0, "b": 0}
 
@@ -69,6 +70,7 @@ def test_time_floor_adds_rounds_to_every_case_alike():
     assert len(interleaved_times(fns, repeats=3, warmup=0, device="cpu")["a"]) == 3  # no floor: exactly `repeats`
 
 
+@pytest.mark.bench  # the peak depends on the allocator's behaviour
 def test_cpu_peak_memory_counts_live_bytes():
     def two_live_then_one():
         a = torch.ones(256, 1024)  # 1 MiB

@@ -244,18 +244,15 @@ def test_a_directory_holding_a_study_is_refused_and_left_alone(tmp_path):
 
 
 def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    from storage.ledger import Ledger
+    from storage import fs as sfs
 
-    calls = []
-    real = Ledger.append
+    real = sfs.write_bytes_atomic
 
-    def failing(self, record):
-        calls.append(record.key)
-        if len(calls) > 3:
-            raise OSError("disk full")
-        return real(self, record)
+    def failing(fs, path, data):  # the ledger part is written half, then the disk is full
+        real(fs, path + ".tmp-0000dead", data[: len(data) // 2])
+        raise OSError("disk full")
 
-    monkeypatch.setattr(Ledger, "append", failing)
+    monkeypatch.setattr(sfs, "write_bytes_atomic", failing)
     with pytest.raises(OSError, match="disk full"):
         import_results(PAPER_A_CSV, tmp_path / "study")
     assert list(tmp_path.iterdir()) == []

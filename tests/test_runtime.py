@@ -29,6 +29,7 @@ def faults(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.bench  # counts page faults: allocator behaviour, not a deterministic contract
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("c"), reason="glibc only")
 def test_tuned_allocator_stops_refaulting_freed_memory():
     tuned, tuned_faults = faults("tuned")
@@ -37,6 +38,11 @@ def test_tuned_allocator_stops_refaulting_freed_memory():
     # by default a block past glibc's 32 MB mmap ceiling is unmapped on free and faulted in again every
     # step (the 2.5 MB ones only when nothing else sits above them at the heap top: not deterministic)
     assert default_faults > 10 * max(tuned_faults, 100), (default_faults, tuned_faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("c"), reason="glibc only")
+def test_tuned_by_default_on_glibc():
+    assert faults("tuned")[0] == "True"
 
 
 def test_switch_off_with_environment():

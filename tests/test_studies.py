@@ -55,12 +55,17 @@ def test_unknown_top_level_key_names_allowed_keys(tmp_path):
 def test_unknown_nested_key(tmp_path):
     message = _error(tmp_path, train={"stepz": 3})
     assert "train.stepz: unknown key" in message and "steps" in message
+    assert "did you mean 'steps'?" in message
 
 
 def test_unknown_task_and_variant(tmp_path):
     message = _error(tmp_path, tasks=[{"name": "wikitext3"}], variants=[{"name": "linear"}])
     assert "tasks[0]: unknown task 'wikitext3'; allowed: ['codeparrot', 'enwik8', 'kws', 'mqar'," in message
+    assert "'tinystories', 'wikitext2']; did you mean 'wikitext2'?" in message
     assert "variants[0]: unknown variant 'linear'; allowed: ['kuramoto', 'oscillator', 'softmax']" in message
+    assert "did you mean" not in message.split("variants[0]")[1]  # nothing is close to 'linear'
+    assert "unknown variant 'oscilator'; allowed: ['kuramoto', 'oscillator', 'softmax']; did you mean 'oscillator'?" in _error(
+        tmp_path, variants=[{"name": "softmax"}, {"name": "oscilator", "d_osc": [2]}])
 
 
 def test_d_osc_below_two(tmp_path):

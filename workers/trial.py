@@ -21,6 +21,7 @@ import torch
 
 from storage import fs as sfs
 from storage.cache import DatasetCache
+from storage.faults import fault_point
 from storage.records import TrialRecord, TrialSpec, canonical_json
 from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
@@ -161,6 +162,7 @@ class Checkpoints:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         sfs.write_bytes_atomic(self.fs, self.path, buffer.getvalue())
+        fault_point("checkpoint.saved")
 
     def remove(self) -> None:
         directory = self.path.rsplit("/", 1)[0]

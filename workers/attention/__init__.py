@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage.suggest import did_you_mean
 from workers.attention.kuramoto import KuramotoAttention
 from workers.attention.oscillator import OscillatorAttention, oscillator_attention, oscillator_attention_reference
 from workers.attention.softmax import SoftmaxAttention, softmax_attention
@@ -31,7 +32,7 @@ def build_attention(
 ):
     """`rotary`: the backbone's RoPE on q and k (paper B); variant options come as keywords."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown attention variant {name!r}; known variants: {sorted(VARIANTS)}")
+        raise ValueError(f"unknown attention variant {name!r}; known variants: {sorted(VARIANTS)}{did_you_mean(name, VARIANTS)}")
     unknown = set(options) - set(VARIANT_OPTIONS[name])
     if unknown:
         raise ValueError(f"variant {name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(VARIANT_OPTIONS[name])}")

@@ -6,6 +6,7 @@ to build the model's input and output ends. Unknown names fail with the list of 
 
 from __future__ import annotations
 
+from storage.suggest import did_you_mean
 from workers.tasks.base import LMTask, PreparedTask, Task
 from workers.tasks.codeparrot import CodeParrot
 from workers.tasks.enwik8 import Enwik8
@@ -22,7 +23,7 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}{did_you_mean(name, TASKS)}")
     return TASKS[name]
 
 

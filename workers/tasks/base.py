@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from storage.cache import CacheCorrupt, CachedDataset, DatasetCache
+from storage.cache import CacheCorrupt, CachedDataset, DatasetCache, NotCached
 from storage.prep.sources import SourceUnavailable
+from storage.suggest import did_you_mean
 from workers._lazy import F, no_grad, torch  # torch on first use: validating a study file imports this module
 
 IGNORE = -100
@@ -93,6 +94,7 @@ class Task:
         if unknown:
             raise ValueError(
                 f"task {self.name}: unknown option(s) {sorted(unknown)}; allowed: {sorted(self.DEFAULTS)}"
+                f"{''.join(did_you_mean(u, self.DEFAULTS) for u in sorted(unknown))}"
             )
         return {**self.DEFAULTS, **given}
 
@@ -107,9 +109,10 @@ class Task:
     def build(self, options: dict[str, Any]) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         raise NotImplementedError
 
-    def entry(self, options: dict[str, Any], cache: DatasetCache) -> CachedDataset:
+    def entry(self, options: dict[str, Any], cache: DatasetCache, *, build: bool = True) -> CachedDataset:
         """The cache entry for these options, built if needed. A machine that cannot see a local
-        source (a worker without the dataset mounted) opens the entry built for the same request."""
+        source (a worker without the dataset mounted) opens the entry built for the same request.
+        With build=False nothing is built (`scaling plan`): a missing entry raises NotCached."""
         options = self.options(options)
         request = self.request(options)
         try:
@@ -122,11 +125,17 @@ class Task:
             if found is None:
                 raise
             return found
+        if not build:
+            found = cache.get(self.name, identity)
+            if found is None:
+                raise NotCached(f"task {self.name}: its data is not in the cache {cache.uri} yet (nothing was built); "
+                                "`scaling cache build --study STUDY.yaml` prepares it, as `scaling run` does")
+            return found
         return cache.get_or_build(self.name, identity, lambda: self.build(options), request=request)
 
-    def prepare(self, options: dict[str, Any], cache: DatasetCache) -> PreparedTask:
+    def prepare(self, options: dict[str, Any], cache: DatasetCache, *, build: bool = True) -> PreparedTask:
         options = self.options(options)
-        entry = self.entry(options, cache)
+        entry = self.entry(options, cache, build=build)
         return PreparedTask(entry.fingerprint, self.arrays(entry, options), entry.meta)
 
     def arrays(self, entry: CachedDataset, options: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:

@@ -87,8 +87,8 @@ class ByteLMTask(LMTask):
                 out[split] = {"windows": windows}
         return out
 
-    def prepare(self, options: dict[str, Any], cache) -> PreparedTask:
-        prepared = super().prepare(options, cache)
+    def prepare(self, options: dict[str, Any], cache, *, build: bool = True) -> PreparedTask:
+        prepared = super().prepare(options, cache, build=build)
         prepared.meta = {**prepared.meta, "seq_len": int(self.options(options)["seq_len"])}
         return prepared
 
