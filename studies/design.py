@@ -145,8 +145,8 @@ class TrialFactory:
     """TrialSpecs for design points: the study's own expansion for one (variant, d_osc, size, seed),
     so keys, sizing and options are exactly what a grid with that point would make."""
 
-    def __init__(self, study, axes: dict[str, Any]) -> None:
-        self.study, self.axes = study, axes
+    def __init__(self, study, axes: dict[str, Any], *, build: bool = True) -> None:
+        self.study, self.axes, self.build = study, axes, build
         self._templates: dict[tuple, Any] = {}
 
     def spec(self, point: D.Point):
@@ -166,7 +166,7 @@ class TrialFactory:
         size = axes["target_params"]
         one = study.model_copy(update={"variants": [entry], "seeds": [study.seeds[0]], "design": None,
                                        "target_params": None if size is None else [size]})
-        (trial,) = expand(one)
+        (trial,) = expand(one, build=self.build)
         return trial
 
 
