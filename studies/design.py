@@ -119,6 +119,7 @@ def ask(study: optuna.Study, sampler: DesignSampler) -> tuple[int, D.Point, dict
     if sampler.next_proposal(study) is None:
         return None
     trial = study.ask(sampler.distributions())
+    # the attribute before_trial wrote (storage-level, as Optuna's GridSampler does: Trial has no getter)
     return trial.number, point_of(trial.params), study._storage.get_trial(trial._trial_id).system_attrs[ATTR]
 
 
