@@ -177,8 +177,7 @@ def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from workers.stacked import run_pack
 
     ledger = Ledger(ctx["storage"])
-    done = ledger.keys()
-    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if s.key not in done]
+    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if not ledger.contains(s.key)]
     if not specs:  # a retry after every record was written
         tune.report({OBJECTIVE: float("nan"), "record_written": 1})
         return
