@@ -440,7 +440,8 @@ def cmd_bench(args) -> int:
         print(f"study throughput: {args.throughput_workers} worker processes, one thread each; one trial per worker vs "
               "a cell's seeds packed (run_pack)")
         result["study_throughput"] = study_throughput(args.study_throughput or None, workers=args.throughput_workers,
-                                                      steps=args.throughput_steps, rounds=args.throughput_rounds)
+                                                      steps=args.throughput_steps, rounds=args.throughput_rounds,
+                                                      peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
         print(format_study_throughput(result["study_throughput"]))
     write_json(result, args.json)
     print(f"json:     {args.json}")
@@ -646,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-steps", type=int, help="steps per trial in the study-throughput cases (default per case)")
     p.add_argument("--throughput-rounds", type=int, default=2, help="alternating rounds of the two modes (default 2)")
     p.add_argument("--throughput-workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s at the training precision: study throughput then reports MFU per trial")
     p.add_argument("--no-attention", action="store_true", help="skip the attention op and training-step cases")
     p.add_argument("--json", help="where to write the results (default bench.json; with --design design_bench.json)")
     p.add_argument("--design", action="store_true",

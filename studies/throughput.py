@@ -161,14 +161,17 @@ def step_throughput(specs: list[TrialSpec], *, rounds: int = 8, cache: str | Non
             "ratio": round(statistics.median(S * a / b for a, b in zip(times["solo"], times["pack"])), 3)}
 
 
-def _run_unit(specs: list[dict], storage: str, cache: str | None) -> list[str]:
+def _run_unit(specs: list[dict], storage: str, cache: str | None) -> list[dict[str, Any]]:
     from workers.stacked import run_pack
     from workers.trial import run_trial
 
     trials = [TrialSpec.from_dict(s) for s in specs]
     if len(trials) == 1:
-        return [run_trial(trials[0], storage_uri=storage, cache_uri=cache).status]
-    return [r.status for r in run_pack(trials, storage_uri=storage, cache_uri=cache)]
+        records = [run_trial(trials[0], storage_uri=storage, cache_uri=cache)]
+    else:
+        records = run_pack(trials, storage_uri=storage, cache_uri=cache)
+    # a packed record's wall_seconds is the pack's: each seed's tokens/s is then its share of the pack
+    return [{"status": r.status, "tokens": r.tokens_seen, "flops": r.flops, "wall": r.wall_seconds} for r in records]
 
 
 def _packs(trials: list[TrialSpec]) -> list[list[TrialSpec]]:
@@ -180,16 +183,29 @@ def _packs(trials: list[TrialSpec]) -> list[list[TrialSpec]]:
     return list(groups.values())
 
 
-def _timed(pool: ProcessPoolExecutor, units: list[list[TrialSpec]], storage: str, cache: str | None) -> tuple[float, list[str]]:
+def _timed(pool: ProcessPoolExecutor, units: list[list[TrialSpec]], storage: str,
+           cache: str | None) -> tuple[float, list[dict[str, Any]]]:
     began = time.perf_counter()
     futures = [pool.submit(_run_unit, [s.to_dict() for s in unit], storage, cache) for unit in units]
-    statuses = [status for f in futures for status in f.result()]
-    return time.perf_counter() - began, statuses
+    trials = [t for f in futures for t in f.result()]
+    return time.perf_counter() - began, trials
+
+
+def _per_trial(trials: list[dict[str, Any]], peak_flops: float | None) -> dict[str, float]:
+    """Median over trials of tokens/s and training FLOP/s (the trial's recorded FLOPs over its wall
+    time, evaluation included), and MFU against `peak_flops` when given."""
+    tokens = statistics.median(t["tokens"] / t["wall"] for t in trials)
+    flops = statistics.median(t["flops"] / t["wall"] for t in trials)
+    out = {"tokens_per_s": round(tokens, 1), "flops_per_s": float(f"{flops:.4g}")}
+    if peak_flops:
+        out["mfu"] = float(f"{flops / peak_flops:.4g}")
+    return out
 
 
 def study_throughput(cases: list[str] | None = None, *, workers: int = 2, steps: int | None = None, rounds: int = 1,
-                     cache: str | None = None, log=print) -> dict[str, dict[str, Any]]:
-    """{case: {one_per_worker, stacked (trials/hour), ratio, trials, packs, steps, seconds}}."""
+                     cache: str | None = None, peak_flops: float | None = None, log=print) -> dict[str, dict[str, Any]]:
+    """{case: {one_per_worker, stacked (trials/hour), ratio, trials, packs, steps, seconds, per_trial
+    (tokens/s, FLOP/s and MFU per trial, per mode), train_steps_one_thread}}."""
     from storage.cache import DatasetCache
     from workers.tasks import get_task
 
@@ -208,11 +224,13 @@ def study_throughput(cases: list[str] | None = None, *, workers: int = 2, steps:
             for f in [pool.submit(_warm_worker, cells, str(Path(tmp) / f"{case}-warm-{w}"), cache) for w in range(workers)]:
                 f.result()
             seconds: dict[str, list[float]] = {"one_per_worker": [], "stacked": []}
+            finished: dict[str, list[dict[str, Any]]] = {"one_per_worker": [], "stacked": []}
             modes = [("one_per_worker", [[s] for s in trials]), ("stacked", packs)]
             for r in range(rounds):
                 for mode, units in (modes if r % 2 == 0 else modes[::-1]):
-                    wall, statuses = _timed(pool, units, str(Path(tmp) / f"{case}-{mode}-{r}"), cache)
-                    failed = [s for s in statuses if s == "failed"]
+                    wall, done = _timed(pool, units, str(Path(tmp) / f"{case}-{mode}-{r}"), cache)
+                    finished[mode] += done
+                    failed = [t for t in done if t["status"] == "failed"]
                     if failed:
                         raise RuntimeError(f"study throughput, case {case}, {mode}: {len(failed)} trial(s) failed; "
                                            f"run one with workers.run_trial to see why")
@@ -231,5 +249,6 @@ def study_throughput(cases: list[str] | None = None, *, workers: int = 2, steps:
                          "ratio": round(per_hour["stacked"] / per_hour["one_per_worker"], 3), "trials": len(trials),
                          "packs": [len(p) for p in packs], "steps": trials[0].train["steps"], "workers": workers,
                          "seconds": {mode: [round(t, 2) for t in ts] for mode, ts in seconds.items()},
+                         "per_trial": {mode: _per_trial(done, peak_flops) for mode, done in finished.items()},
                          "train_steps_one_thread": steps_only}
     return out
