@@ -102,7 +102,7 @@ def _warm_worker(specs: list[dict], storage: str, cache: str | None) -> None:
 
 
 def step_throughput(specs: list[TrialSpec], *, rounds: int = 8, cache: str | None = None) -> dict[str, float]:
-    """Training steps alone (no evaluation, no start-up), in this process on its threads: one seed's
+    """Training steps alone (no evaluation, no start-up), in this process on its threads (or its GPU): one seed's
     step against one pack step of `specs`' seeds, interleaved over `rounds`; `ratio` = seeds per second
     packed / alone (the median of per-round ratios). What a long trial's throughput approaches."""
     import torch
@@ -113,7 +113,8 @@ def step_throughput(specs: list[TrialSpec], *, rounds: int = 8, cache: str | Non
     from workers.trial import build_model, resolve_train
 
     spec0 = specs[0]
-    task = get_task(spec0.task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = get_task(spec0.task).on_device(device)
     prepared = task.prepare(spec0.task_options, DatasetCache(cache))
     fields = task.model_fields(prepared)
     train = resolve_train(spec0.train, spec0.hparams)
@@ -122,14 +123,15 @@ def step_throughput(specs: list[TrialSpec], *, rounds: int = 8, cache: str | Non
     models, generators = [], []
     for spec in specs:
         torch.manual_seed(spec.seed)
-        models.append(build_model(spec, fields).train())
-        generators.append(torch.Generator().manual_seed(spec.seed))
+        models.append(build_model(spec, fields).to(device).train())
+        generators.append(torch.Generator(device=device).manual_seed(spec.seed))
     index = [np.random.default_rng(spec.seed).permutation(n)[: train["batch_size"]] for spec in specs]
     opt_cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
     solo_opt = opt_cls(models[0].parameters(), lr=train["lr"])
     stacked = StackedModel(models, generators)
     pack_opt = opt_cls(stacked.parameters(), lr=train["lr"])
-    live = torch.ones(len(specs), dtype=torch.bool)
+    live = torch.ones(len(specs), dtype=torch.bool, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def solo() -> None:
         loss = task.loss(models[0], task.batch(split, index[0]))
@@ -152,8 +154,10 @@ def step_throughput(specs: list[TrialSpec], *, rounds: int = 8, cache: str | Non
         fn()
     for _ in range(rounds):
         for name, fn in (("solo", solo), ("pack", pack)):
+            sync()
             began = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - began)
     S = len(specs)
     return {"solo_ms": round(1e3 * statistics.median(times["solo"]), 2),
