@@ -200,8 +200,9 @@ def _oscillator(fwd: StackedForward, i: int, h_SND, B: int, T: int, key_padding_
         o_BXTK, _ = oscillator_attention(fold(q), fold(k), fold(v), anchors_SHLd.flatten(0, 1), **options)
         o_SBHTK = o_BXTK.view(B, S, H, T, K).transpose(0, 1)
     else:
-        o_SBHTK = torch.stack([oscillator_attention(q[s], k[s], v[s], anchors_SHLd[s], key_padding_BT=key_padding_SBT[s],
-                                                    **options)[0] for s in range(S)])
+        per_seed = zip(q.unbind(0), k.unbind(0), v.unbind(0), anchors_SHLd.unbind(0), key_padding_SBT.unbind(0))
+        o_SBHTK = torch.stack([oscillator_attention(q_s, k_s, v_s, r_s, key_padding_BT=pad_s, **options)[0]
+                               for q_s, k_s, v_s, r_s, pad_s in per_seed])
     o_SND = o_SBHTK.permute(0, 1, 3, 2, 4).reshape(S, N, D)
     return linear(o_SND, params[f"{pre}.w_o.weight"], params[f"{pre}.w_o.bias"])
 
@@ -243,11 +244,13 @@ def _per_seed_attention(fwd: StackedForward, i: int, h_SND, B: int, T: int, key_
     module, pre = fwd.template.blocks[i].attn, f"blocks.{i}.attn"
     S, N, D = h_SND.shape
     names = [name for name, _ in module.named_parameters()]
+    per_name = {name: fwd.params[f"{pre}.{name}"].unbind(0) for name in names}  # unbind: one gradient write each
+    h_per_seed = h_SND.unbind(0)
     outs = []
     for s in range(S):
-        seed_params = {name: fwd.params[f"{pre}.{name}"][s] for name in names}
+        seed_params = {name: per_name[name][s] for name in names}
         padding = None if key_padding_SBT is None else key_padding_SBT[s]
-        outs.append(torch.func.functional_call(module, seed_params, (h_SND[s].view(B, T, D), padding)))
+        outs.append(torch.func.functional_call(module, seed_params, (h_per_seed[s].view(B, T, D), padding)))
     return torch.stack(outs).view(S, N, D)
 
 
