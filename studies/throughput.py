@@ -251,7 +251,7 @@ def study_throughput(cases: list[str] | None = None, *, workers: int = 2, steps:
                 torch.set_num_threads(threads)
             out[case] = {"one_per_worker": round(per_hour["one_per_worker"], 1), "stacked": round(per_hour["stacked"], 1),
                          "ratio": round(per_hour["stacked"] / per_hour["one_per_worker"], 3), "trials": len(trials),
-                         "packs": [len(p) for p in packs], "steps": trials[0].train["steps"], "workers": workers,
+                         "packs": [len(p) for p in packs], "steps": trials[0].train["steps"], "workers": workers, "threads_per_worker": 1,
                          "seconds": {mode: [round(t, 2) for t in ts] for mode, ts in seconds.items()},
                          "per_trial": {mode: _per_trial(done, peak_flops) for mode, done in finished.items()},
                          "train_steps_one_thread": steps_only}
