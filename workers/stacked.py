@@ -15,7 +15,8 @@ Stacking never changes what a trial means. Each seed keeps, from its own seed al
 - its data order: its own `BatchOrder`;
 - its dropout masks: drawn from its own generator, which continues the random stream `run_trial`
   would continue after the initialisation, in the same order and shapes;
-- its loss, as the task defines it (`Task.loss_from_output` on the seed's slice of the output);
+- its loss, as the task defines it (`Task.stacked_losses`: the seed's `loss_from_output`, or for
+  language modelling the same mean over the seed's scored tokens from one stacked cross-entropy);
 - its optimizer state (Adam is elementwise, so a stacked Adam is S independent ones) and its
   gradient clipping (the norm is taken per seed);
 - its evaluation, checkpoint (under its own trial key), ledger record and W&B run.
@@ -94,10 +95,7 @@ class StackedModel:
         self.forward.active = list(active)
         self.models[0].train()
         args, kwargs = task.model_inputs(batch_S)
-        out_S = self.forward(*args, **kwargs)
-        # unbind, not out_S[s]: each indexing's backward would write a zero gradient of the whole
-        # stacked output (5 x 640 MB of logits per step for a pack of 5 at the WikiText-2 shape)
-        return torch.stack([task.loss_from_output(out, batch) for out, batch in zip(out_S.unbind(0), batches)])
+        return task.stacked_losses(self.forward(*args, **kwargs), batches, batch_S)
 
     def sync_to_models(self) -> None:
         """Copy the stacked parameters into the per-seed models (for evaluation and checkpoints)."""
