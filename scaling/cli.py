@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # stopped by a signal (Ctrl-C, SIGTERM): resumable
 
 
 def _print_table(header: list[str], rows: list[list[Any]]) -> None:
@@ -33,7 +34,9 @@ def cmd_run(args) -> int:
     from studies.runner import run_study
 
     result = run_study(study, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress,
-                       report=not args.no_report, study_file=args.study)
+                       report=not args.no_report, study_file=args.study, resume_command=_run_command(args))
+    if result.interrupted:  # the resume command is printed; the shell's convention for a signal
+        return EXIT_INTERRUPTED
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     print(f"study {study.name}: {result.planned} planned, {result.skipped} already in the ledger, "
           f"{result.ran} run now ({counts}) in {result.seconds:.0f}s")
@@ -49,6 +52,19 @@ def cmd_run(args) -> int:
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: not identified: "
                       f"{row['reason']}")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _run_command(args) -> str:
+    """This `scaling run` as typed, options included (--address above all): what resumes it."""
+    import shlex
+
+    words = ["scaling", "run", args.study]
+    if args.address:
+        words += ["--address", args.address]
+    if args.num_cpus:
+        words += ["--num-cpus", str(args.num_cpus)]
+    words += [flag for flag, on in (("--no-progress", args.no_progress), ("--no-report", args.no_report)) if on]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _f(value) -> str:
