@@ -116,6 +116,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    if args.trial:
+        return _trial_log(args)
     from studies import remote
 
     if args.follow:
@@ -129,6 +131,44 @@ def cmd_logs(args) -> int:
     else:
         print(remote.logs(args.job, args.address), end="")
     return EXIT_OK
+
+
+def _trial_log(args) -> int:
+    """`scaling logs STUDY --trial KEY`: the trial's own log under the study's storage (every
+    attempt: start, resume, evaluations, warnings, the end or the error). KEY may be a unique prefix."""
+    import time
+
+    from scaling import api
+    from storage import fs as sfs
+
+    study = api.open_study(args.job)
+    fs, root = sfs.resolve(study.storage)
+    folder = sfs.join(root, "logs")
+    import pyarrow.fs as pafs
+
+    names = sorted(i.base_name[: -len(".log")] for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                   if i.base_name.endswith(".log"))
+    matches = [n for n in names if n == args.trial] or [n for n in names if n.startswith(args.trial)]
+    if len(matches) != 1:
+        import difflib
+
+        close = difflib.get_close_matches(args.trial, names, n=5, cutoff=0.4)
+        hint = (f"; did you mean: {', '.join(close)}" if close and not matches else
+                f"; it matches {len(matches)}: {', '.join(matches[:10])}" if matches else
+                f"; trials with a log: {', '.join(names[:10]) + (' ...' if len(names) > 10 else '') or 'none yet'}")
+        raise ValueError(f"--trial {args.trial!r}: no single trial of study {study.name} has that key{hint}")
+    path = sfs.join(folder, f"{matches[0]}.log")
+    shown = 0
+    while True:
+        text = sfs.read_bytes(fs, path).decode(errors="replace")
+        print(text[shown:], end="", flush=True)
+        shown = len(text)
+        progress = sfs.join(root, "progress", f"{matches[0]}.json")
+        if not args.follow or not sfs.exists(fs, progress):  # --follow: until the trial ends
+            return EXIT_OK
+        if b'"interrupted"' in sfs.read_bytes(fs, progress):
+            return EXIT_OK
+        time.sleep(1.0)
 
 
 def cmd_cancel(args) -> int:
@@ -162,8 +202,34 @@ def cmd_status(args) -> int:
     rows = [[cell, *(c[k] for k in keys)] for cell, c in sorted(cells.items())]
     rows.append(["total", *(totals[k] for k in keys)])
     _print_table(["cell", *keys], rows)
+    for entry in summary["in_progress_trials"]:
+        print(_trial_line(entry))
     print(_eta_line(summary["eta"]))
     return EXIT_OK
+
+
+def _trial_line(entry: dict) -> str:
+    """`KEY  running  step 400/600 (67%)  val_loss 0.61 (step 400)  train_loss 0.53  on HOST (node ab12cd34)  5s ago`"""
+    from datetime import datetime, timezone
+
+    step, total = entry.get("step") or 0, entry.get("total_steps")
+    parts = [entry["key"], entry.get("state", "?"), f"step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")]
+    latest = entry.get("latest") or {}
+    metric = entry.get("metric")
+    if metric and metric in latest:
+        parts.append(f"{metric} {latest[metric]:.4g} (step {latest.get('eval_step', '?')})")
+    if "train_loss" in latest:
+        parts.append(f"train_loss {latest['train_loss']:.4g}")
+    where = entry.get("host") or "?"
+    if entry.get("node_id"):
+        where += f" (node {entry['node_id'][:8]})"
+    parts.append(f"on {where}")
+    try:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(entry["updated_at"])).total_seconds()
+        parts.append(f"updated {age:.0f}s ago")
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "  ".join(parts)
 
 
 def _eta_line(eta: dict) -> str:
@@ -338,10 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable (not secrets)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("logs", help="a submitted study's driver log")
-    p.add_argument("job", help="the Ray job id printed by `scaling submit`")
+    p = sub.add_parser("logs", help="a submitted study's driver log, or (--trial) one trial's own log")
+    p.add_argument("job", help="the Ray job id printed by `scaling submit`; with --trial, the study (file or storage directory)")
     p.add_argument("--address")
-    p.add_argument("--follow", action="store_true")
+    p.add_argument("--follow", action="store_true", help="keep printing as the job (or the trial) goes on")
+    p.add_argument("--trial", metavar="KEY", help="print this trial's own log, kept under the study's storage "
+                                                   "(logs/KEY.log); a unique prefix of the key will do")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", help="stop a submitted study (finished trials stay in the ledger)")

@@ -114,9 +114,6 @@ def _import(path: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-_IN_REPORT = threading.Event()  # the trial thread is inside tune.report, blocked until the driver answers
-
-
 def _tune_report(metrics: dict[str, Any]) -> None:
     """tune.report, unless this process was asked to stop: the actor's main thread then waits for
     the trial to save, and a report would block the trial until the driver answers it."""
@@ -124,11 +121,8 @@ def _tune_report(metrics: dict[str, Any]) -> None:
 
     if lifecycle.stop_requested():
         return
-    _IN_REPORT.set()
-    try:
+    with lifecycle.reporting():
         tune.report(metrics)
-    finally:
-        _IN_REPORT.clear()
 
 
 def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -231,7 +225,7 @@ def _study_trainable(ctx: dict[str, Any]):
             return super().setup(config)
 
         def cleanup(self):
-            if lifecycle.active_trainers() and not _IN_REPORT.is_set():
+            if lifecycle.active_trainers() and not lifecycle.in_report():
                 lifecycle.flush_and_stop("the study was stopped", timeout=FLUSH_SECONDS)
             return super().cleanup()
 
@@ -453,6 +447,9 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
                trial_fn: str | None = None) -> str | None:
     """Run the plan's trials; returns the signal that interrupted them (SIGINT, SIGTERM), or None."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # progress reports between evaluations carry no objective (schedulers and the searcher read it
+    # only from evaluations: SearchOnlyASHA, StudySearcher.on_trial_result)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tracking.prepare_environment(paths["wandb"])
     env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
     started = _init_ray(address, num_cpus, env_vars)

@@ -69,6 +69,24 @@ _ACTIVE: set[int] = set()  # ids of trainers currently inside their step loop
 _ACTIVE_LOCK = threading.Condition()
 
 
+_IN_REPORT = threading.Event()
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Around a call that blocks the trainer until someone else answers (Tune's report): a stop
+    request cannot be served meanwhile, so whoever asks does not wait for it (`in_report`)."""
+    _IN_REPORT.set()
+    try:
+        yield
+    finally:
+        _IN_REPORT.clear()
+
+
+def in_report() -> bool:
+    return _IN_REPORT.is_set()
+
+
 def request_stop(reason: str) -> None:
     """Ask every running trainer of this process to checkpoint and stop at its next step boundary."""
     if not _STOP.is_set():
