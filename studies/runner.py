@@ -115,8 +115,8 @@ def _import(path: str):
 
 
 def _tune_report(metrics: dict[str, Any]) -> None:
-    """tune.report, unless this process was asked to stop: the actor's main thread then waits for
-    the trial to save, and a report would block the trial until the driver answers it."""
+    """tune.report, unless this process was asked to stop. The report blocks the trial until the
+    driver asks for the next result; meanwhile a stop request saves it from the asking thread."""
     from ray import tune
 
     if lifecycle.stop_requested():
@@ -153,6 +153,7 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     def log(row: dict[str, Any]) -> None:
         """A row of train metrics: to W&B always, to the driver (progress lines) every progress_seconds."""
+        size["step"] = row["step"]
         tracker.log(row, step=int(row["step"]))
         if time.monotonic() - last_report[0] >= ctx["progress_seconds"]:
             last_report[0] = time.monotonic()
@@ -190,7 +191,10 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # it resumes from the checkpoint just written
         raise RuntimeError(f"trial {spec.key} {stop}") from None
     except BaseException:  # Tune stops a trial (ASHA) by raising SystemExit inside tune.report
-        tracker.finish({"status": "pruned"}, exit_code=0)
+        if spec.key in ledger.keys():  # the driver recorded it as pruned before stopping it
+            tracker.finish({"status": "pruned"}, exit_code=0)
+        else:
+            tracker.interrupted(int(size.get("step", 0)))
         raise
     summary = {
         "status": record.status,
@@ -213,7 +217,7 @@ def _study_trainable(ctx: dict[str, Any]):
     Its setup runs in the actor's main thread, where a signal handler can be installed: SIGTERM
     (a preempted or drained node) then saves the running trial before the process exits. Its
     cleanup (Tune stopping the trial: Ctrl-C or a cancelled job in the driver) asks the trial to
-    save and waits for it, unless the trial is parked in a report (ASHA stopping it there)."""
+    save and waits for it (a trial parked in a report is saved from this thread)."""
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
@@ -225,7 +229,7 @@ def _study_trainable(ctx: dict[str, Any]):
             return super().setup(config)
 
         def cleanup(self):
-            if lifecycle.active_trainers() and not lifecycle.in_report():
+            if lifecycle.active_trainers():
                 lifecycle.flush_and_stop("the study was stopped", timeout=FLUSH_SECONDS)
             return super().cleanup()
 

@@ -65,26 +65,9 @@ class TrialInterrupted(BaseException):
 # ---- the process-wide stop flag ---------------------------------------------------------------
 _STOP = threading.Event()
 _STOP_REASON: list[str] = []
-_ACTIVE: set[int] = set()  # ids of trainers currently inside their step loop
-_ACTIVE_LOCK = threading.Condition()
-
-
-_IN_REPORT = threading.Event()
-
-
-@contextlib.contextmanager
-def reporting() -> Iterator[None]:
-    """Around a call that blocks the trainer until someone else answers (Tune's report): a stop
-    request cannot be served meanwhile, so whoever asks does not wait for it (`in_report`)."""
-    _IN_REPORT.set()
-    try:
-        yield
-    finally:
-        _IN_REPORT.clear()
-
-
-def in_report() -> bool:
-    return _IN_REPORT.is_set()
+_LOCK = threading.Condition()
+_ACTIVE: dict[int, Callable[[], None] | None] = {}  # thread id of a trainer in its step loop -> its flush
+_PARKED: set[int] = set()  # trainers blocked in a report (Tune's): they cannot see a stop request
 
 
 def request_stop(reason: str) -> None:
@@ -109,43 +92,78 @@ def clear_stop() -> None:
 
 
 def active_trainers() -> int:
-    with _ACTIVE_LOCK:
+    with _LOCK:
         return len(_ACTIVE)
 
 
 @contextlib.contextmanager
-def running_trainer() -> Iterator[threading.Event]:
-    """Mark a trainer's step loop as running (a stop request waits for it); yields the stop flag."""
-    token = object()
-    with _ACTIVE_LOCK:
-        _ACTIVE.add(id(token))
+def running_trainer(flush: Callable[[], None] | None = None) -> Iterator[threading.Event]:
+    """Mark a trainer's step loop as running (a stop request waits for it); yields the stop flag.
+    `flush` saves the trainer's state as of its last completed step: called by whoever asks for a
+    stop while the trainer is parked in a report (`reporting`), where its state is consistent."""
+    tid = threading.get_ident()
+    with _LOCK:
+        _ACTIVE[tid] = flush
     try:
         yield _STOP
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE.discard(id(token))
-            _ACTIVE_LOCK.notify_all()
+        with _LOCK:
+            _ACTIVE.pop(tid, None)
+            _PARKED.discard(tid)
+            _LOCK.notify_all()
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Around a call that blocks the trainer until someone else answers (Tune's report, which
+    returns only when the driver asks for the next result): meanwhile a stop request is served by
+    calling the trainer's flush from the asking thread."""
+    tid = threading.get_ident()
+    with _LOCK:
+        _PARKED.add(tid)
+        _LOCK.notify_all()
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _PARKED.discard(tid)
+
+
+def flush_and_stop(reason: str, timeout: float = FLUSH_GRACE_SECONDS) -> bool:
+    """Ask every trainer of this process to save and stop, and wait (up to `timeout` seconds) until
+    each one has: left its step loop (it saved at a step boundary), or was parked in a report and
+    its flush ran here. True when all of them did."""
+    request_stop(reason)
+    deadline = time.monotonic() + timeout
+    flushed: set[int] = set()
+    with _LOCK:
+        while True:
+            for tid in [t for t in _ACTIVE if t in _PARKED and t not in flushed]:
+                flushed.add(tid)
+                flush = _ACTIVE[tid]
+                if flush is not None:
+                    try:
+                        flush()
+                    except Exception as error:  # noqa: BLE001 -- the next one still gets its turn
+                        log.warning("flush of a parked trainer failed (%s: %s)", type(error).__name__, error)
+            if not [t for t in _ACTIVE if t not in flushed]:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _LOCK.wait(left)
 
 
 def wait_for_flush(timeout: float) -> bool:
-    """Block until no trainer of this process is in its step loop (each saved and stopped), or
-    `timeout` seconds; True when they all stopped."""
+    """Block until no trainer of this process is in its step loop, or `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    with _ACTIVE_LOCK:
+    with _LOCK:
         while _ACTIVE:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            _ACTIVE_LOCK.wait(left)
+            _LOCK.wait(left)
     return True
-
-
-def flush_and_stop(reason: str, timeout: float = FLUSH_GRACE_SECONDS) -> bool:
-    """request_stop, then wait_for_flush: what a signal handler or the runner calls."""
-    if not active_trainers():
-        return True
-    request_stop(reason)
-    return wait_for_flush(timeout)
 
 
 def install_sigterm_flush(grace: float = FLUSH_GRACE_SECONDS) -> bool:
@@ -159,7 +177,8 @@ def install_sigterm_flush(grace: float = FLUSH_GRACE_SECONDS) -> bool:
         return True
 
     def handler(signum, frame):
-        flush_and_stop("SIGTERM", grace)
+        if active_trainers():
+            flush_and_stop("SIGTERM", grace)
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:

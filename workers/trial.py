@@ -209,6 +209,13 @@ def run_trial(
         with lifecycle.sigterm_flush(), lifecycle.thread_log(progress):
             record = _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_checkpoint, started,
                             t0, state, progress, log_every, checkpoint_every_s, node_id)
+    except SystemExit:  # raised inside a report by a runner that stops the trial (Tune's session)
+        if not lifecycle.stop_requested():
+            raise
+        stop = lifecycle.TrialInterrupted(state["step"], lifecycle.stop_reason())
+        progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
+        progress.update(force=True, state="interrupted", step=stop.step)
+        raise stop from None
     except lifecycle.TrialInterrupted as stop:
         progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
         progress.update(force=True, state="interrupted", step=stop.step)
@@ -295,7 +302,12 @@ def _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_
     window = lifecycle.StepLog(log_every, tokens_per_step=train["batch_size"] * seq_len)
     latest: dict[str, Any] = {}
     params = [p for p in model.parameters()]
-    with lifecycle.running_trainer() as stop:
+    def flush() -> None:
+        """Called from another thread while this one is parked in a report (after a step): save."""
+        if saved_at[0] != state["step"]:
+            save(state["step"])
+
+    with lifecycle.running_trainer(flush) as stop:
         for step in range(start_step, train["steps"]):
             model.train()
             for group in optimizer.param_groups:
