@@ -455,7 +455,10 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
     # only from evaluations: SearchOnlyASHA, StudySearcher.on_trial_result)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tracking.prepare_environment(paths["wandb"])
-    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
+    # a reused trial actor waits this long for the last trial's function to end (W&B closing its
+    # run) before Tune gives up reusing it and fails the next trial (Tune's default: 2 s)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    env_vars = {k: os.environ[k] for k in ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SCALING_CACHE") if k in os.environ}
     started = _init_ray(address, num_cpus, env_vars)
     import ray
     from ray import tune

@@ -175,7 +175,7 @@ class TrialTracker:
         self._flush()
 
     def finish(self, summary: dict[str, Any], exit_code: int) -> None:
-        if self._thread is None and self.intended_id is not None:
+        if self._thread is None and self.intended_id is not None and summary.get("status") != "pruned":
             self._ensure_started()  # a trial that logged no row (resumed at its end) still gets its summary
         self._join()
         finish_trial_run(self._run, summary, exit_code)

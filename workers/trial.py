@@ -210,7 +210,9 @@ def run_trial(
             record = _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_checkpoint, started,
                             t0, state, progress, log_every, checkpoint_every_s, node_id)
     except SystemExit:  # raised inside a report by a runner that stops the trial (Tune's session)
-        if not lifecycle.stop_requested():
+        if not lifecycle.stop_requested():  # stopped for good (a scheduler pruned it): no progress left
+            progress.say(f"stopped by the runner at step {state['step']} (pruned)")
+            progress.remove()
             raise
         stop = lifecycle.TrialInterrupted(state["step"], lifecycle.stop_reason())
         progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
