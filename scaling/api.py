@@ -360,12 +360,12 @@ def find_fit(
     group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding", holdout: bool = True,
 ) -> FitResult:
     """The one fit a prediction or comparison uses; the error lists what exists when it is ambiguous or absent."""
-    method = method or ("huber-log" if law == "loss_vs_params" else fit_settings(study)["method"])
+    method = method or laws.LAWS[law].default_method or fit_settings(study)["method"]
     found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params, holdout=holdout)
     if group:
         found = [f for f in found if all(f.group.get(k) == v for k, v in group.items())]
     if len(found) > 1:  # one fit per size (or per d_osc), identified or not: the caller must choose
-        option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+        option = laws.LAWS[law].group
         raise QueryError(f"{len(found)} {law} fits for {task}/{variant}, one per {option}: choose one of "
                          f"{[f.group_label for f in found]}")
     usable = [f for f in found if f.ok]
@@ -381,7 +381,7 @@ def find_fit(
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
         )
     groups = [f.group_label for f in usable]
-    option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+    option = laws.LAWS[law].group
     raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
 
 
@@ -419,13 +419,15 @@ def predict(
     full = study
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if d_osc is not None:
-        x, law = d_osc, law or "gap_vs_dosc"
+        x, law = d_osc, law or laws.default_law("d_osc")
     elif params is not None:
-        x, law = params, law or "gap_vs_params"
-    law = law or "gap_vs_dosc"
+        x, law = params, law or laws.default_law("params")
+    law = law or laws.default_law("d_osc")
+    if law not in laws.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(laws.LAWS)}")
     if x is None or not math.isfinite(float(x)) or float(x) <= 0:
         raise QueryError(f"give a positive point to predict at (d_osc=... or params=...), got {x!r}")
-    name, (low, high) = ("d_osc", D_OSC_RANGE) if law == "gap_vs_dosc" else ("params", PARAMS_RANGE)
+    name, (low, high) = ("d_osc", D_OSC_RANGE) if laws.LAWS[law].x == "d_osc" else ("params", PARAMS_RANGE)
     if not low <= float(x) <= high:
         raise QueryError(f"{name}={float(x):g} is outside [{low:g}, {high:g}]: predict at a {name} a study could run")
     if n_seeds < 1:
@@ -435,9 +437,9 @@ def predict(
     fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot, holdout=holdout)
     out = fit.predict(float(x), n_seeds=n_seeds, level=level)
     constants = {k: e.value for k, e in fit.constants.items()}
-    quantity = "gap" if law.startswith("gap") else "loss"
+    quantity = laws.LAWS[law].quantity
     observed = None
-    if law == "gap_vs_dosc":
+    if laws.LAWS[law].x == "d_osc" and laws.LAWS[law].baseline:  # the study's measured gap at that d_osc
         observed = observed_gap(full, task=task, variant=variant, d_osc=float(x),
                                 target_params=fit.group.get("target_params"))
         if observed is not None:

@@ -39,8 +39,8 @@ from scaling import profile as P
 
 CI_LEVEL = 0.95
 N_BOOT = 2000
-LAWS = ("gap_vs_dosc", "gap_vs_params", "loss_vs_params")
-GAP_METHODS = ("loglog-means", "nonlinear")
+LAWS = laws.LAW_NAMES  # the law registry: scaling/laws.py
+GAP_METHODS = laws.LAWS["gap_vs_dosc"].methods
 PARAM_FIELDS = {"non_embedding": "params_non_embedding", "total": "params_total"}
 
 

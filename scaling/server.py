@@ -47,13 +47,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaling import api
 from scaling import fits as F
+from scaling.laws import LAW_NAMES, METHODS
 from storage import fs as sfs
 
 TOKEN_ENV, ROOT_ENV, RUN_ADDRESS_ENV = "SCALING_API_TOKEN", "SCALING_STUDIES_ROOT", "SCALING_RUN_ADDRESS"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SUBMISSIONS = "submissions"
-Law = Literal["gap_vs_dosc", "gap_vs_params", "loss_vs_params"]
-Method = Literal["loglog-means", "nonlinear", "huber-log"]
+Law = Literal[LAW_NAMES]  # generated from the law registry (scaling/laws.py)
+Method = Literal[METHODS]
 MAX_BODY_BYTES = 256 * 1024  # a study file is a few KB; the YAML text field allows 200,000 characters
 MAX_DETAIL_CHARS = 2000  # an error message, at most
 MAX_INPUT_CHARS = 80  # a bad input quoted in an error, at most

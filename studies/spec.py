@@ -15,23 +15,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from scaling.laws import LAW_NAMES
 from storage.suggest import did_you_mean
+from workers.configs import MAX_STEPS, check_heads, study_model_fields, study_train_fields
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FITS = ("gap_vs_dosc",)
 
 # Upper bounds no machine can run past (a trial of such a shape needs terabytes, or the number
 # overflows a ledger column); the resource check before Ray starts compares with this node's memory.
+# The model's and the recipe's bounds are declared with their configs (workers/configs.py).
 MAX_D_OSC = 65_536
-MAX_WIDTH = 65_536  # d_model
-MAX_LAYERS = 1_024
-MAX_FFN = 1 << 20  # d_ff
-MAX_BATCH = 1 << 20  # sequences per step
-MAX_STEPS = 10**9
-MAX_TOKENS = 10**15
-MAX_EPOCHS = 10**6
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take it
 MAX_TARGET_PARAMS = 1e12
 EXAMPLE = "studies/examples/quickstart.yaml"
@@ -51,10 +46,10 @@ def _known_tasks() -> dict:
     return TASKS
 
 
-def _known_variants() -> tuple[dict, frozenset]:
-    from workers.variant_options import USES_D_OSC, VARIANT_OPTIONS  # no torch: see workers/_lazy.py
+def _known_variants() -> dict:
+    from workers.variants import VARIANTS  # the registry; no torch (see workers/variants.py)
 
-    return VARIANT_OPTIONS, USES_D_OSC
+    return VARIANTS
 
 
 class TaskEntry(_Strict):
@@ -95,10 +90,12 @@ class VariantEntry(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "VariantEntry":
-        options, uses_d_osc = _known_variants()
-        if self.name not in options:
-            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}{did_you_mean(self.name, options)}")
-        allowed = set(options[self.name]) - {"d_osc"}
+        variants = _known_variants()
+        if self.name not in variants:
+            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(variants)}{did_you_mean(self.name, variants)}")
+        variant = variants[self.name]
+        uses_d_osc = sorted(name for name, v in variants.items() if v.uses_d_osc)
+        allowed = set(variant.option_names()) - {"d_osc"}
         unknown = set(self.options) - allowed
         if unknown:
             raise ValueError(
@@ -107,51 +104,25 @@ class VariantEntry(_Strict):
             )
         if "d_osc" in self.options:
             raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
-        if self.name in uses_d_osc and self.d_osc is None:
+        if variant.uses_d_osc and self.d_osc is None:
             raise ValueError(f"variant {self.name} needs d_osc: a list of oscillator dimensions, e.g. [2, 4, 8]")
-        if self.name not in uses_d_osc and self.d_osc is not None:
-            raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {sorted(uses_d_osc)} use it)")
+        if not variant.uses_d_osc and self.d_osc is not None:
+            raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {uses_d_osc} use it)")
+        # the option values, through the variant's own config (the values are kept as written: they
+        # are part of every trial key)
+        variant.make_config({**self.options, **({"d_osc": self.d_osc[0]} if self.d_osc else {})})
         return self
 
 
-class ModelEntry(_Strict):
-    d_model: int = Field(64, ge=8, le=MAX_WIDTH)
-    n_layers: int = Field(2, ge=1, le=MAX_LAYERS)
-    n_heads: int = Field(2, ge=1, le=MAX_LAYERS)
-    d_ff: int = Field(256, ge=1, le=MAX_FFN)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    positions: Literal["sinusoidal", "learned", "none", "rope"] = "sinusoidal"
-    backbone: Literal["a", "b"] = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
-    final_norm: bool = True
-    # the embedding row of this token id (the task's PAD, 0 in every tokenised task here) is zero
-    # and gets no gradient, as torch's nn.Embedding(padding_idx=...) and paper A's code
-    padding_idx: int | None = Field(None, ge=0)
-
+class ModelEntry(create_model("ModelFields", __base__=_Strict, **study_model_fields())):  # workers/configs.py ModelConfig
     @model_validator(mode="after")
     def _heads(self) -> "ModelEntry":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        check_heads(self.d_model, self.n_heads, rotary=self.backbone == "b" or self.positions == "rope")
         return self
 
 
-class TrainEntry(_Strict):
+class TrainEntry(create_model("TrainFields", __base__=_Strict, **study_train_fields())):  # workers/configs.py TrainConfig
     # the budget: exactly one of steps, epochs or tokens (default: 1000 steps)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
-    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)
-    eval_every: int | Literal["epoch"] = Field(100)  # steps between evaluations, or "epoch" (after every pass)
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    # epoch: each epoch a fresh permutation of the train split, without replacement; replacement: i.i.d. batches
-    sampling: Literal["epoch", "replacement"] = "epoch"
-    # best: the trial's result is its best validation evaluation; final: its last one
-    select: Literal["best", "final"] = "best"
 
     @field_validator("eval_every")
     @classmethod
@@ -170,7 +141,7 @@ class TrainEntry(_Strict):
         return self
 
 
-LawName = Literal["gap_vs_dosc", "loss_vs_params", "gap_vs_params"]
+LawName = Literal[LAW_NAMES]  # the law registry: scaling/laws.py
 
 
 class HoldoutEntry(_Strict):

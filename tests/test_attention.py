@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from workers.attention import (
-    VARIANT_OPTIONS,
     VARIANTS,
     build_attention,
     oscillator_attention,
@@ -36,12 +35,13 @@ def make(name: str, causal: bool = True, rotary: bool = False, **options):
     return build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=causal, rotary=rotary, **options).double()
 
 
-def test_registry_lists_every_variant_with_its_option_defaults():
-    assert set(VARIANTS) == {"softmax", "oscillator", "kuramoto"}
-    assert VARIANT_OPTIONS["oscillator"]["mode"] == "analytic" and VARIANT_OPTIONS["oscillator"]["p"] == 1.0
-    assert VARIANT_OPTIONS["kuramoto"]["gate"] == "softplus"
-    for name, options in VARIANT_OPTIONS.items():  # every default builds
-        build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=True, **options)
+def test_registry_holds_the_built_in_variants_with_their_option_defaults():
+    assert {"softmax", "oscillator", "kuramoto"} <= set(VARIANTS)
+    assert VARIANTS["oscillator"].defaults()["mode"] == "analytic" and VARIANTS["oscillator"].defaults()["p"] == 1.0
+    assert VARIANTS["kuramoto"].defaults()["gate"] == "softplus"
+    assert [n for n, v in VARIANTS.items() if v.uses_d_osc] == ["oscillator"]
+    for name, variant in VARIANTS.items():  # every default builds
+        build_attention(name, d_model=D, n_heads=H, max_seq_len=T, causal=True, **variant.defaults())
 
 
 @pytest.mark.parametrize("name,options", SETUPS, ids=IDS)

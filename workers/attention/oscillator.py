@@ -37,11 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attention.dynamics import INITS, MODES, integrate_fixed_points
+from workers.attention.dynamics import MODES, integrate_fixed_points
 from workers.attention.softmax import SoftmaxAttention
-from workers.variant_options import OSCILLATOR
+from workers.variants import OscillatorConfig
 
-ANCHOR_NORMS = ("init", "always")
 READOUTS = ("auto", "dense", "linear")
 DENSE_READOUT_MAX_T = 128  # up to here one (T, T) readout matrix beats chunked prefix sums on CPU
 SPARSE_CORRECTION_PER_QUERY = 32  # clamp corrections gathered pair by pair up to this many per query
@@ -595,48 +594,13 @@ def oscillator_attention(
 class OscillatorAttention(SoftmaxAttention):
     """The softmax projections plus learned anchors r of shape (H, max_seq_len, d_osc)."""
 
-    DEFAULTS: dict[str, Any] = dict(OSCILLATOR)  # the options and their meaning: workers/variant_options.py
-
-    def __init__(
-        self,
-        *,
-        d_model: int,
-        n_heads: int,
-        max_seq_len: int,
-        causal: bool,
-        rotary: bool = False,
-        d_osc: int = 2,
-        p: float = 1.0,
-        anchor_norm: str = "init",
-        readout_padding_mask: bool = True,
-        mode: str = "analytic",
-        init: str = "random",
-        t_max: float = 30.0,
-        dt: float = 0.05,
-        rtol: float = 1e-4,
-        atol: float = 1e-4,
-        jitter: float = 0.05,
-    ) -> None:
+    def __init__(self, cfg: OscillatorConfig, *, d_model: int, n_heads: int, max_seq_len: int, causal: bool,
+                 rotary: bool = False) -> None:
         super().__init__(d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, causal=causal, rotary=rotary)
-        if int(d_osc) != d_osc or int(d_osc) < 2:
-            raise ValueError(f"d_osc={d_osc} must be an integer >= 2 (the oscillator lives on the sphere S^(d_osc-1))")
-        if anchor_norm not in ANCHOR_NORMS:
-            raise ValueError(f"anchor_norm={anchor_norm!r}; allowed: {list(ANCHOR_NORMS)}")
-        if not float(p) > 0:
-            raise ValueError(f"p={p}: the readout exponent must be > 0 (1 in the paper)")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-        if init not in INITS:
-            raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
-        for name, value in (("t_max", t_max), ("dt", dt), ("rtol", rtol), ("atol", atol)):
-            if not float(value) > 0:
-                raise ValueError(f"{name}={value} must be > 0")
-        if float(jitter) < 0:
-            raise ValueError(f"jitter={jitter} must be >= 0")
-        self.d_osc, self.p = int(d_osc), float(p)
-        self.anchor_norm, self.readout_padding_mask = anchor_norm, bool(readout_padding_mask)
-        self.ode = {"mode": mode, "init": init, "t_max": float(t_max), "dt": float(dt), "rtol": float(rtol),
-                    "atol": float(atol), "jitter": float(jitter)}
+        self.d_osc, self.p = int(cfg.d_osc), float(cfg.p)
+        self.anchor_norm, self.readout_padding_mask = cfg.anchor_norm, bool(cfg.readout_padding_mask)
+        self.ode = {"mode": cfg.mode, "init": cfg.init, "t_max": float(cfg.t_max), "dt": float(cfg.dt),
+                    "rtol": float(cfg.rtol), "atol": float(cfg.atol), "jitter": float(cfg.jitter)}
         self.last_stats: dict[str, Any] | None = None  # ODE modes: convergence statistics of the last forward
         anchors = torch.randn(n_heads, max_seq_len, self.d_osc)
         self.anchors_HLd = nn.Parameter(anchors / anchors.norm(dim=-1, keepdim=True))
@@ -659,9 +623,6 @@ class OscillatorAttention(SoftmaxAttention):
         out = self.w_o(self.merge_heads(o_BHTK))
         return (out, a_BHTT) if return_weights else out
 
-    def extra_params(self) -> int:
-        return self.anchors_HLd.numel()
-
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
         """Forward matmul FLOPs of the mixing per token, for the algorithm `oscillator_attention` runs,
         counting the full context even when causal (as `SoftmaxAttention`).
@@ -682,3 +643,13 @@ class OscillatorAttention(SoftmaxAttention):
         else:
             readout = 4 * H * d * K + 2 * H * d
         return coupling + readout
+
+
+def bench_op(case, B: int, T: int, D: int, H: int, device, leaf):
+    """The benchmark's case (workers/bench.py): fwd + bwd of the mixing from q, k, v and the anchors;
+    `case.naive` times the dense reference formula instead of the fast path."""
+    K = D // H
+    q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
+    anchors = F.normalize(leaf(H, T, case.options["d_osc"]).detach(), dim=-1).requires_grad_()
+    attend = oscillator_attention_reference if case.naive else oscillator_attention
+    return (q, k, v, anchors), lambda: attend(q, k, v, anchors, causal=True)[0]
