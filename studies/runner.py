@@ -114,6 +114,8 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from studies.spec import WandbEntry
     from workers.tasks import get_task
 
+    if "trials" in config:  # a pack: a cell's seeds as one stacked model
+        return _trainable_pack(config, ctx)
     run_trial = _import(ctx.get("trial_fn") or "workers:run_trial")
 
     spec = TrialSpec.from_dict(config["trial"])
@@ -158,6 +160,58 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {spec.key} failed:\n{record.error}")
     value = record.metric_value if record.metric_value is not None else float("nan")
     tune.report({OBJECTIVE: sign * value, "trial_key": spec.key, "record_written": 1})
+
+
+def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial that trains several seeds of one cell together (workers.stacked.run_pack):
+    every seed keeps its own W&B run and ledger record; seeds already in the ledger are left out."""
+    from ray import tune
+
+    from studies.spec import WandbEntry
+    from workers.stacked import run_pack
+
+    ledger = Ledger(ctx["storage"])
+    done = ledger.keys()
+    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if s.key not in done]
+    if not specs:  # a retry after every record was written
+        tune.report({OBJECTIVE: float("nan"), "record_written": 1})
+        return
+    from workers.tasks import get_task
+
+    sign = 1 if get_task(specs[0].task).lower_is_better else -1
+    trackers = [tracking.TrialTracker(s, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"]) for s in specs]
+    bests: dict[int, float] = {}
+
+    def report(index: int, metrics: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        trackers[index].log(scalars, step=int(scalars.get("step", 0)))
+        best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
+        if best is not None:
+            bests[index] = sign * best
+        if index == len(specs) - 1 and bests:  # Tune wants the objective in every report: the pack's mean
+            tune.report({OBJECTIVE: sum(bests.values()) / len(bests), "step": scalars.get("step", 0),
+                         "pack_size": len(specs)})
+
+    try:
+        records = run_pack(specs, storage_uri=ctx["storage"], cache_uri=ctx["cache"], report=report,
+                           num_threads=ctx["threads"], wandb_run_ids=[t.intended_id for t in trackers])
+    except BaseException:
+        for tracker in trackers:
+            tracker.finish({"status": "failed"}, exit_code=1)
+        raise
+    failed = []
+    for tracker, record in zip(trackers, records):
+        tracker.finish({"status": record.status, record.metric_name or "metric": record.metric_value,
+                        "params_total": record.params_total, "wall_seconds": record.wall_seconds,
+                        "pack_size": len(specs)}, exit_code=1 if record.status == "failed" else 0)
+        if tracker.actual_id != record.wandb_run_id:
+            record = dataclasses.replace(record, wandb_run_id=tracker.actual_id)
+        ledger.append(record)
+        if record.status == "failed":
+            failed.append(record)
+    if failed:  # Tune retries the pack; the seeds already recorded are left out then
+        raise RuntimeError(f"{len(failed)} trial(s) of the pack failed:\n{failed[0].error}")
+    tune.report({OBJECTIVE: 0.0, "trial_key": specs[0].key, "record_written": 1, "pack_size": len(specs)})
 
 
 class _Progress:
@@ -249,13 +303,13 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
-            bar.update(advance=1, label=f"{_trial_dirname(trial)} done")
+            bar.update(advance=_trials_in(trial), label=f"{_trial_dirname(trial)} done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
             bar.failed += 1
-            bar.update(advance=1, label=f"{_trial_dirname(trial)} FAILED")
+            bar.update(advance=_trials_in(trial), label=f"{_trial_dirname(trial)} FAILED")
 
 
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> RayOwner | bool:
@@ -290,7 +344,13 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
 
 
 def _trial_dirname(trial) -> str:
+    if "trials" in trial.config:
+        return TrialSpec.from_dict(trial.config["trials"][0]).key + f"-pack{len(trial.config['trials'])}"
     return TrialSpec.from_dict(trial.config["trial"]).key
+
+
+def _trials_in(trial) -> int:
+    return len(trial.config["trials"]) if "trials" in trial.config else 1
 
 
 def _scheduler(study: StudySpec):
@@ -301,7 +361,7 @@ def _scheduler(study: StudySpec):
 
     class SearchOnlyASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            if trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
+            if "trial" not in trial.config or trial.config["trial"]["stage"] != "search" or OBJECTIVE not in result:
                 return TrialScheduler.CONTINUE
             if result.get("step", 0) >= study.train.steps:  # the final evaluation: let it finish and record
                 return TrialScheduler.CONTINUE

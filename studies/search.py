@@ -168,8 +168,28 @@ class StudySearcher(Searcher):
         spec, cell, number = self._next()
         if spec is None:
             return Searcher.FINISHED if (not self.live and self._all_done()) else None
+        pack = self._pack_with(spec) if cell is None else []
+        if pack:  # grid and replicate trials of one cell: one stacked Ray trial (workers/stacked.py)
+            self.live[trial_id] = ([spec, *pack], None, None)
+            return {"trials": [t.to_dict() for t in (spec, *pack)]}
         self.live[trial_id] = (spec, cell, number)
         return {"trial": spec.to_dict()}
+
+    def _pack_with(self, spec: TrialSpec) -> list[TrialSpec]:
+        """Queued trials that differ from `spec` only in seed, up to resources.pack_seeds in all
+        (auto: every seed of the study); taken out of the queue."""
+        from workers.stacked import packable, pack_key
+
+        size = self.study.resources.pack_seeds
+        size = len(self.study.seeds) if size == "auto" else int(size)
+        if size <= 1 or not packable(spec):
+            return []
+        key, done = pack_key(spec), self.ledger.keys()
+        mates = [t for t in self.queue if t.stage == spec.stage and pack_key(t) == key and t.key not in done]
+        mates = mates[: size - 1]
+        for t in mates:
+            self.queue.remove(t)
+        return mates
 
     def _next(self) -> tuple[TrialSpec | None, CellSearch | None, int | None]:
         done = None
@@ -211,6 +231,8 @@ class StudySearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         spec, cell, number = self.live.pop(trial_id, (None, None, None))
         if spec is None:
+            return
+        if isinstance(spec, list):  # a pack of grid / replicate trials: each wrote its own record
             return
         record = self._record_of(spec)
         if record is None and not error:

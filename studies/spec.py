@@ -248,6 +248,17 @@ class ResourcesEntry(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0, le=64, allow_inf_nan=False)
     max_concurrent_trials: int | None = Field(None, ge=1, le=100_000)
     max_failures: int = Field(1, ge=0, le=1000)
+    # trials that differ only in seed trained together as one stacked model in one Ray trial
+    # (workers/stacked.py): 1 = one trial per worker; auto = all of a cell's seeds
+    pack_seeds: int | Literal["auto"] = 1
+
+    @field_validator("pack_seeds")
+    @classmethod
+    def _pack_seeds(cls, value):
+        if value != "auto" and not 1 <= value <= 1024:
+            raise ValueError(f"resources.pack_seeds={value!r}: give a number of seeds from 1 to 1024, or auto "
+                             "(all of a cell's seeds in one stacked trial)")
+        return value
 
 
 class WandbEntry(_Strict):

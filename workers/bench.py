@@ -291,23 +291,27 @@ def targets(rows: list[dict], d_osc) -> list[dict[str, Any]]:
     of the two minima is reported beside it."""
     out = []
     checks = [("attention", 50, "time", 1.5), ("attention", 1024, "time", 3.0), ("step", 50, "speed", 0.9)]
-    for part, T, kind, limit in checks:
+    for part, T, kind, default_limit in checks:
         base = _times(rows, part, T, "softmax")
-        for d in d_osc:
-            for label in (f"oscillator d{d}", f"oscillator-naive d{d}"):
-                value = _times(rows, part, T, label)
-                if base is None or value is None:
-                    continue
-                paired = statistics.median(v / b for v, b in zip(value, base))
-                of_minima = min(value) / min(base)
-                if kind == "time":  # oscillator time / softmax time, at most `limit`
-                    ratio, minima, ok = paired, of_minima, paired <= limit
-                    text = f"{part} fwd+bwd time {label} / softmax at T={T}: <= {limit}"
-                else:  # oscillator tokens/s / softmax tokens/s = softmax time / oscillator time, at least `limit`
-                    ratio, minima, ok = 1 / paired, 1 / of_minima, 1 / paired >= limit
-                    text = f"training-step tokens/s {label} / softmax at T={T}: >= {limit}"
-                out.append({"target": text, "ratio": round(ratio, 3), "ratio_of_minima": round(minima, 3),
-                            "met": bool(ok), "reference_only": "naive" in label})
+        labels = [label for d in d_osc for label in (f"oscillator d{d}", f"oscillator-naive d{d}")]
+        if part == "attention" and T == 50:
+            labels.append("kuramoto")  # issue 20: kuramoto <= 1.5x at the preset too
+        for label in labels:
+            # issue 20: the oscillator at d_osc 32 (= head width) within 1.4x at the preset shape
+            limit = 1.4 if (part, T, label) == ("attention", 50, "oscillator d32") else default_limit
+            value = _times(rows, part, T, label)
+            if base is None or value is None:
+                continue
+            paired = statistics.median(v / b for v, b in zip(value, base))
+            of_minima = min(value) / min(base)
+            if kind == "time":  # variant time / softmax time, at most `limit`
+                ratio, minima, ok = paired, of_minima, paired <= limit
+                text = f"{part} fwd+bwd time {label} / softmax at T={T}: <= {limit}"
+            else:  # oscillator tokens/s / softmax tokens/s = softmax time / oscillator time, at least `limit`
+                ratio, minima, ok = 1 / paired, 1 / of_minima, 1 / paired >= limit
+                text = f"training-step tokens/s {label} / softmax at T={T}: >= {limit}"
+            out.append({"target": text, "ratio": round(ratio, 3), "ratio_of_minima": round(minima, 3),
+                        "met": bool(ok), "reference_only": "naive" in label})
     return out
 
 
