@@ -140,6 +140,9 @@ class Variant:
     bench: Any = None  # bench_op(case, B, T, D, H, device, leaf) -> (inputs, fn) (or "module:function"); None: not benchmarked
     has_reference: bool = False  # the benchmark also times its dense reference formula (case.naive)
     description: str = ""
+    # option sets the contract tests (tests/test_contracts.py) run besides the defaults: the
+    # configurations that take different code paths
+    examples: tuple[dict[str, Any], ...] = ()
 
     @property
     def config_class(self) -> type:
@@ -224,9 +227,11 @@ register(Variant("softmax", SoftmaxConfig, "workers.attention.softmax:SoftmaxAtt
                  bench="workers.attention.softmax:bench_op", description="fused scaled dot-product attention"))
 register(Variant("oscillator", OscillatorConfig, "workers.attention.oscillator:OscillatorAttention",
                  bench="workers.attention.oscillator:bench_op", has_reference=True,
-                 description="paper A: fixed-query oscillator attention"))
+                 description="paper A: fixed-query oscillator attention",
+                 examples=({"d_osc": 16}, {"d_osc": 4, "p": 2.0})))
 register(Variant("kuramoto", KuramotoConfig, "workers.attention.kuramoto:KuramotoAttention",
-                 bench="workers.attention.kuramoto:bench_op", description="paper B: Kuramoto attention on the torus"))
+                 bench="workers.attention.kuramoto:bench_op", description="paper B: Kuramoto attention on the torus",
+                 examples=({"gate_per": "head", "readout": "delta", "steps": 2},)))
 
 
 def variant_options() -> dict[str, dict[str, Any]]:
