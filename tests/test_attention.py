@@ -425,3 +425,51 @@ def test_anchor_norm_always_renormalises():
     with torch.no_grad():
         module.anchors_HLd.mul_(3.0)
     assert torch.allclose(module.anchors().norm(dim=-1), torch.ones(1, dtype=torch.float64))
+
+
+# ---- oscillator: which path runs --------------------------------------------------------------
+
+
+PATH_CASES = [  # T, d_osc, p, return_weights, readout, mode, causal -> path
+    (16, 2, 1.0, False, "auto", "analytic", True, "dense"),
+    (16, 16, 1.0, False, "auto", "analytic", True, "fused"),
+    (200, 16, 1.0, False, "auto", "analytic", True, "linear"),
+    (200, 2, 1.0, False, "auto", "analytic", False, "linear"),
+    (16, 2, 2.0, False, "auto", "analytic", True, "reference"),
+    (16, 16, 1.0, True, "auto", "analytic", True, "reference"),
+    (200, 2, 1.0, False, "auto", "euler", True, "dense"),
+    (16, 16, 1.0, False, "auto", "euler", True, "dense"),
+    (16, 2, 1.0, False, "linear", "analytic", True, "linear"),
+]
+
+
+@pytest.mark.parametrize("T_,d,p,weights,readout,mode,causal,expected", PATH_CASES)
+def test_the_chosen_path_is_the_one_that_runs(T_, d, p, weights, readout, mode, causal, expected, monkeypatch):
+    """`choose_path` decides; spies on the kernels show that exactly that one ran."""
+    import workers.attention.oscillator as osc
+
+    ran = []
+    spies = {"fused": (osc._DenseOscillator, "apply"), "dense": (osc._DenseReadout, "apply"),
+             "linear": (osc, "readout_linear"), "reference": (osc, "readout_dense")}
+    for path, (owner, name) in spies.items():
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _p=path, **k: (ran.append(_p), _f(*a, **k))[1])
+    assert osc.choose_path(T_, d, causal=causal, mode=mode, p=p, return_weights=weights, readout=readout) == expected
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T_, 4, generator=g) for _ in range(3))
+    anchors = F.normalize(torch.randn(1, T_, d, generator=g), dim=-1)
+    stats: dict = {}
+    osc.oscillator_attention(q, k, v, anchors, causal=causal, p=p, return_weights=weights, readout=readout, mode=mode,
+                             t_max=1.0, stats=stats)
+    assert ran == [expected] and stats["path"] == expected
+
+
+def test_module_records_its_path_and_counts_the_flops_of_that_path():
+    short = make("oscillator", d_osc=16)
+    short(torch.randn(B, T, D, dtype=torch.float64))
+    assert short.last_path == "fused" == short.path(T)
+    long_ = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=256, causal=False, d_osc=2)
+    assert long_.path(256) == "linear" and long_.path(100) == "dense"
+    # the linear readout's cost does not grow with T; the dense one's does
+    per_T = [long_.attention_flops_per_token(t, D) - 2 * t * (D + H * 2) for t in (160, 256)]
+    assert per_T[0] == per_T[1]
