@@ -294,7 +294,7 @@ def cmd_trials(args) -> int:
     elif args.format == "json":
         from storage.ledger import table_rows
 
-        print(json.dumps([api.F._clean(r) for r in table_rows(table)], indent=1))
+        print(json.dumps([api.fitting.json_safe(r) for r in table_rows(table)], indent=1))
     else:
         from storage.ledger import table_rows
 
@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
     p.set_defaults(func=cmd_bench)
 
-    from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
+    from scaling.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
 
     add_cache_parser(sub)
     return parser
