@@ -517,9 +517,35 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
             counts["in_progress"] += 1
         else:
             counts["pending"] += 1
+    design_slots = slots.pop(DESIGN_CELL, {}).get("design", 0)
     for cell, stages in slots.items():
         _fill_slots(cells[cell], cell, stages, study.rows, seen, started)
+    if design_slots:
+        _fill_design(cells, design_slots, study.rows, seen, started)
     return cells
+
+
+DESIGN_CELL = "design"  # plan.json's cell of an adaptive design's open slots (studies.runner)
+
+
+def _fill_design(cells: dict[str, dict[str, int]], slots: int, rows: list[dict[str, Any]], known: set[str],
+                 started: set[str]) -> None:
+    """An adaptive design's records count under the cells the design chose; its open slots (in
+    progress: a checkpoint with no record; else pending) stay under the `design` row."""
+    outcome: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        if r.get("stage") != "design" or r["key"] in known:
+            continue
+        if r["status"] != "failed" or r["key"] not in outcome:
+            outcome[r["key"]] = (r["cell"], r["status"])
+    for cell, state in outcome.values():
+        counts = cells.setdefault(cell, {s: 0 for s in STATUS_KEYS})
+        counts[state] = counts.get(state, 0) + 1
+    counts = cells.setdefault(DESIGN_CELL, {s: 0 for s in STATUS_KEYS})
+    open_slots = max(0, slots - len(outcome))
+    running = min(open_slots, len(started - outcome.keys() - known))
+    counts["in_progress"] += running
+    counts["pending"] += open_slots - running
 
 
 def _fill_slots(counts: dict[str, int], cell: str, stages: dict[str, int], rows: list[dict[str, Any]],
@@ -582,6 +608,50 @@ def status_summary(study: StudyResults) -> dict[str, Any]:
 def ledger_notes(study: StudyResults) -> list[str]:
     """One line per file under ledger/ that readers skipped (not a finished record), saying why."""
     return [f"ledger: ignored {item['path']}: {item['reason']}" for item in study.ignored]
+
+
+def design(study: StudyResults) -> dict[str, Any] | None:
+    """An adaptive study's design (design.json, written by the runner): the proposals in order, each
+    with its point, rule, reason and expected gain, and the target's width after each batch,
+    refitted from the ledger (the grid's runs plus the design's first k batches). None without a design."""
+    from scaling import design as D
+
+    fs, root = sfs.resolve(study.storage)
+    path = sfs.join(root, "design.json")
+    if not sfs.exists(fs, path):
+        return None
+    info = json.loads(sfs.read_bytes(fs, path))
+    target = D.Target(info["target"]["kind"], info["target"]["x0"])
+    sign = 1.0 if fitting.lower_is_better(study.metric_name(info["task"])) else -1.0
+    design_keys = {p["key"] for p in info["proposals"]}
+    size = info.get("target_params")
+    by_key: dict[str, Any] = {}
+    prior = []
+    for r in study.done_rows:
+        if r["task"] != info["task"] or r["status"] != "completed" or not finite(r["metric_value"]):
+            continue
+        if (r["target_params"] or None) != (int(size) if size else None):
+            continue
+        if r["variant"] == info["baseline"]:
+            point = D.Point(D.BASELINE, None, int(r["seed"]))
+        elif r["variant"] == info["variant"] and r["d_osc"] is not None:
+            point = D.Point(D.VARIANT, float(r["d_osc"]), int(r["seed"]))
+        else:
+            continue
+        if r["key"] in design_keys:
+            by_key[r["key"]] = (point, sign * float(r["metric_value"]))
+        elif r.get("stage") != "search":
+            prior.append((point, sign * float(r["metric_value"])))
+    batch = max(1, int(info.get("batch") or 1))
+    widths = []
+    n = len(info["proposals"])
+    for end in [0, *range(batch, n, batch), n] if n else [0]:
+        runs = prior + [by_key[p["key"]] for p in info["proposals"][:end] if p["key"] in by_key]
+        fit = D.current_fit(runs, target)
+        widths.append({"after_trials": end, "batch": -(-end // batch), "runs": len(runs), "width": fit.width,
+                       "identified": fit.reason == "", "reason": fit.reason})
+    info["widths"] = widths
+    return info
 
 
 def searches(study: StudyResults) -> list[dict[str, Any]]:

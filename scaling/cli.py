@@ -94,6 +94,14 @@ def cmd_plan(args) -> int:
     stages = ", ".join(f"{n} {stage}" for stage, n in plan.stage_counts().items())
     done = sum(c.done for c in costs)
     remaining = sum(c.remaining for c in costs)
+    design_left = 0
+    if plan.design_trials:  # the design's trials: its finished ones are in the ledger under the cells it chose
+        from storage.ledger import Ledger
+
+        design_done = len({r["key"] for r in Ledger(study.storage_uri()).rows()
+                           if r.get("stage") == "design" and r["status"] != "failed"})
+        design_left = max(0, plan.design_trials - design_done)
+        done, remaining = done + design_done, remaining + design_left
     flops_done = sum(c.flops_per_trial * c.done for c in costs if c.flops_per_trial)
     flops_left = sum(c.flops_per_trial * c.remaining for c in costs if c.flops_per_trial)
     print(f"{plan.planned} trials ({stages}); storage {study.storage_uri()}")
@@ -105,7 +113,11 @@ def cmd_plan(args) -> int:
     if remaining == 0:
         print("estimated wall time to finish: 0: every planned trial is in the ledger")
     elif all(c.seconds_per_trial for c in costs if c.remaining):
-        total = sum(c.seconds_per_trial * c.remaining for c in costs if c.remaining) / slots
+        total = sum(c.seconds_per_trial * c.remaining for c in costs if c.remaining)
+        design = [c.seconds_per_trial for c in costs if c.seconds_per_trial and "design" in c.note]
+        if design_left and design:  # at the mean time of the cells the design may choose
+            total += design_left * sum(design) / len(design)
+        total /= slots
         print(f"estimated wall time to finish: {total / 60:.1f} min on {slots} concurrent trial slot(s) "
               "(FLOP rate of this study's finished trials, else of `scaling bench` in bench.json / $SCALING_BENCH_JSON)")
     elif any("cache" in c.note for c in costs if c.remaining):
@@ -396,7 +408,15 @@ def cmd_import(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.design:  # adaptive designs against the grid on simulated studies (studies/design_bench.py)
+        from studies.design_bench import main as design_bench
+
+        argv = ["--reps", str(args.reps), "--noise", str(args.noise), "--batch", str(args.design_batch),
+                "--budgets", *map(str, args.budgets), "--json", args.json or "design_bench.json"]
+        return design_bench(argv)
     from workers.bench import format_table, run_bench, write_json
+
+    args.json = args.json or "bench.json"
 
     result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
                        repeats=args.repeats, op_seconds=args.op_seconds, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
@@ -600,7 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the training-step cases")
     p.add_argument("--no-steps", action="store_true", help="attention op only, no training steps")
     p.add_argument("--no-naive", action="store_true", help="leave out the naive (dense-formula) oscillator")
-    p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    p.add_argument("--json", help="where to write the results (default bench.json; with --design design_bench.json)")
+    p.add_argument("--design", action="store_true",
+                   help="instead: adaptive designs against the uniform grid on simulated studies (alpha's interval "
+                        "width and coverage at equal budgets; studies/design_bench.py)")
+    p.add_argument("--reps", type=int, default=50, help="--design: simulated studies per budget (default 50)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[30, 60], help="--design: trial budgets (default 30 60)")
+    p.add_argument("--noise", type=float, default=1.0, help="--design: seed noise x the smallest gap (default 1)")
+    p.add_argument("--design-batch", type=int, default=5, help="--design: proposals per batch (default 5)")
     p.set_defaults(func=cmd_bench)
 
     from scaling.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`

@@ -214,7 +214,8 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
         if log_limits:
             _clipped_band(ax_log, f, color, *log_limits)
     for ax in (ax_log, ax_lin):
-        ax.set_xscale("log", base=2)
+        if ax is not ax_log or log_limits:  # an empty log panel has no x range to put on a log scale
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("d_osc", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     ylabel = f"gap in {ref.metric} ({variant} − {ref.baseline})"
@@ -601,6 +602,9 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     search_html, search_md = _search_section(study)
     body_html += search_html
     md += search_md
+    design_html, design_md = _design_section(study)
+    body_html += design_html
+    md += design_md
     status_rows = _status_rows(study)
     body_html.append("<h2>Trials per cell (failures included)</h2>" + _html_table(STATUS_HEADER, status_rows))
     md += ["## Trials per cell (failures included)", _md_table(STATUS_HEADER, status_rows)]
@@ -776,3 +780,42 @@ def write_report(storage_or_study: str, *, n_boot: int = fitting.N_BOOT) -> Writ
     sfs.write_bytes_atomic(fs, paths["fits.json"], json.dumps([f.to_dict() for f in fits], indent=1, allow_nan=False).encode())
     uris = {name: sfs.uri(fs, path) for name, path in paths.items()}  # s3://bkt/..., not bkt/...
     return WrittenReport(uris["report.html"], uris["report.md"], uris["fits.json"], [f.to_row() for f in fits])
+
+
+# ---- adaptive design ----------------------------------------------------------------------------
+
+DESIGN_HEADER = ["#", "run", "rule", "why", "expected gain", "state", "value"]
+WIDTH_HEADER = ["after", "runs fitted", "target width", "identified"]
+
+
+def _design_section(study: api.StudyResults) -> tuple[list[str], list[str]]:
+    """An adaptive study's design sequence (which point, why, its expected gain) and the target's
+    width after each batch. Nothing for a study without a design."""
+    design = api.design(study)
+    if not design:
+        return [], []
+    x_name = design["x_name"]
+    intro = (f"The design chose each trial's {x_name} and seed ({design['budget']} trials in all, {design['grid_trials']} of "
+             f"them the grid's; at most {design['seeds_per_point']} seeds per point) to shrink the {design['target_label']}. "
+             "Rules: a space-filling start (the smallest design the fits can identify), then completing cells (two seeds "
+             "each, every seed with its baseline), then the move with the largest expected reduction of the target width "
+             "per trial, averaged over alpha drawn from the current profile likelihood; runs in flight count as made. "
+             "Expected gain: in the target's units, for the whole move the trial starts.")
+    rows = []
+    for p in design["proposals"]:
+        point = p["point"]
+        run = (f"{design['baseline']}, seed {point['seed']}" if point["arm"] == "baseline"
+               else f"{x_name} {_fmt(point['x'])}, seed {point['seed']}")
+        rows.append([str(p["number"] + 1), run, p["rule"], p["reason"], _fmt(p.get("expected_gain")), p["state"],
+                     _fmt(p.get("value"))])
+    widths = [[("start" if w["after_trials"] == 0 else f"batch {w['batch']} ({w['after_trials']} design trials)"),
+               str(w["runs"]), _fmt(w["width"]), "yes" if w["identified"] else f"no: {w['reason']}"]
+              for w in design["widths"]]
+    body = ["<h2>Adaptive design</h2>", f'<p class="note">{html.escape(intro)}</p>',
+            "<h3>Design sequence</h3>" + _html_table(DESIGN_HEADER, rows),
+            f"<h3>{html.escape(design['target_label'][0].upper() + design['target_label'][1:])} after each batch "
+            f"of {design['batch']}</h3>" + _html_table(WIDTH_HEADER, widths)]
+    md = ["## Adaptive design", intro, "### Design sequence", _md_table(DESIGN_HEADER, rows),
+          f"### {design['target_label'][0].upper() + design['target_label'][1:]} after each batch of {design['batch']}",
+          _md_table(WIDTH_HEADER, widths)]
+    return body, md

@@ -264,6 +264,14 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def study_status(name: str = Name) -> dict[str, Any]:
         return {**api.status_summary(load(name)), "submission": _submission(name)}  # = `scaling status --format json`
 
+    @app.get("/studies/{name}/design", tags=["studies"], summary="an adaptive study's design: proposals and target width per batch",
+             **common)
+    def study_design(name: str = Name) -> dict[str, Any]:
+        found = api.design(load(name))
+        if found is None:
+            raise HTTPException(404, f"study {name!r} has no adaptive design (no `design:` block, or not run yet)")
+        return found
+
     @app.get("/studies/{name}/trials", tags=["studies"], summary="ledger rows (filterable, paged)", **common)
     def trials(name: str = Name, task: str | None = Query(None, max_length=200),
                variant: str | None = Query(None, max_length=200),

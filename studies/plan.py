@@ -20,12 +20,15 @@ def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
     from workers.tasks import get_task
 
     trials = []
+    grid_variants = [v for v in study.variants if v.d_osc is not None or v.name not in _uses_d_osc()]
+    if study.design is not None and all(v.name == study.baseline for v in grid_variants):
+        grid_variants = []  # a design with no grid: it runs the baseline where it needs it
     for task_entry in study.tasks:
         task = get_task(task_entry.name)
         task_options = task.options(task_entry.options)
         data_fp = fingerprint(task.identity(task_options))
         model, train = model_and_train(study, task.name)
-        for variant in study.variants:
+        for variant in grid_variants:
             defaults = {k: v for k, v in get_variant(variant.name).defaults().items() if k != "d_osc"}
             options = {**defaults, **preset_variant_options(study, task.name, variant.name), **variant.options}
             for d_osc in variant.d_osc or [None]:
@@ -52,6 +55,12 @@ def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
     keys = [t.key for t in trials]
     assert len(set(keys)) == len(keys), "two trials share a key: the grid has duplicate cells"
     return trials
+
+
+def _uses_d_osc() -> frozenset:
+    from workers.variants import uses_d_osc
+
+    return uses_d_osc()
 
 
 BUDGETS = ("steps", "epochs", "tokens")
@@ -112,6 +121,8 @@ class Plan:
     search_cells: list[TrialSpec] = field(default_factory=list)  # one template per searched cell
     search_trials: int = 0  # per cell: search trials x search seeds
     replicate_seeds: list[int] = field(default_factory=list)
+    design_trials: int = 0  # trials an adaptive design chooses as it goes (studies/design.py)
+    design_cells: list[TrialSpec] = field(default_factory=list)  # one template per cell the design may choose
 
     @property
     def todo(self) -> list[TrialSpec]:
@@ -119,9 +130,11 @@ class Plan:
 
     @property
     def planned(self) -> int:
-        return len(self.trials) + len(self.search_cells) * (self.search_trials + len(self.replicate_seeds))
+        return len(self.trials) + len(self.search_cells) * (self.search_trials + len(self.replicate_seeds)) + self.design_trials
 
     def stage_counts(self) -> dict[str, int]:
+        if self.design_trials:
+            return {"grid": len(self.trials), "design": self.design_trials}
         if not self.search_cells:
             return {"grid": len(self.trials)}
         return {
@@ -134,6 +147,9 @@ def make_plan(study: StudySpec, *, build: bool = True) -> Plan:
     """What the study runs; build=False reads the dataset cache but builds nothing (see `expand`)."""
     trials = expand(study, build=build)
     ledger_keys = Ledger(study.storage_uri()).keys()
+    if study.design is not None:
+        return Plan(trials, ledger_keys & {t.key for t in trials}, design_trials=max(0, study.design.budget - len(trials)),
+                    design_cells=design_templates(study, build=build))
     if study.search is None:
         return Plan(trials, ledger_keys & {t.key for t in trials})
     first = study.search.seeds[0]
@@ -141,6 +157,17 @@ def make_plan(study: StudySpec, *, build: bool = True) -> Plan:
     replicate_seeds = [s for s in study.seeds if s not in study.search.seeds]
     search_trials = study.search.trials_per_cell * len(study.search.seeds)
     return Plan([], set(), templates, search_trials, replicate_seeds)
+
+
+def design_templates(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
+    """One trial per cell an adaptive design may choose (the baseline and each allowed d_osc), so the
+    resource check and `scaling plan` see their shapes before any is chosen."""
+    from scaling.design import BASELINE, VARIANT, Point
+    from studies.design import TrialFactory, resolve
+
+    factory = TrialFactory(study, resolve(study), build=build)
+    points = [Point(BASELINE, None, study.seeds[0])] + [Point(VARIANT, x, study.seeds[0]) for x in factory.axes["xs"]]
+    return [factory.spec(p) for p in points]
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,9 @@ def cell_costs(study: StudySpec, plan: Plan, *, build: bool = True) -> list[Cell
     for spec in plan.trials + plan.search_cells:
         per_cell.setdefault(spec.cell, []).append(spec)
     n_per_cell = {cell: len(specs) for cell, specs in per_cell.items()}
+    for spec in plan.design_cells:  # the design decides how many: counted as the grid's (0 beyond it)
+        per_cell.setdefault(spec.cell, []).append(spec)
+        n_per_cell.setdefault(spec.cell, 0)
     for spec in plan.search_cells:
         n_per_cell[spec.cell] = plan.search_trials + len(plan.replicate_seeds)
     rates = _flop_rates(study)
@@ -204,8 +234,10 @@ def cell_costs(study: StudySpec, plan: Plan, *, build: bool = True) -> list[Cell
         flops = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"] * train["steps"]
         rate = rates.get(spec.variant) or rates.get("*")
         total, non_embedding = model.param_counts()
+        note = "+ design's choice" if any(t.cell == cell for t in plan.design_cells) else ""
         out.append(CellCost(cell, n_per_cell[cell], params_total=total, params_non_embedding=non_embedding,
-                            flops_per_trial=flops, seconds_per_trial=flops / rate if rate else None, **finished))
+                            flops_per_trial=flops, seconds_per_trial=flops / rate if rate else None, note=note,
+                            **finished))
     return out
 
 

@@ -107,7 +107,7 @@ def trial_memory(study: StudySpec, plan: Plan) -> list[TrialMemory]:
 
     cache = DatasetCache(study.cache)
     seen: dict[str, TrialMemory] = {}
-    for spec in plan.todo + plan.search_cells:
+    for spec in plan.todo + plan.search_cells + plan.design_cells:
         if spec.cell in seen:
             continue
         task = get_task(spec.task)

@@ -81,7 +81,13 @@ def plan_rows(plan: Plan) -> list[dict[str, Any]]:
         base = {"key": None, "cell": t.cell, "task": t.task, "variant": t.variant, "d_osc": t.d_osc}
         rows += [{**base, "seed": None, "stage": "search"} for _ in range(plan.search_trials)]
         rows += [{**base, "seed": seed, "stage": "replicate"} for seed in plan.replicate_seeds]
+    # an adaptive design's trials: slots until the design picks their cell (scaling.api.status)
+    rows += [{"key": None, "cell": DESIGN_CELL, "task": None, "variant": None, "d_osc": None, "seed": None,
+              "stage": "design"} for _ in range(plan.design_trials)]
     return rows
+
+
+DESIGN_CELL = "design"  # plan.json's cell of the design's open slots
 
 
 def save_plan(plan: Plan, paths: dict[str, str]) -> None:
@@ -171,8 +177,7 @@ def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from workers.stacked import run_pack
 
     ledger = Ledger(ctx["storage"])
-    done = ledger.keys()
-    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if s.key not in done]
+    specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if not ledger.contains(s.key)]
     if not specs:  # a retry after every record was written
         tune.report({OBJECTIVE: float("nan"), "record_written": 1})
         return
@@ -394,10 +399,15 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
         "threads": max(1, math.floor(res.cpus_per_trial)),
         "trial_fn": trial_fn,
     }
-    searcher = StudySearcher(study, plan.todo, plan.search_cells)
+    if study.design is not None:  # an adaptive design after the grid (studies/design_search.py)
+        from studies.design_search import DesignSearcher
+
+        searcher = DesignSearcher(study, plan.todo, len(plan.trials))
+    else:
+        searcher = StudySearcher(study, plan.todo, plan.search_cells)
     total = len(plan.todo) + sum(
         max(0, plan.search_trials + len(plan.replicate_seeds) - _cell_done(study, c)) for c in plan.search_cells
-    )
+    ) + (searcher.design_left() if study.design is not None else 0)
     bar = _Progress(total, progress)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, ctx=ctx), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
@@ -454,7 +464,8 @@ def run_study(
     paths = study_paths(study)
     plan: Plan = make_plan(study)
     todo = plan.todo
-    if todo or plan.search_cells:
+    work = bool(todo or plan.search_cells or plan.design_trials)
+    if work:
         prepare_data(study)
         # before anything of the study is written and before Ray starts: a trial this machine
         # cannot hold (memory, CPUs, GPUs) is refused with the numbers (studies/resources.py)
@@ -463,13 +474,14 @@ def run_study(
     save_study_file(study, paths)
     save_plan(plan, paths)
     before = len(Ledger(paths["storage"]).keys())
-    if todo or plan.search_cells:
+    if work:
         try:
             run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
         finally:  # at the study's end (finished, failed or interrupted): the trials' files into one part
             compact_ledger(paths["storage"], reason="end of the study")
-    ran = len(Ledger(paths["storage"]).keys()) - before if plan.search_cells else len(todo)
-    result = RunResult(paths["storage"], plan.planned, len(plan.done) if not plan.search_cells else before, ran)
+    adaptive = bool(plan.search_cells or plan.design_trials)
+    ran = len(Ledger(paths["storage"]).keys()) - before if adaptive else len(todo)
+    result = RunResult(paths["storage"], plan.planned, len(plan.done) if not adaptive else before, ran)
     result.counts = trial_counts(study, plan)
     if report:
         from scaling.report import write_report
@@ -483,7 +495,13 @@ def run_study(
             result.report_error = f"{type(error).__name__}: {error}"
         else:
             result.report_path, result.fits = written.html_path, written.fit_rows  # URIs keep their scheme
-            tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path)
+            design = None
+            if study.design is not None:  # the design sequence and widths beside the fits
+                from scaling import api
+
+                design = api.design(api.open_storage(paths["storage"]))
+            tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path,
+                                       design=design)
     result.seconds = time.perf_counter() - t0
     if not result.ok:
         target = study_file or paths["storage"]
@@ -508,7 +526,9 @@ def trial_counts(study: StudySpec, plan: Plan | None = None) -> dict[str, int]:
     finished: dict[str, set[str]] = {}
     failed: dict[str, set[str]] = {}
     for row in Ledger(study.storage_uri()).rows():
-        if row["key"] not in known and row["cell"] not in searched:
+        if plan.design_trials and row.get("stage") == "design":
+            row = {**row, "cell": DESIGN_CELL}  # counted against the design's slots
+        elif row["key"] not in known and row["cell"] not in searched:
             continue  # a trial of an earlier version of the study
         if row["status"] == "failed":
             failed.setdefault(row["cell"], set()).add(row["key"])

@@ -8,6 +8,7 @@ second; `check_can_run` adds the checks that depend on this machine (storage wri
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -50,6 +51,13 @@ def _known_variants() -> dict:
     from workers.variants import VARIANTS  # the registry; no torch (see workers/variants.py)
 
     return VARIANTS
+
+
+def _uses_d_osc() -> frozenset:
+    """The registered variants whose cells multiply by a d_osc list."""
+    from workers.variants import uses_d_osc
+
+    return uses_d_osc()
 
 
 class TaskEntry(_Strict):
@@ -104,8 +112,7 @@ class VariantEntry(_Strict):
             )
         if "d_osc" in self.options:
             raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
-        if variant.uses_d_osc and self.d_osc is None:
-            raise ValueError(f"variant {self.name} needs d_osc: a list of oscillator dimensions, e.g. [2, 4, 8]")
+        # a variant with an oscillator and no d_osc is checked by the study: a `design:` may choose them
         if not variant.uses_d_osc and self.d_osc is not None:
             raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {uses_d_osc} use it)")
         # the option values, through the variant's own config (the values are kept as written: they
@@ -281,6 +288,95 @@ class SizingEntry(_Strict):
     tolerance: float = Field(0.01, gt=0, lt=0.2)
 
 
+class DesignRange(_Strict):
+    """A design axis given as a range: the powers of two from low to high."""
+
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
+
+
+class DesignTarget(_Strict):
+    # the prediction interval of the gap at one point, e.g. {d_osc: 64}
+    predict: dict[Literal["d_osc"], float]
+
+    @field_validator("predict")
+    @classmethod
+    def _one(cls, value: dict) -> dict:
+        if len(value) != 1:
+            raise ValueError(f"name exactly one point, e.g. {{d_osc: 64}} (got {value})")
+        (name, x0), = value.items()
+        bounds = (2, MAX_D_OSC) if name == "d_osc" else (1e3, MAX_TARGET_PARAMS)
+        if not (math.isfinite(x0) and bounds[0] <= x0 <= bounds[1]):
+            raise ValueError(f"predict.{name} = {x0} is outside {bounds[0]:g} to {bounds[1]:g}; give a point in that range")
+        return value
+
+
+class DesignEntry(_Strict):
+    """An adaptive design over the study's own axes (studies/design.py, scaling/design.py): which
+    (d_osc, target_params, seed) to run next so the target's interval shrinks most."""
+
+    variant: str | None = None  # the variant whose gap law is designed (default: the one with an oscillator)
+    d_osc: list[int] | DesignRange | int | None = None  # values, a range of powers of two, or one value
+    target_params: float | None = None  # the one size the design works at (default: the study's one size)
+    seeds_per_point: int | None = Field(None, ge=2)  # cap on seeds at one point (default: len(seeds))
+    budget: int = Field(ge=1, le=100_000)  # trials in all: grid, baseline and design runs
+    # alpha: the width of alpha's 95% interval; {predict: {d_osc: 64}}: the prediction interval there
+    target: Any = "alpha"
+    initial_seeds: int = Field(2, ge=2, le=64)  # seeds of the space-filling start
+    batch: int | None = Field(None, ge=1, le=1024)  # report's batch (default: resources.max_concurrent_trials)
+    sampler_seed: int = 0
+    storage: str | None = None  # Optuna RDB URL; default: a journal file under the study's storage
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: Any) -> Any:
+        if value == "alpha" or isinstance(value, DesignTarget):
+            return value
+        if isinstance(value, dict):
+            try:
+                return DesignTarget.model_validate(value)
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ValueError("must be alpha (the width of alpha's interval) or {predict: {d_osc: 64}} (the prediction "
+                         "interval of the gap at a point)")
+
+    @field_validator("d_osc")
+    @classmethod
+    def _d_osc(cls, value: Any) -> Any:
+        if isinstance(value, DesignRange):
+            if not 2 <= value.low <= value.high <= MAX_D_OSC:
+                raise ValueError(f"needs 2 <= low <= high <= {MAX_D_OSC:,} (got low {value.low:g}, high {value.high:g}); "
+                                 f"e.g. {{low: 2, high: 64}}")
+            if not _powers_of_two(value.low, value.high):
+                raise ValueError(f"no power of two from {value.low:g} to {value.high:g}; widen the range, e.g. {{low: 2, high: 64}}")
+            return value
+        values = [value] if isinstance(value, int) else value
+        if values is not None:
+            VariantEntry._d_osc(values)
+        return value
+
+    @field_validator("target_params")
+    @classmethod
+    def _target_params(cls, value: float | None) -> float | None:
+        if value is not None:
+            StudySpec._targets([value])
+        return value
+
+    def d_osc_values(self) -> list[int]:
+        if isinstance(self.d_osc, DesignRange):
+            return _powers_of_two(self.d_osc.low, self.d_osc.high)
+        return [self.d_osc] if isinstance(self.d_osc, int) else list(self.d_osc or [])
+
+    def target_params_values(self) -> list[float]:
+        return [] if self.target_params is None else [float(self.target_params)]
+
+
+def _powers_of_two(low: float, high: float) -> list[int]:
+    return [2**k for k in range(1, 17) if low <= 2**k <= high]
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -293,6 +389,8 @@ class StudySpec(_Strict):
     seeds: list[int]
     train: TrainEntry = Field(default_factory=TrainEntry)
     search: SearchEntry | None = None  # optional per-cell Optuna search, then replicate seeds at the best
+    # optional adaptive design over d_osc / target_params / seeds (after any grid the variants give)
+    design: DesignEntry | None = None
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
     # which laws to fit, by which method, and which points are held out of every fit; a plain list
@@ -408,6 +506,27 @@ class StudySpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _d_osc_given(self) -> "StudySpec":
+        if self.design is not None:
+            check_design(self)  # first: a bad design.variant is the error to show
+        uses_d_osc = _uses_d_osc()
+        for i, variant in enumerate(self.variants):
+            if variant.name in uses_d_osc and variant.d_osc is None and not (self.design and self.design_variant() == variant.name):
+                raise ValueError(f"variants[{i}]: variant {variant.name} needs d_osc: a list of oscillator dimensions, "
+                                 f"e.g. [2, 4, 8] (or a `design:` block that chooses them)")
+        return self
+
+    def design_variant(self) -> str | None:
+        """The variant a `design:` block designs: its `variant`, else the study's one oscillator variant."""
+        if self.design is None:
+            return None
+        if self.design.variant:
+            return self.design.variant
+        uses_d_osc = _uses_d_osc()
+        names = [v.name for v in self.variants if v.name in uses_d_osc]
+        return names[0] if len(names) == 1 else None
+
+    @model_validator(mode="after")
     def _baseline(self) -> "StudySpec":
         names = [v.name for v in self.variants]
         if "gap_vs_dosc" in self.fits.laws and self.baseline not in names:
@@ -426,6 +545,112 @@ class StudySpec(_Strict):
         """The study as written (unset keys stay unset, so defaults and presets resolve the same
         way when the copy is loaded again)."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+
+
+def design_axes(study: "StudySpec") -> dict[str, Any]:
+    """The resolved design: law, x name, allowed x values, the fixed other axis, target, seed cap."""
+    design = study.design
+    assert design is not None
+    variant = study.design_variant()
+    entry = next(v for v in study.variants if v.name == variant)
+    ds = design.d_osc_values() or list(entry.d_osc or [])
+    ns = design.target_params_values()
+    if not ns and study.target_params and len(study.target_params) == 1:
+        ns = [float(study.target_params[0])]
+    law = "gap_vs_dosc"
+    xs = [float(d) for d in ds]
+    if isinstance(design.target, DesignTarget):
+        (name, x0), = design.target.predict.items()
+        target = {"kind": "predict", "x0": float(x0), "x_name": name}
+    else:
+        target = {"kind": "alpha", "x0": None, "x_name": None}
+    return {"variant": variant, "law": law, "x_name": "d_osc", "xs": sorted(xs),
+            "target_params": float(ns[0]) if ns else None,
+            "target": target, "cap": design.seeds_per_point or len(study.seeds),
+            "batch": design.batch or study.resources.max_concurrent_trials or 1}
+
+
+def grid_size(study: "StudySpec") -> int:
+    """Trials the study's grid holds (before any design): what `studies.plan.expand` makes."""
+    uses_d_osc = _uses_d_osc()
+    cells = 0
+    others = 0
+    for v in study.variants:
+        if v.name in uses_d_osc and v.d_osc is None:
+            continue  # chosen by the design
+        n = len(v.d_osc or [None])
+        cells += n
+        others += n if v.name != study.baseline else 0
+    if study.design is not None and others == 0:
+        cells = 0  # only the baseline is left: the design runs it where it needs it
+    return len(study.tasks) * cells * len(study.target_params or [None]) * len(study.seeds)
+
+
+def check_design(study: "StudySpec") -> None:
+    """Every rule a `design:` block must meet, each failure naming the field, the value and the fix."""
+    from scaling.design import start_size
+
+    design = study.design
+    uses_d_osc = _uses_d_osc()
+    names = [v.name for v in study.variants]
+    variant = study.design_variant()
+    if variant is None:
+        candidates = [n for n in names if n in uses_d_osc]
+        raise ValueError(f"design.variant: the study has {len(candidates)} oscillator variants {candidates}; name the "
+                         f"one to design, e.g. variant: {candidates[0] if candidates else 'oscillator'}")
+    if variant not in names or variant == study.baseline:
+        raise ValueError(f"design.variant = {variant!r} must be one of the study's variants other than the baseline "
+                         f"{[n for n in names if n != study.baseline]}")
+    if study.baseline not in names:
+        raise ValueError(f"design: the baseline {study.baseline!r} is not among the variants {names}; the design "
+                         f"measures gaps to it: add it to `variants`")
+    if len(study.tasks) != 1:
+        raise ValueError(f"design: works on one task; the study has {len(study.tasks)} ({[t.name for t in study.tasks]}). "
+                         f"Give each task its own study file")
+    if study.search is not None:
+        raise ValueError("design: cannot be combined with `search:` yet (a design trial has no per-cell search); "
+                         "remove one of them")
+    if study.preset is not None and design.target_params is not None:
+        raise ValueError("design.target_params: preset: paper fixes each task's model shape; remove target_params "
+                         "(or the preset)")
+    entry = next(v for v in study.variants if v.name == variant)
+    ds = design.d_osc_values() or list(entry.d_osc or [])
+    ns = design.target_params_values()
+    if not ds:
+        raise ValueError(f"design.d_osc: variant {variant} has no d_osc list, so the design must give its values: "
+                         f"e.g. d_osc: {{low: 2, high: 64}} (powers of two) or d_osc: [2, 4, 8, 16]")
+    if not ns and study.target_params and len(study.target_params) > 1:
+        raise ValueError(f"design.target_params: the study's grid has {len(study.target_params)} sizes "
+                         f"{study.target_params}; name the one size the design works at in design.target_params")
+    law, xs, axis = "gap_vs_dosc", ds, "d_osc"  # designs over parameter counts: not yet (README)
+    need = 4 if study.fits.floor else 3
+    if len(xs) < need:
+        raise ValueError(f"design.{axis}: {len(xs)} value(s) {xs}; the law {law} needs at least {need} "
+                         f"to be identified: widen the range")
+    if law not in study.fits.laws:
+        raise ValueError(f"design: its law is {law} ({axis} varies), but fits.laws is {list(study.fits.laws)}; add "
+                         f"{law} to fits.laws")
+    if isinstance(design.target, DesignTarget):
+        (name, x0), = design.target.predict.items()
+        if name != axis:
+            raise ValueError(f"design.target.predict.{name}: the design's law is {law}, whose x is {axis}; predict "
+                             f"at a {axis} value, e.g. {{{axis}: {2 * max(xs):g}}}")
+    cap = design.seeds_per_point or len(study.seeds)
+    if cap > len(study.seeds):
+        raise ValueError(f"design.seeds_per_point = {cap} is more than the {len(study.seeds)} seeds in `seeds`; list "
+                         f"more seeds (the design takes them in order) or lower the cap")
+    if cap < 2:
+        raise ValueError(f"design: `seeds` has {len(study.seeds)} seed; the fits need at least 2 per point: list more")
+    if design.initial_seeds > cap:
+        raise ValueError(f"design.initial_seeds = {design.initial_seeds} is more than seeds_per_point {cap}; lower it")
+    grid = grid_size(study)
+    start = start_size(xs, design.initial_seeds, study.fits.floor)
+    least = grid + 1 if grid else start
+    if design.budget < least:
+        what = (f"the grid's {grid} trials and at least one design trial" if grid else
+                f"the space-filling start: {start} trials ({min(need, len(xs))} {axis} values x "
+                f"{design.initial_seeds} seeds, with their baseline runs)")
+        raise ValueError(f"design.budget = {design.budget} is below {least}, {what}; raise the budget")
 
 
 def storage_problem(uri: str, *, writable: bool = True) -> str | None:

@@ -143,8 +143,10 @@ def log_metrics(run, metrics: dict[str, Any], step: int) -> None:
         log.warning("W&B log to %s failed (%s: %s)", run.id, type(error).__name__, error)
 
 
-def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows: list[dict[str, Any]], report_path: str | None) -> str | None:
-    """A study-level run holding the fit table (and the report as an artifact file)."""
+def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows: list[dict[str, Any]], report_path: str | None,
+                      design: dict[str, Any] | None = None) -> str | None:
+    """A study-level run holding the fit table (and the report as an artifact file); for an adaptive
+    study also its design sequence and the target's width after each batch (scaling.api.design)."""
     mode = resolve_mode(cfg)
     if mode == "disabled":
         return None
@@ -165,6 +167,13 @@ def log_study_summary(study_name: str, cfg: WandbEntry, wandb_dir: str, fit_rows
     if fit_rows:
         columns = sorted({k for row in fit_rows for k in row})
         run.log({"fits": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in fit_rows])})
+    if design:
+        columns = ["number", "arm", "x", "seed", "rule", "reason", "expected_gain", "state", "value"]
+        data = [[p["number"], p["point"]["arm"], p["point"]["x"], p["point"]["seed"], p["rule"], p["reason"],
+                 p.get("expected_gain"), p["state"], p.get("value")] for p in design["proposals"]]
+        run.log({"design": wandb.Table(columns=columns, data=data)})
+        columns = ["after_trials", "batch", "runs", "width", "identified", "reason"]
+        run.log({"design_widths": wandb.Table(columns=columns, data=[[w[c] for c in columns] for w in design["widths"]])})
     if report_path and os.path.exists(report_path):
         with open(report_path) as page:
             run.log({"report": wandb.Html(page.read())})  # the plots, embedded in the report page

@@ -222,3 +222,18 @@ def test_paper_a_tables_for_keyword_spotting_and_agreement(tmp_path):
     agreement = markdown.split("Paper A, subject-verb agreement")[1]
     assert "| softmax | 92.19 ± 7.8 (n=5) | 92.11 ± 7.9 (n=5) | 1 |" in agreement and "| 1 of 5 |" in agreement  # our failure
     assert "| oscillator d_osc=2 | 97.81 ± 0.15 (n=5) |" in agreement and "| 0 of 5 |" in agreement
+
+
+def test_gap_plot_when_no_gap_is_positive():
+    """Every seed's gap <= 0 (the variant beats the baseline): the log panel is empty and says so,
+    and drawing does not fail (an empty panel on a log x axis has no range)."""
+    from scaling import fits as fitting
+    from scaling.report import plot_gap_vs_dosc
+
+    rows = synthetic.gap_study_rows(C=-1.0, alpha=0.5, ds=(2, 4, 8), seeds=range(3), rng=1)
+    data = fitting.select_rows(rows, "lm")
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_loss")
+    fits = fitting.fit_gap_law(cells, study="s", task="lm", law="gap_vs_dosc", variant="oscillator", baseline="softmax",
+                         metric="val_loss", draws=fitting.SeedDraws(data.seeds, 1, 0, "lm"))
+    assert all(v < 0 for p in fits[0].points for v in p["values"].values())
+    assert len(plot_gap_vs_dosc("lm", "oscillator", fits)) > 1000  # a PNG, base64

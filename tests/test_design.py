@@ -1,0 +1,309 @@
+"""Adaptive designs over the study's own axes: the study file's `design:` block, the sampler's rules
+(space-filling start, completion, gain, batches), the Optuna state a killed driver resumes from, and
+status/report over a design's ledger. No training: trial results are drawn from a known law."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import make_record, tiny_study_dict
+from scaling import design as D
+
+
+# ---- the study file ---------------------------------------------------------------------------
+
+def _adaptive(tmp_path, **design):
+    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator"}], seeds=[0, 1, 2, 3])
+    data["design"] = {"d_osc": {"low": 2, "high": 16}, "budget": 12, **design}
+    return data
+
+
+def _error(data) -> str:
+    from studies.spec import StudyError, parse_study
+
+    with pytest.raises(StudyError) as info:
+        parse_study(data)
+    return str(info.value)
+
+
+def test_a_design_block_resolves_its_axes(tmp_path):
+    from studies.plan import make_plan
+    from studies.spec import design_axes, parse_study
+
+    study = parse_study(_adaptive(tmp_path, target={"predict": {"d_osc": 64}}))
+    axes = design_axes(study)
+    assert axes["xs"] == [2.0, 4.0, 8.0, 16.0] and axes["variant"] == "oscillator" and axes["cap"] == 4
+    assert axes["target"] == {"kind": "predict", "x0": 64.0, "x_name": "d_osc"}
+    plan = make_plan(study)
+    assert plan.trials == [] and plan.design_trials == 12 and plan.stage_counts() == {"grid": 0, "design": 12}
+
+
+@pytest.mark.parametrize("design, words", [
+    ({"budget": 7}, ["design.budget = 7", "below 8", "space-filling start", "raise the budget"]),
+    ({"d_osc": {"low": 2, "high": 4}}, ["design.d_osc", "[2, 4]", "at least 3"]),
+    ({"d_osc": {"low": 3, "high": 3}}, ["no power of two from 3 to 3"]),
+    ({"d_osc": [1, 2, 4]}, ["[1] are < 2"]),
+    ({"seeds_per_point": 9}, ["design.seeds_per_point = 9", "4 seeds", "list more seeds"]),
+    ({"target": "beta"}, ["design.target", "'beta'", "alpha"]),
+    ({"target": {"predict": {"d_osc": 1}}}, ["predict.d_osc = 1", "outside"]),
+    ({"budget": 0}, ["design.budget", "greater than or equal to 1"]),
+    ({"initial_seeds": 5}, ["design.initial_seeds = 5", "seeds_per_point 4"]),
+    ({"nope": 1}, ["design.nope", "unknown key", "budget"]),
+])
+def test_bad_design_blocks_name_the_field_value_and_fix(tmp_path, design, words):
+    message = _error(_adaptive(tmp_path, **design))
+    for word in words:
+        assert word in message, message
+
+
+def test_design_rules_against_the_rest_of_the_study(tmp_path):
+    data = _adaptive(tmp_path, variant="softmax")
+    assert "design.variant = 'softmax' must be one of the study's variants other than the baseline" in _error(data)
+    data = _adaptive(tmp_path)
+    data["search"] = {"sampler": "random", "trials_per_cell": 2, "space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+    assert "cannot be combined with `search:`" in _error(data)
+    data = _adaptive(tmp_path)
+    del data["design"]
+    assert "variants[1]: variant oscillator needs d_osc" in _error(data)
+    data = _adaptive(tmp_path)  # after a grid: the budget must leave room beyond the grid's trials
+    data["variants"] = [{"name": "softmax"}, {"name": "oscillator", "d_osc": [2, 8]}]
+    assert "below 13, the grid's 12 trials" in _error(data)  # 4 seeds x (softmax, d2, d8)
+
+
+# ---- the sampler's rules ------------------------------------------------------------------------
+
+C_TRUE, ALPHA_TRUE = 15.0, 0.45
+
+
+def _value(point: D.Point, rng, shared: dict, sd: float) -> float:
+    theta = shared.setdefault(point.seed, rng.normal(0, sd))
+    gap = 0.0 if point.arm == D.BASELINE else C_TRUE * point.x ** (-ALPHA_TRUE)
+    return 150.0 + theta + gap + rng.normal(0, sd)
+
+
+def _run(state: D.State, rng, batch: int = 1, sd: float = 2.2):
+    shared: dict = {}
+    made = []
+    while state.remaining > 0:
+        asked = []
+        for _ in range(batch):
+            proposal = D.propose(state)
+            if proposal is None:
+                break
+            state.pending.append(proposal.point)
+            state.remaining -= 1
+            asked.append(proposal)
+        if not asked:
+            break
+        for proposal in asked:
+            state.pending.remove(proposal.point)
+            state.observed.append((proposal.point, _value(proposal.point, rng, shared, sd)))
+        made += asked
+    return made
+
+
+def test_start_then_completion_then_gain_and_every_x_keeps_two_seeds():
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 18, D.Target("alpha"))
+    made = _run(state, np.random.default_rng(0))
+    assert len(made) == 18 and len(set(p.point for p in made)) == 18  # the budget, no point twice
+    start = [p.point for p in made[:8]]
+    assert [p.rule for p in made[:8]] == ["start"] * 8
+    assert {p.x for p in start if p.x} == {2.0, 8.0, 32.0} and {p.seed for p in start} == {0, 1}
+    assert {p.rule for p in made[8:]} <= {"gain", "complete"} and any(p.rule == "gain" for p in made[8:])
+    for p in made[8:]:
+        if p.rule == "gain":
+            assert p.expected_gain is not None and p.expected_gain > 0 and p.point == p.move[0]
+    points = [p.point for p in made]
+    base = {p.seed for p in points if p.arm == D.BASELINE}
+    for x in {p.x for p in points if p.x}:
+        seeds = {p.seed for p in points if p.x == x}
+        assert len(seeds) >= 2 and seeds <= base  # identifiable: two seeds per x, each paired with its baseline
+    fit = D.current_fit(state.observed, state.target)
+    assert fit.reason == "" and fit.width is not None
+
+
+def test_a_batch_spreads_instead_of_repeating_a_point():
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(8)), 8, 16, D.Target("alpha"))
+    made = _run(state, np.random.default_rng(1), batch=4)
+    assert len(made) == 16 and len({p.point for p in made}) == 16
+
+
+def test_expected_width_falls_with_more_runs_and_prefers_informative_points():
+    draws = [(0.45, np.array([15.0]))]
+    base = [D.Point(D.BASELINE, None, s) for s in range(3)]
+    design = base + [D.Point(D.VARIANT, x, s) for s in range(3) for x in (2.0, 8.0, 32.0)]
+    w = D.expected_width(design, draws, D.Target("alpha"), 1.0)
+    assert math.isfinite(w)
+    assert D.expected_width(design + [D.Point(D.VARIANT, 32.0, 0)], draws, D.Target("alpha"), 1.0) < w
+    # alpha is about how the gap falls: at the far end a run says more than one where the gap is flat
+    far = D.expected_width(design + [D.Point(D.VARIANT, 2.0, 0)], draws, D.Target("alpha"), 1.0)
+    assert far < w
+    # too few x values: no interval at all
+    assert D.expected_width(base + [D.Point(D.VARIANT, 2.0, s) for s in range(3)], draws, D.Target("alpha"), 1.0) == math.inf
+
+
+def test_seed_cap_and_budget_are_respected():
+    state = D.State((2.0, 8.0, 32.0), (0, 1, 2), 3, 40, D.Target("predict", 64.0))
+    made = _run(state, np.random.default_rng(2))
+    assert len(made) == 12  # 3 seeds x (baseline + 3 x): nothing feasible beyond the cap
+    assert D.propose(state) is None
+
+
+# ---- Optuna state: a killed driver resumes the design --------------------------------------------
+
+def _sampler(prior=None, budget=12):
+    from studies.design import DesignSampler
+
+    return DesignSampler(xs=[2, 4, 8, 16, 32], seeds=list(range(6)), cap=6, budget=budget, target=D.Target("alpha"),
+                         prior=prior)
+
+
+def test_proposals_live_in_optuna_storage_and_a_new_driver_continues(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from studies.design import ATTR, ask
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = str(tmp_path / "design.log")
+    rng, shared = np.random.default_rng(3), {}
+
+    def open_study():
+        sampler = _sampler()
+        return optuna.create_study(study_name="s/design", storage=JournalStorage(JournalFileBackend(path)),
+                                   sampler=sampler, load_if_exists=True), sampler
+
+    study, sampler = open_study()
+    for _ in range(10):
+        number, point, info = ask(study, sampler)
+        assert info["point"]["seed"] == point.seed
+        study.tell(number, _value(point, rng, shared, 2.2))
+    number, point, _ = ask(study, sampler)  # asked, then the driver dies before telling it
+    del study, sampler
+
+    study, sampler = open_study()
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert running.number == number and running.system_attrs[ATTR]["point"]["x"] == point.x
+    state = sampler.state(study)
+    assert state.remaining == 1 and point in state.pending and len(state.observed) == 10
+    study.tell(number, _value(point, rng, shared, 2.2))
+    last = ask(study, sampler)
+    assert last is not None and last[1] not in {D.Point(**t.system_attrs[ATTR]["point"]) for t in study.trials[:-1]}
+    study.tell(last[0], _value(last[1], rng, shared, 2.2))
+    assert ask(study, sampler) is None  # budget of 12 spent
+    gains = [t.system_attrs[ATTR]["expected_gain"] for t in study.trials]
+    assert all(g is None for g in gains[:8]) and any(g for g in gains[8:])  # the start has no gain; later ones do
+
+
+def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_path):
+    from scaling import api
+    from scaling.report import _design_section
+    from storage.ledger import Ledger
+    from studies.design_search import DesignSearcher
+    from studies.plan import make_plan
+    from studies.runner import save_plan, save_study_file, study_paths, trial_counts
+    from studies.spec import parse_study
+
+    study = parse_study(_adaptive(tmp_path, budget=10, batch=4))
+    save_study_file(study, study_paths(study))
+    save_plan(make_plan(study), study_paths(study))
+    ledger = Ledger(study.storage_uri())
+    rng, shared = np.random.default_rng(4), {}
+
+    def finish(searcher, trial_id):
+        spec = searcher.live[trial_id][0]
+        point = D.Point("baseline" if spec.variant == "softmax" else "variant",
+                        None if spec.d_osc is None else float(spec.d_osc), spec.seed)
+        ledger.append(make_record(key=spec.key, study="tiny", cell=spec.cell, task="mqar", variant=spec.variant,
+                                  d_osc=spec.d_osc, seed=spec.seed, stage="design",
+                                  metric_value=_value(point, rng, shared, 0.05)))
+        searcher.on_trial_complete(trial_id, {})
+
+    searcher = DesignSearcher(study, [], 0)
+    for i in range(6):
+        assert searcher.suggest(f"t{i}") is not None
+        finish(searcher, f"t{i}")
+    config = searcher.suggest("t6")  # in flight when the driver dies
+    key = searcher.live["t6"][0].key
+    del searcher
+
+    searcher = DesignSearcher(study, [], 0)
+    again = searcher.suggest("u0")  # the unfinished trial runs again: same key, so it resumes its checkpoint
+    assert again == config and searcher.live["u0"][0].key == key
+    finish(searcher, "u0")
+    n = 1
+    while (config := searcher.suggest(f"u{n}")) not in (None, "FINISHED"):
+        finish(searcher, f"u{n}")
+        n += 1
+    assert config == "FINISHED" and len(ledger.rows()) == 10
+    design = json.loads((tmp_path / "study" / "design.json").read_text())
+    assert [p["state"] for p in design["proposals"]] == ["completed"] * 10
+    assert {p["rule"] for p in design["proposals"]} >= {"start"} and design["budget"] == 10
+
+    # status, the design's report section and its API: the same trials, counted in the cells chosen
+    assert trial_counts(study) == {"completed": 10, "failed": 0, "missing": 0}
+    opened = api.open_study(study.storage_uri())
+    cells = api.status(opened)
+    assert cells["design"]["pending"] == 0 and cells["mqar/softmax"]["completed"] >= 2
+    assert sum(c["completed"] for c in cells.values()) == 10
+    info = api.design(opened)
+    assert [w["after_trials"] for w in info["widths"]] == [0, 4, 8, 10]  # start, then every batch of 4
+    assert info["widths"][-1]["identified"] and info["widths"][-1]["width"] > 0
+    page, md = _design_section(opened)  # the report's section (the whole report draws plots: slow)
+    md = "\n".join(md)
+    assert "Adaptive design" in "".join(page) and "Design sequence" in md and "space-filling start" in md
+    assert "batch 3 (10 design trials)" in md
+
+    from fastapi.testclient import TestClient
+
+    from scaling.server import create_app
+
+    client = TestClient(create_app(str(tmp_path), "t0ken"))
+    got = client.get("/studies/study/design", headers={"Authorization": "Bearer t0ken"})
+    assert got.status_code == 200 and len(got.json()["proposals"]) == 10 and got.json()["widths"][-1]["identified"]
+    assert client.get("/studies/study/design").status_code == 401
+    (tmp_path / "study" / "design.json").unlink()
+    assert client.get("/studies/study/design", headers={"Authorization": "Bearer t0ken"}).status_code == 404
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+@pytest.mark.bench
+def test_scaling_bench_design_writes_the_issue_schema(tmp_path):
+    from scaling.cli import main
+
+    out = tmp_path / "design.json"
+    assert main(["bench", "--design", "--reps", "2", "--budgets", "12", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["design"]["12"]
+    for name in ("grid_width", "adaptive_width", "ratio", "grid_coverage", "adaptive_coverage"):
+        assert name in result
+    assert result["adaptive_trials"] == 12 and len(result["first_sequence"]) == 12
+
+
+# ---- end to end on local Ray ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_grid_then_a_design_runs_end_to_end_and_a_rerun_repeats_nothing(tmp_path):
+    from storage.ledger import Ledger
+    from studies.runner import run_study
+    from studies.spec import parse_study
+
+    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2, 8]}], seeds=[0, 1, 2])
+    data["design"] = {"d_osc": [2, 4, 8, 16], "budget": 13}
+    study = parse_study(data)
+    result = run_study(study, num_cpus=2, progress=False)
+    assert result.ok, result.counts
+    rows = Ledger(study.storage_uri()).rows()
+    assert len(rows) == 13 and sum(r["stage"] == "design" for r in rows) == 4
+    design = json.loads((tmp_path / "study" / "design.json").read_text())
+    assert [p["state"] for p in design["proposals"]] == ["completed"] * 4 and design["grid_trials"] == 9
+    assert "Adaptive design" in (tmp_path / "study" / "report.md").read_text()
+    again = run_study(study, num_cpus=2, progress=False, report=False)
+    assert again.ran == 0 and len(Ledger(study.storage_uri()).rows()) == 13
