@@ -22,6 +22,7 @@ import numpy as np
 from scaling import api, paper_a
 from scaling import fits as fitting
 from scaling.fits import FitResult
+from scaling.laws import LAWS
 from storage import fs as sfs
 
 
@@ -576,7 +577,7 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
                 paper = comparison.get("paper_fit") if comparison and variant == "oscillator" and same_units else None
                 label = f"gap vs d_osc, {task} {variant}" + (f" {gf[0].group_label}" if gf[0].group_label else "")
                 plots.append(_figure_html(plot_gap_vs_dosc(task, variant, gf, paper, settings["method"]), label, wide=True))
-        for law, quantity in (("loss_vs_params", "loss"), ("gap_vs_params", "gap")):
+        for law, quantity in sorted(((n, lw.quantity) for n, lw in LAWS.items() if lw.x == "params"), reverse=True):  # plots in N
             for variant in sorted({f.variant for f in task_fits if f.law == law}):
                 vf = [f for f in task_fits if f.law == law and f.variant == variant and f.points]
                 if vf:

@@ -214,3 +214,22 @@ def test_a_registered_variant_is_known_to_the_schema_the_planner_and_the_bench(t
     finally:
         unregister(TOY)
     assert TOY not in VARIANTS
+
+
+def test_law_choices_everywhere_come_from_the_law_registry():
+    """The study schema, the CLI and the HTTP API list exactly the registered laws and methods."""
+    import typing
+
+    from scaling import cli, server
+    from scaling.laws import LAW_NAMES, LAWS, METHODS
+    from studies import spec
+
+    assert typing.get_args(spec.LawName) == LAW_NAMES == typing.get_args(server.Law)
+    assert typing.get_args(server.Method) == METHODS
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command in ("fits", "predict", "compare"):
+        law = next(a for a in sub.choices[command]._actions if a.dest == "law")
+        method = next(a for a in sub.choices[command]._actions if a.dest == "method")
+        assert tuple(law.choices) == LAW_NAMES and tuple(method.choices) == METHODS
+    assert all(law.default_method is None or law.default_method in law.methods for law in LAWS.values())
