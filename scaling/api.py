@@ -602,7 +602,8 @@ def status_summary(study: StudyResults) -> dict[str, Any]:
     totals = status_totals(cells)
     return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
             "baseline": study.baseline, "tasks": study.tasks, "totals": totals, "cells": cells,
-            "eta": eta(study, totals["pending"] + totals["in_progress"]), "ledger_ignored": study.ignored}
+            "eta": eta(study, totals["pending"] + totals["in_progress"]), "ledger_ignored": study.ignored,
+            "in_progress_trials": running(study)}
 
 
 def ledger_notes(study: StudyResults) -> list[str]:
@@ -797,11 +798,42 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
 
 
 def _started_keys(storage: str) -> set[str]:
+    """Trials that started and have no record yet: a checkpoint, or a progress file (written by a
+    trial the moment it starts, removed when it ends)."""
     import pyarrow.fs as pafs
 
     fs, root = sfs.resolve(storage)
     selector = pafs.FileSelector(sfs.join(root, "checkpoints"), allow_not_found=True)
-    return {info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.Directory}
+    keys = {info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.Directory}
+    return keys | set(_progress_files(storage))
+
+
+def _progress_files(storage: str) -> dict[str, str]:
+    import pyarrow.fs as pafs
+
+    fs, root = sfs.resolve(storage)
+    selector = pafs.FileSelector(sfs.join(root, "progress"), allow_not_found=True)
+    return {info.base_name[: -len(".json")]: info.path for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.endswith(".json")}
+
+
+def running(study: StudyResults) -> list[dict[str, Any]]:
+    """The trials that started and have not finished, from their progress files (workers.lifecycle):
+    state (starting, running, or interrupted: saved and stopped, resumes on the next run), step of
+    total steps, latest train and validation metrics, host, Ray node, pid, and when it last wrote."""
+    fs, _ = sfs.resolve(study.storage)
+    done = {r["key"] for r in study.done_rows}
+    out = []
+    for key, path in sorted(_progress_files(study.storage).items()):
+        if key in done:  # the trial ended between its record and the removal of this file
+            continue
+        try:
+            entry = json.loads(sfs.read_bytes(fs, path))
+        except (OSError, ValueError):  # being replaced, or cut short: it is rewritten within seconds
+            continue
+        if isinstance(entry, dict):
+            out.append({**entry, "key": key})
+    return out
 
 
 def finite(value: Any) -> bool:

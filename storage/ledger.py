@@ -90,6 +90,7 @@ SCHEMA = pa.schema(
         ("wandb_run_id", pa.string()),
         ("host", pa.string()),
         ("error", pa.string()),
+        ("node_id", pa.string()),  # absent from records written before it existed: read as null
     ]
 )
 assert SCHEMA.names == TrialRecord.field_names(), "ledger schema out of step with TrialRecord"

@@ -276,6 +276,20 @@ class WandbEntry(_Strict):
 
 class TrackingEntry(_Strict):
     wandb: WandbEntry = Field(default_factory=WandbEntry)
+    # a row of train metrics (mean loss, lr, grad norm, tokens/s) every this many steps: W&B
+    # history and the trial's progress; evaluations are logged whenever they happen
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
+    # how often a running trial updates its progress file and tells the driver (progress lines)
+    progress_seconds: float = Field(10.0, ge=0.1, le=86_400, allow_inf_nan=False)
+
+
+class CheckpointEntry(_Strict):
+    """When a running trial saves its state (besides every evaluation). Not part of what a trial
+    computes, so not part of its key: change it freely, a resumed trial gives the same result."""
+
+    # wall-clock seconds between checkpoints: a cancelled, preempted or crashed trial loses at most
+    # this much work; null: at evaluation points only
+    every_seconds: float | None = Field(60.0, gt=0, le=86_400 * 7, allow_inf_nan=False)
 
 
 class SizingEntry(_Strict):
@@ -393,6 +407,7 @@ class StudySpec(_Strict):
     design: DesignEntry | None = None
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
+    checkpoint: CheckpointEntry = Field(default_factory=lambda: CheckpointEntry())
     # which laws to fit, by which method, and which points are held out of every fit; a plain list
     # (e.g. [gap_vs_dosc]) names the laws and keeps the defaults
     fits: FitsEntry = Field(default_factory=lambda: FitsEntry())
