@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import yaml
 
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling import laws
 from scaling.fits import FitResult
 from storage import fs as sfs
@@ -216,7 +217,7 @@ def fit_settings(study: StudyResults) -> dict[str, Any]:
 
 def fits(
     study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None,
-    method: str | None = None, n_boot: int = F.N_BOOT, ci_level: float = F.CI_LEVEL, params: str = "non_embedding",
+    method: str | None = None, n_boot: int = fitting.N_BOOT, ci_level: float = fitting.CI_LEVEL, params: str = "non_embedding",
     seed: int = 0, min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> list[FitResult]:
     """Every law the study's data supports, for each task and variant (filters narrow the list):
@@ -235,18 +236,18 @@ def fits(
         study = dataclasses.replace(study, rows=[r for r in study.rows if r.get("d_osc") is None
                                                  or float(r["d_osc"]) not in held])
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
-    if law is not None and law not in F.LAWS:
-        raise QueryError(f"unknown law {law!r}; known: {list(F.LAWS)}")
-    if method is not None and method not in (*F.GAP_METHODS, "huber-log"):
-        raise QueryError(f"unknown method {method!r}; known: {[*F.GAP_METHODS, 'huber-log']}")
-    if params not in F.PARAM_FIELDS:
-        raise QueryError(f"unknown params {params!r}; known: {list(F.PARAM_FIELDS)}")
+    if law is not None and law not in fitting.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(fitting.LAWS)}")
+    if method is not None and method not in (*fitting.GAP_METHODS, "huber-log"):
+        raise QueryError(f"unknown method {method!r}; known: {[*fitting.GAP_METHODS, 'huber-log']}")
+    if params not in fitting.PARAM_FIELDS:
+        raise QueryError(f"unknown params {params!r}; known: {list(fitting.PARAM_FIELDS)}")
     if not 0 < ci_level < 1:
         raise QueryError(f"ci_level={ci_level} must be between 0 and 1, e.g. 0.95")
     key = (study.storage, study.signature(), n_boot, ci_level, params, seed, tuple(held))
     if key not in _CACHE:
         with laws.single_threaded_blas():
-            found = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=F.PARAM_FIELDS[params], seed=seed)
+            found = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=fitting.PARAM_FIELDS[params], seed=seed)
             for fit in found:
                 if fit.law == "gap_vs_dosc":
                     fit.holdout.extend(c for d in held if (c := holdout_check(full, fit, d)) is not None)
@@ -275,7 +276,7 @@ def holdout_check(study: StudyResults, fit: FitResult, d_osc: float) -> dict[str
         out["observed_se"] = observed["sd"] / math.sqrt(observed["n_seeds"])
     if not fit.ok:
         out["note"] = f"no prediction: the law is not identified ({fit.reason})"
-        return F._clean(out)
+        return fitting.json_safe(out)
     pred = fit.predict(float(d_osc), n_seeds=observed["n_seeds"])
     out.update(predicted=pred["value"], ci_low=pred["ci_low"], ci_high=pred["ci_high"], pi_low=pred.get("pi_low"),
                pi_high=pred.get("pi_high"), level=pred["level"])
@@ -288,7 +289,7 @@ def holdout_check(study: StudyResults, fit: FitResult, d_osc: float) -> dict[str
         out["z"] = (observed["gap"] - pred["value"]) / se if se > 0 else None
     if pred.get("pi_low") is not None:
         out["inside"] = bool(pred["pi_low"] <= observed["gap"] <= pred["pi_high"])
-    return F._clean(out)
+    return fitting.json_safe(out)
 
 
 def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int) -> list[FitResult]:
@@ -302,10 +303,10 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
     """One callable per fit (or per pair of gap methods), each returning FitResult(s)."""
     baseline = study.baseline
     for task in study.tasks:
-        data = F.select_rows(study.rows, task)
+        data = fitting.select_rows(study.rows, task)
         if not data.rows:
             continue
-        draws = F.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
+        draws = fitting.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
         metric = data.metric
         has_baseline = any(r["variant"] == baseline for r in data.rows)
         variants = sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded})
@@ -321,14 +322,14 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
                 for size in sizes:
                     group = {"target_params": size} if size is not None else {}
                     if not has_baseline:
-                        cells = F.GapCells(F.np.zeros(0), [], F.np.zeros((0, 0)), F.np.zeros((0, 0)), 1.0,
+                        cells = fitting.GapCells(np.zeros(0), [], np.zeros((0, 0)), np.zeros((0, 0)), 1.0,
                                            [f"no completed {baseline} baseline trials for task {task}"])
                     else:
-                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
+                        cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
                                             target_params=size, params_field=params_field)
                     excluded = _merge(data.excluded_where(variant=variant, target_params=size),
                                       data.excluded_where(variant=baseline, target_params=size))
-                    yield functools.partial(F.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
+                    yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
                                             group=group, excluded=excluded, extra_notes=data.notes, floor=floor, **common)
             # gap and loss vs parameters, at each d_osc
             if len([s for s in sizes if s is not None]) >= 2:
@@ -336,13 +337,13 @@ def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field
                     group = {"d_osc": d} if d is not None else {}
                     excluded_v = data.excluded_where(variant=variant, d_osc=d)
                     if variant != baseline and has_baseline and len(base_sizes - {None}) >= 2:
-                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params", metric=metric,
+                        cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params", metric=metric,
                                             d_osc=d, params_field=params_field)
                         excluded = _merge(excluded_v, data.excluded_where(variant=baseline))
-                        yield functools.partial(F.fit_gap_law, cells, law="gap_vs_params", variant=variant,
+                        yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_params", variant=variant,
                                                 baseline=baseline, group=group, excluded=excluded,
                                                 extra_notes=data.notes, params_field=params_field, floor=floor, **common)
-                    yield functools.partial(F.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
+                    yield functools.partial(fitting.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
                                             params_field=params_field, excluded=excluded_v, extra_notes=data.notes,
                                             **common)
 
@@ -357,15 +358,15 @@ def _merge(*counts: dict[str, int]) -> dict[str, int]:
 
 def find_fit(
     study: StudyResults, *, task: str, variant: str, law: str = "gap_vs_dosc", method: str | None = None,
-    group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding", holdout: bool = True,
+    group: dict[str, Any] | None = None, n_boot: int = fitting.N_BOOT, params: str = "non_embedding", holdout: bool = True,
 ) -> FitResult:
     """The one fit a prediction or comparison uses; the error lists what exists when it is ambiguous or absent."""
-    method = method or ("huber-log" if law == "loss_vs_params" else fit_settings(study)["method"])
+    method = method or laws.LAWS[law].default_method or fit_settings(study)["method"]
     found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params, holdout=holdout)
     if group:
         found = [f for f in found if all(f.group.get(k) == v for k, v in group.items())]
     if len(found) > 1:  # one fit per size (or per d_osc), identified or not: the caller must choose
-        option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+        option = laws.LAWS[law].group
         raise QueryError(f"{len(found)} {law} fits for {task}/{variant}, one per {option}: choose one of "
                          f"{[f.group_label for f in found]}")
     usable = [f for f in found if f.ok]
@@ -381,7 +382,7 @@ def find_fit(
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
         )
     groups = [f.group_label for f in usable]
-    option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+    option = laws.LAWS[law].group
     raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
 
 
@@ -408,7 +409,7 @@ def group_of(law: str | None, *, target_params: int | None = None, at_d_osc: int
 def predict(
     study: StudyResults, *, task: str, variant: str, x: float | None = None, d_osc: float | None = None,
     params: float | None = None, law: str | None = None, method: str | None = None,
-    group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = F.N_BOOT,
+    group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = fitting.N_BOOT,
     min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> dict[str, Any]:
     """The fitted law at a new point, with the confidence interval of the law and a prediction
@@ -419,13 +420,15 @@ def predict(
     full = study
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if d_osc is not None:
-        x, law = d_osc, law or "gap_vs_dosc"
+        x, law = d_osc, law or laws.default_law("d_osc")
     elif params is not None:
-        x, law = params, law or "gap_vs_params"
-    law = law or "gap_vs_dosc"
+        x, law = params, law or laws.default_law("params")
+    law = law or laws.default_law("d_osc")
+    if law not in laws.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(laws.LAWS)}")
     if x is None or not math.isfinite(float(x)) or float(x) <= 0:
         raise QueryError(f"give a positive point to predict at (d_osc=... or params=...), got {x!r}")
-    name, (low, high) = ("d_osc", D_OSC_RANGE) if law == "gap_vs_dosc" else ("params", PARAMS_RANGE)
+    name, (low, high) = ("d_osc", D_OSC_RANGE) if laws.LAWS[law].x == "d_osc" else ("params", PARAMS_RANGE)
     if not low <= float(x) <= high:
         raise QueryError(f"{name}={float(x):g} is outside [{low:g}, {high:g}]: predict at a {name} a study could run")
     if n_seeds < 1:
@@ -435,15 +438,15 @@ def predict(
     fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot, holdout=holdout)
     out = fit.predict(float(x), n_seeds=n_seeds, level=level)
     constants = {k: e.value for k, e in fit.constants.items()}
-    quantity = "gap" if law.startswith("gap") else "loss"
+    quantity = laws.LAWS[law].quantity
     observed = None
-    if law == "gap_vs_dosc":
+    if laws.LAWS[law].x == "d_osc" and laws.LAWS[law].baseline:  # the study's measured gap at that d_osc
         observed = observed_gap(full, task=task, variant=variant, d_osc=float(x),
                                 target_params=fit.group.get("target_params"))
         if observed is not None:
             observed["within_prediction_interval"] = (
                 out["pi_low"] is not None and out["pi_low"] <= observed["gap"] <= out["pi_high"])
-    return F._clean({"observed": observed, "task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
+    return fitting.json_safe({"observed": observed, "task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
                      "formula": fit.formula, "group": fit.group, "quantity": quantity, quantity: out["value"],
                      "d_osc" if fit.x_name == "d_osc" else "params": float(x), **out, "constants": constants,
                      "fitted_range": [min(p["x"] for p in fit.points if p.get("used", True)),
@@ -461,7 +464,7 @@ def compare(
     `other` takes b from another study (its own, independent seed draws)."""
     fa = find_fit(study, task=a[0], variant=a[1], law=law, method=method, group=group_a)
     fb = find_fit(other or study, task=b[0], variant=b[1], law=law, method=method, group=group_b)
-    return F.compare_exponents(fa, fb, level=level)
+    return fitting.compare_exponents(fa, fb, level=level)
 
 
 def exponent_differences(fit_list: list[FitResult], *, level: float | None = None) -> list[dict[str, Any]]:
@@ -476,7 +479,7 @@ def exponent_differences(fit_list: list[FitResult], *, level: float | None = Non
             same_task = a.task == b.task and a.group == b.group and a.variant != b.variant
             cross_task = a.task != b.task and a.variant == b.variant and a.group == b.group
             if same_task or cross_task:
-                out.append(F.compare_exponents(a, b, level=level))
+                out.append(fitting.compare_exponents(a, b, level=level))
     return out
 
 
@@ -620,7 +623,7 @@ def design(study: StudyResults) -> dict[str, Any] | None:
         return None
     info = json.loads(sfs.read_bytes(fs, path))
     target = D.Target(info["target"]["kind"], info["target"]["x0"])
-    sign = 1.0 if F.lower_is_better(study.metric_name(info["task"])) else -1.0
+    sign = 1.0 if fitting.lower_is_better(study.metric_name(info["task"])) else -1.0
     design_keys = {p["key"] for p in info["proposals"]}
     size = info.get("target_params")
     by_key: dict[str, Any] = {}
@@ -676,7 +679,7 @@ def searches(study: StudyResults) -> list[dict[str, Any]]:
     for cell in sorted(planned.keys() | runs.keys()):
         records = sorted(runs.get(cell, {}).values(), key=lambda r: (str(r.get("finished_at") or ""), r["_order"]))
         metric = next((r["metric_name"] for r in records + replicates.get(cell, []) if r["metric_name"]), "metric")
-        sign = 1.0 if F.lower_is_better(metric) else -1.0
+        sign = 1.0 if fitting.lower_is_better(metric) else -1.0
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             groups.setdefault(r["hparams_json"] or "{}", []).append(r)
@@ -737,7 +740,7 @@ def trials(
             if (task is None or r["task"] == task) and (variant is None or r["variant"] == variant)
             and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
     rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
-    return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
+    return [fitting.json_safe({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
 
 
 def trials_table(study: StudyResults, *, task: str | None = None, variant: str | None = None,
@@ -777,12 +780,12 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
                  target_params: int | None = None) -> dict[str, Any] | None:
     """The measured gap to the baseline at one d_osc (mean and sd over seeds, paired by seed as in
     the fits), or None when the study has no such trials: what a held-out prediction is checked against."""
-    data = F.select_rows(study.rows, task)
+    data = fitting.select_rows(study.rows, task)
     sizes = {r["target_params"] for r in data.rows if r["variant"] == variant and r.get("d_osc") == d_osc}
     if not sizes:
         return None
     size = target_params if target_params is not None else next(iter(sizes))
-    cells = F.gap_cells(data.rows, variant=variant, baseline=study.baseline, x_of="d_osc", metric=data.metric,
+    cells = fitting.gap_cells(data.rows, variant=variant, baseline=study.baseline, x_of="d_osc", metric=data.metric,
                         target_params=size)
     where = [j for j, x in enumerate(cells.x) if float(x) == float(d_osc)]
     if not where:
@@ -790,7 +793,7 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
     gaps = [g for g in cells.seed_gaps()[where[0]].values() if math.isfinite(g)]
     if not gaps:
         return None
-    return F._clean({"d_osc": float(d_osc), "gap": statistics.fmean(gaps),
+    return fitting.json_safe({"d_osc": float(d_osc), "gap": statistics.fmean(gaps),
                      "sd": statistics.stdev(gaps) if len(gaps) > 1 else None, "n_seeds": len(gaps)})
 
 

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from scaling.laws import LAW_NAMES, LAWS, METHODS  # the law registry (numpy only)
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # stopped by a signal (Ctrl-C, SIGTERM): resumable
 
@@ -52,7 +54,7 @@ def cmd_run(args) -> int:
             if row["ok"]:
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: {row['formula']}, "
                       f"alpha = {_f(row['alpha'])} [{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}]")
-            elif row.get("reason") and row["law"] != "loss_vs_params":
+            elif row.get("reason") and LAWS[row["law"]].baseline:  # a loss law's reasons are in `scaling fits`
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: not identified: "
                       f"{row['reason']}")
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -386,7 +388,7 @@ def cmd_trials(args) -> int:
     elif args.format == "json":
         from storage.ledger import table_rows
 
-        print(json.dumps([api.F._clean(r) for r in table_rows(table)], indent=1))
+        print(json.dumps([api.fitting.json_safe(r) for r in table_rows(table)], indent=1))
     else:
         from storage.ledger import table_rows
 
@@ -612,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help=study_help)
     p.add_argument("--task")
     p.add_argument("--variant")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"],
+    p.add_argument("--law", choices=LAW_NAMES)
+    p.add_argument("--method", choices=METHODS,
                    help="loglog-means: paper A's; nonlinear: with optional floor; huber-log: the loss law")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _fit_options(p)
@@ -642,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True)
     p.add_argument("--d-osc", type=float, help="predict the gap at this d_osc (gap_vs_dosc)")
     p.add_argument("--params", type=float, help="predict at this parameter count (gap_vs_params, or --law loss_vs_params)")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"], help="default: nonlinear (huber-log for loss)")
+    p.add_argument("--law", choices=LAW_NAMES)
+    p.add_argument("--method", choices=METHODS, help="default: nonlinear (huber-log for loss)")
     p.add_argument("--n-seeds", type=int, default=1, help="the prediction interval is for the mean of this many new seeds")
     _group_options(p)
     _range_options(p)
@@ -656,8 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help=study_help)
     p.add_argument("--a", required=True, metavar="TASK/VARIANT")
     p.add_argument("--b", required=True, metavar="TASK/VARIANT")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"], default="gap_vs_dosc")
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"])
+    p.add_argument("--law", choices=LAW_NAMES, default="gap_vs_dosc")
+    p.add_argument("--method", choices=METHODS)
     p.add_argument("--format", choices=["text", "json"], default="text")
     _group_options(p)
     p.set_defaults(func=cmd_compare)
@@ -712,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--design-batch", type=int, default=5, help="--design: proposals per batch (default 5)")
     p.set_defaults(func=cmd_bench)
 
-    from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
+    from scaling.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
 
     add_cache_parser(sub)
     return parser

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -40,6 +41,49 @@ def evaluate(model: str, constants: dict[str, np.ndarray | float], x: np.ndarray
 
 
 FORMULAS = {"power": "C * x^-alpha", "power_floor": "C * x^-alpha + g_inf", "offset_power": "E + A * x^-alpha"}
+
+
+# ---- the law registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Law:
+    """One scaling law the service fits. The study schema's `fits.laws`, the CLI's --law and --method
+    choices, the HTTP API's enums and the API's per-law choices (default method, the x it predicts
+    at, the group that picks one fit) are generated from this registry."""
+
+    name: str
+    x: str  # what the law is a function of: "d_osc" or "params" (the CLI's --d-osc / --params)
+    x_symbol: str  # in formulas and report sentences
+    quantity: str  # "gap" (variant - baseline, paired) or "loss" (one variant's metric)
+    methods: tuple[str, ...]  # fitting methods, see scaling/fits.py
+    default_method: str | None  # None: the study's `fits.method`
+    group: str  # what picks one fit when a study has several, and where to give it
+    description: str
+
+    @property
+    def baseline(self) -> bool:
+        """Paired with the study's baseline (a gap), or not (a loss)."""
+        return self.quantity == "gap"
+
+
+_SIZE = "target_params (CLI --target-params)"
+_AT_D_OSC = "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+LAWS: dict[str, Law] = {law.name: law for law in (
+    Law("gap_vs_dosc", "d_osc", "d_osc", "gap", ("loglog-means", "nonlinear"), None, _SIZE,
+        "gap(d) = C d^-alpha (+ g_inf) to the baseline, per variant with d_osc and per size"),
+    Law("gap_vs_params", "params", "N", "gap", ("loglog-means", "nonlinear"), None, _AT_D_OSC,
+        "gap(N) = C N^-alpha (+ g_inf) to the baseline, per variant and d_osc with >= 2 sizes"),
+    Law("loss_vs_params", "params", "N", "loss", ("huber-log",), "huber-log", _AT_D_OSC,
+        "L(N) = E + A N^-alpha per variant and d_osc with >= 2 sizes (a fit needs >= 3)"),
+)}
+LAW_NAMES = tuple(LAWS)
+METHODS = tuple(dict.fromkeys(m for law in LAWS.values() for m in law.methods))
+
+
+def default_law(x: str) -> str:
+    """The first registered law in `x` ("d_osc" or "params"): what a prediction at that x uses."""
+    return next(name for name, law in LAWS.items() if law.x == x)
 
 
 @contextlib.contextmanager

@@ -24,36 +24,16 @@ from storage import fs as sfs
 from storage.cache import DatasetCache
 from storage.faults import fault_point
 from storage.records import TrialRecord, TrialSpec, canonical_json
+from workers.configs import TrainConfig, train_defaults
 from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
 from workers import lifecycle
 from workers.runtime import tune_allocator
+from workers.variants import validate_dataclass
 
 CODE_VERSION = "3"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    # budget: `steps`, or `epochs` / `tokens` converted to steps once the data is known
-    "steps": 1000,
-    "epochs": None,
-    "tokens": None,
-    "batch_size": 64,
-    "eval_batch_size": 256,
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "warmup_steps": 0,
-    "schedule": "cosine",  # cosine | constant
-    "grad_clip": 1.0,
-    "eval_every": 100,  # steps between evaluations, or "epoch": after every pass over the train split
-    "optimizer": "adamw",  # adamw | adam
-    # epoch: every epoch is a fresh permutation of the train split, drawn without replacement (the
-    # last batch of an epoch is short, as a DataLoader with shuffle=True); replacement: i.i.d. batches
-    "sampling": "epoch",
-    # best: the trial's result is its best validation evaluation (and the test split is scored with
-    # that model); final: its last evaluation (paper A's SVA)
-    "select": "best",
-}
-SAMPLINGS = ("epoch", "replacement")
-SELECTS = ("best", "final")
+TRAIN_DEFAULTS: dict[str, Any] = train_defaults()  # the recipe's keys and defaults: workers/configs.py TrainConfig
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -63,14 +43,13 @@ def now_iso() -> str:
 
 
 def resolve_train(train: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
+    """The study's recipe and the searched hyperparameters over the defaults, checked against
+    TrainConfig (the values are kept as given: they are part of the trial's key)."""
     merged = {**TRAIN_DEFAULTS, **train, **hparams}
     unknown = set(merged) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ValueError(f"train: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
-    if merged["sampling"] not in SAMPLINGS:
-        raise ValueError(f"train.sampling={merged['sampling']!r}; allowed: {list(SAMPLINGS)}")
-    if merged["select"] not in SELECTS:
-        raise ValueError(f"train.select={merged['select']!r}; allowed: {list(SELECTS)}")
+    validate_dataclass(TrainConfig, merged, "train")
     every = merged["eval_every"]
     if every != "epoch" and not (isinstance(every, int) and every >= 1):
         raise ValueError(f"train.eval_every={every!r}: give a number of steps >= 1, or \"epoch\"")
