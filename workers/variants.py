@@ -191,14 +191,21 @@ def validate_dataclass(cls: type, values: dict[str, Any], what: str) -> Any:
     try:
         return adapter.validate_python(dict(values))
     except ValidationError as error:
-        problems = []
+        # one line per field, named in full (`train.sampling='shuffle': ...`); the branches of a
+        # union (eval_every: int | "epoch") are one field's alternatives, not several fields
+        by_field: dict[str, list[str]] = {}
+        whole: list[str] = []
         for item in error.errors():
             message = item["msg"].removeprefix("Value error, ")
             if item["loc"]:
-                field = ".".join(str(p) for p in item["loc"])
-                message = f"{field}={item.get('input')!r}: {message}"
-            problems.append(message)
-        raise ValueError(f"{what}: {'; '.join(problems)}") from None
+                field = f"{what}.{item['loc'][0]}={item.get('input')!r}"
+                by_field.setdefault(field, []).append(message)
+            else:
+                whole.append(message)
+        problems = [f"{field}: {' or '.join(dict.fromkeys(messages))}" for field, messages in by_field.items()]
+        if whole:
+            problems.append(f"{what}: {'; '.join(whole)}")
+        raise ValueError("; ".join(problems)) from None
 
 
 VARIANTS: dict[str, Variant] = {}
