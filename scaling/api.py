@@ -10,7 +10,6 @@ Needs no torch and no ray.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -300,60 +299,27 @@ def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field
 
 
 def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int):
-    """One callable per fit (or per pair of gap methods), each returning FitResult(s)."""
+    """One callable per fit (or per pair of gap methods), each returning FitResult(s): every
+    registered law's `jobs` for every (task, variant) of the study (scaling/laws.py)."""
     baseline = study.baseline
+    floor = fit_settings(study)["floor"]
     for task in study.tasks:
         data = fitting.select_rows(study.rows, task)
         if not data.rows:
             continue
         draws = fitting.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
-        metric = data.metric
+        common = dict(study=study.name, task=task, metric=data.metric, draws=draws, ci_level=ci_level)
         has_baseline = any(r["variant"] == baseline for r in data.rows)
-        variants = sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded})
-        common = dict(study=study.name, task=task, metric=metric, draws=draws, ci_level=ci_level)
-        floor = fit_settings(study)["floor"]
         base_sizes = {r["target_params"] for r in data.rows if r["variant"] == baseline}
-        for variant in variants:
+        for variant in sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded}):
             vrows = [r for r in data.rows if r["variant"] == variant]
-            sizes = sorted({r["target_params"] for r in vrows}, key=lambda v: (v is not None, v or 0))
-            d_values = sorted({r["d_osc"] for r in vrows}, key=lambda v: (v is not None, v or 0))
-            # gap vs d_osc, at each size
-            if variant != baseline and any(d is not None for d in d_values):
-                for size in sizes:
-                    group = {"target_params": size} if size is not None else {}
-                    if not has_baseline:
-                        cells = fitting.GapCells(np.zeros(0), [], np.zeros((0, 0)), np.zeros((0, 0)), 1.0,
-                                           [f"no completed {baseline} baseline trials for task {task}"])
-                    else:
-                        cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
-                                            target_params=size, params_field=params_field)
-                    excluded = _merge(data.excluded_where(variant=variant, target_params=size),
-                                      data.excluded_where(variant=baseline, target_params=size))
-                    yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
-                                            group=group, excluded=excluded, extra_notes=data.notes, floor=floor, **common)
-            # gap and loss vs parameters, at each d_osc
-            if len([s for s in sizes if s is not None]) >= 2:
-                for d in d_values:
-                    group = {"d_osc": d} if d is not None else {}
-                    excluded_v = data.excluded_where(variant=variant, d_osc=d)
-                    if variant != baseline and has_baseline and len(base_sizes - {None}) >= 2:
-                        cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params", metric=metric,
-                                            d_osc=d, params_field=params_field)
-                        excluded = _merge(excluded_v, data.excluded_where(variant=baseline))
-                        yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_params", variant=variant,
-                                                baseline=baseline, group=group, excluded=excluded,
-                                                extra_notes=data.notes, params_field=params_field, floor=floor, **common)
-                    yield functools.partial(fitting.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
-                                            params_field=params_field, excluded=excluded_v, extra_notes=data.notes,
-                                            **common)
-
-
-def _merge(*counts: dict[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return out
+            scope = laws.FitScope(
+                data=data, variant=variant, baseline=baseline, has_baseline=has_baseline,
+                sizes=sorted({r["target_params"] for r in vrows}, key=lambda v: (v is not None, v or 0)),
+                d_values=sorted({r["d_osc"] for r in vrows}, key=lambda v: (v is not None, v or 0)),
+                base_sizes=base_sizes, params_field=params_field, floor=floor, common=common)
+            for law in laws.LAWS.values():
+                yield from law.jobs(scope)
 
 
 def find_fit(

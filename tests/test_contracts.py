@@ -232,3 +232,30 @@ def test_law_choices_everywhere_come_from_the_law_registry():
         method = next(a for a in sub.choices[command]._actions if a.dest == "method")
         assert tuple(law.choices) == LAW_NAMES and tuple(method.choices) == METHODS
     assert all(law.default_method is None or law.default_method in law.methods for law in LAWS.values())
+
+
+def test_a_law_is_fitted_from_its_registry_entry_alone(tmp_path, monkeypatch):
+    """scaling.api runs every registered law's `jobs` for every (task, variant), and nothing else:
+    a law registered with one `Law(...)` entry is fitted with no edit to the API."""
+    from conftest import write_synthetic_study
+    from scaling import api
+    from scaling.laws import LAWS, Law
+
+    study = api.open_study(str(write_synthetic_study(tmp_path / "s", ds=(2, 4, 8), seeds=(0, 1, 2))))
+    scopes = []
+
+    def toy_jobs(scope):
+        scopes.append(scope)
+        if scope.variant != scope.baseline:
+            yield lambda: f"{scope.common['task']}/{scope.variant}/d{max(d for d in scope.d_values if d)}"
+
+    monkeypatch.setitem(LAWS, "toy_law", Law("toy_law", "d_osc", "d_osc", "gap", ("loglog-means",), None, "-",
+                                             "a test law", toy_jobs))
+    found = api._all_fits(study, n_boot=10, ci_level=0.9, params_field="params_non_embedding", seed=0)
+    assert [(s.common["task"], s.variant, s.has_baseline) for s in scopes] == [("lm", "oscillator", True),
+                                                                             ("lm", "softmax", True)]
+    assert "lm/oscillator/d8" in found
+    assert {f.law for f in found if not isinstance(f, str)} == {"gap_vs_dosc"}  # one size: no law in N applies
+    monkeypatch.delitem(LAWS, "gap_vs_dosc")
+    assert api._all_fits(study, n_boot=10, ci_level=0.9, params_field="params_non_embedding", seed=0) == [
+        "lm/oscillator/d8"]
