@@ -53,7 +53,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -394,6 +393,8 @@ class Ledger:
         self._loose_failed_order = []
         if not paths:
             return schema.empty_table()
+        import pyarrow.dataset as pads  # here, not at the top: it imports pandas (~1.5 s), and only loose files need it
+
         try:
             table = pads.dataset(done + failed, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table(
                 columns=schema.names)
