@@ -199,14 +199,33 @@ print(json.dumps({"pandas": sorted(a["key"]), "polars": sorted(b["key"].to_list(
 """
 
 
-def test_pandas_polars_and_duckdb_read_the_ledger_without_the_project(tmp_path):
-    pytest.importorskip("duckdb")
-    pytest.importorskip("polars")
+def _ledger_for_readers(tmp_path) -> list[str]:
     ledger = Ledger(str(tmp_path))
     _fill(ledger, 10)
     ledger.compact()
     _fill(ledger, 4, prefix="m")  # a part and loose records
-    expected = sorted(r["key"] for r in ledger.rows())
+    return sorted(r["key"] for r in ledger.rows())
+
+
+def test_pandas_polars_and_duckdb_read_the_ledger(tmp_path, monkeypatch):
+    """The readers' own code on the files (what the README shows), in this process: the fast check."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("polars")
+    expected = _ledger_for_readers(tmp_path)
+    printed: list[str] = []
+    monkeypatch.setattr(sys, "argv", ["readers", str(tmp_path / "ledger")])
+    exec(compile(EXTERNAL_READERS, "external_readers", "exec"), {"print": printed.append, "__name__": "readers"})
+    got = json.loads(printed[0])
+    assert got["pandas"] == got["polars"] == got["duckdb"] == expected
+
+
+@pytest.mark.slow
+def test_pandas_polars_and_duckdb_read_the_ledger_without_the_project(tmp_path):
+    """The same in a fresh interpreter without the project on its path (slow: a new interpreter
+    importing pandas, Polars and DuckDB is most of this file's default-run time)."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("polars")
+    expected = _ledger_for_readers(tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", EXTERNAL_READERS, str(tmp_path / "ledger")], capture_output=True,
                          text=True, check=True, cwd=tmp_path, env=env)
