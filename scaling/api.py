@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 import yaml
 
@@ -33,6 +32,11 @@ from storage.ledger import Ledger, table_rows
 from storage.suggest import did_you_mean
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
+# the ledger columns each reader needs (Ledger.table(columns=)): the JSON blobs (spec, metrics,
+# hyperparameters) are most of a ledger's bytes and of the time to turn it into Python rows
+STATUS_COLUMNS = ["key", "cell", "task", "stage", "status", "wall_seconds", "finished_at"]
+FIT_COLUMNS = ["key", "cell", "task", "variant", "d_osc", "target_params", "params_total", "params_non_embedding",
+               "seed", "stage", "status", "metric_name", "metric_value", "finished_at"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as studies.spec: names directories
 # where a prediction may be asked for: d_osc as in a study file (>= 2: the sphere S^(d-1)), at most
 # 2^16; parameter counts from 1e3 (a study's smallest target) to 1e15
@@ -53,7 +57,7 @@ class StudyResults:
     name: str
     storage: str
     config: dict[str, Any]  # the study file as saved beside the ledger
-    rows: list[dict[str, Any]]  # every ledger row, failed attempts included
+    rows: list[dict[str, Any]]  # every ledger row, failed attempts included (the columns read; [] with rows=False)
     plan: list[dict[str, Any]] | None  # planned trials (key, cell, task, variant, d_osc, seed)
     # files under ledger/ that are not finished records (temporary or partial files), skipped: path, reason
     ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)
@@ -69,7 +73,17 @@ class StudyResults:
 
     @property
     def tasks(self) -> list[str]:
+        if not self.rows and self.table is not None:  # opened with rows=False
+            import pyarrow.compute as pc
+
+            return sorted(t for t in pc.unique(self.table.column("task")).to_pylist() if t is not None)
         return sorted({r["task"] for r in self.rows})
+
+    def arrow(self):
+        """The ledger rows as an Arrow table (the one read, else built from `rows`)."""
+        import pyarrow as pa
+
+        return self.table if self.table is not None else pa.Table.from_pylist(self.rows)
 
     def metric_name(self, task: str) -> str:
         names = {r["metric_name"] for r in self.done_rows if r["task"] == task and r["metric_name"]}
@@ -82,18 +96,22 @@ class StudyResults:
 
 
 def _read_yaml(fs, path: str) -> dict[str, Any]:
-    data = yaml.safe_load(sfs.read_bytes(fs, path)) or {}
+    # libyaml's parser where PyYAML has it: an imported study's file lists every seed, and the
+    # pure-Python parser took 8 s for 16,000 of them
+    data = yaml.load(sfs.read_bytes(fs, path), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(data, dict):
         raise StudyNotFound(f"{path}: not a study file (not a YAML mapping)")
     return data
 
 
-def open_study(ref: str, *, rows: bool = True) -> StudyResults:
+def open_study(ref: str, *, rows: bool = True, columns: list[str] | None = None) -> StudyResults:
     """A study from its storage directory/URI, from its study file (storage read from it), or by
     name: a bare name that is no path here is looked up under `study_roots()`.
-    rows=False: the Arrow table only (`rows` empty), for exports that never need Python rows."""
+    rows=False: the Arrow table only (`rows` empty), for exports and counts that never need Python
+    rows. columns: read only these ledger columns (e.g. FIT_COLUMNS, STATUS_COLUMNS; key and status
+    always), for the rows and the table."""
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
-        config = yaml.safe_load(Path(ref).read_text()) or {}
+        config = yaml.load(Path(ref).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         if not isinstance(config, dict) or "name" not in config:
             raise StudyNotFound(f"{ref}: not a study file (no `name`)")
         storage = sfs.study_storage_uri(config["name"], config.get("storage"))
@@ -101,7 +119,7 @@ def open_study(ref: str, *, rows: bool = True) -> StudyResults:
         storage = find_study(ref)
     else:
         storage = sfs.absolute_uri(ref)
-    return open_storage(storage, rows=rows)
+    return open_storage(storage, rows=rows, columns=columns)
 
 
 def study_roots() -> list[str]:
@@ -132,9 +150,10 @@ def find_study(name: str, roots: list[str] | None = None) -> str:
     )
 
 
-def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
+def open_storage(storage: str, *, rows: bool = True, columns: list[str] | None = None) -> StudyResults:
     """A study from its storage directory or URI only: never from a study file, so whatever a file's
-    `storage:` names is not followed (what the HTTP API serves: directories under its root)."""
+    `storage:` names is not followed (what the HTTP API serves: directories under its root).
+    rows and columns: as `open_study`."""
     fs, root = sfs.resolve(storage)
     if fs.get_file_info(root).type == pafs.FileType.File:
         raise StudyNotFound(f"{storage}: a file, not a study's storage directory")
@@ -148,7 +167,7 @@ def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
     ledger = Ledger(storage)
-    table = ledger.table()
+    table = ledger.table(columns=columns)
     return StudyResults(str(config.get("name", Path(root).name)), storage, config, table_rows(table) if rows else [], plan,
                         [item.as_dict() for item in ledger.ignored], table)
 
@@ -184,12 +203,12 @@ def studies_overview(root: str) -> list[dict[str, Any]]:
         row = {**entry, "storage": sfs.join(base, entry["name"]) if sfs.is_local(root) else sfs.join(root, entry["name"])}
         if "error" not in entry:
             try:
-                study = open_storage(row["storage"])
+                study = open_storage(row["storage"], rows=False, columns=STATUS_COLUMNS)
             except Exception as error:  # noqa: BLE001 -- one broken study must not hide the others
                 row["error"] = f"{type(error).__name__}: {error}"
             else:
                 totals = status_totals(status(study))
-                finished = [str(r["finished_at"]) for r in study.rows if r.get("finished_at")]
+                finished = [str(f) for f in study.table.column("finished_at").to_pylist() if f]
                 row.update(totals, planned=sum(totals.values()), last_finished=max(finished) if finished else None)
         out.append(row)
     return out
@@ -456,39 +475,69 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
 
     A searched cell's trials are slots in plan.json (key None: Optuna picks them as it goes). They
     are filled, stage by stage, by the cell's ledger records that the plan does not name; a
-    checkpoint of the cell with no record is in progress; the open slots left are pending."""
-    done = {r["key"]: r["status"] for r in study.rows if r["status"] != "failed"}
-    failed = {r["key"] for r in study.rows if r["status"] == "failed"}
+    checkpoint of the cell with no record is in progress; the open slots left are pending.
+    Counted by Arrow (look-ups and a group-by over the key and status columns): no Python row per trial."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = study.arrow()
+    is_failed = pc.fill_null(pc.equal(table.column("status"), "failed"), False)
+    done = table.filter(pc.invert(is_failed))
+    failed_keys = table.filter(is_failed).column("key")
     started = _started_keys(study.storage)
-    planned = study.plan or [{"key": r["key"], "cell": r["cell"]} for r in study.rows]
-    cells: dict[str, dict[str, int]] = {}
     slots: dict[str, dict[str, int]] = {}  # cell -> stage -> planned slots
-    seen = set()
-    for trial in planned:
-        counts = cells.setdefault(trial["cell"], {s: 0 for s in STATUS_KEYS})
-        key = trial["key"]
-        if key is None:
-            stages = slots.setdefault(trial["cell"], {})
-            stage = trial.get("stage") or "search"
-            stages[stage] = stages.get(stage, 0) + 1
-            continue
-        if key in seen:
-            continue
-        seen.add(key)
-        if key in done:
-            counts[done[key]] = counts.get(done[key], 0) + 1
-        elif key in failed:
-            counts["failed"] += 1
-        elif key in started:
-            counts["in_progress"] += 1
-        else:
-            counts["pending"] += 1
+    if study.plan:
+        keyed = [t for t in study.plan if t["key"] is not None]
+        for trial in study.plan:
+            if trial["key"] is None:
+                stages = slots.setdefault(trial["cell"], {})
+                stage = trial.get("stage") or "search"
+                stages[stage] = stages.get(stage, 0) + 1
+        planned = pa.table({"key": pa.array([t["key"] for t in keyed], pa.string()),
+                            "cell": pa.array([t["cell"] for t in keyed], pa.string())})
+        cell_order = pc.unique(pa.array([t["cell"] for t in study.plan], pa.string())).to_pylist()
+    else:
+        planned = table.select(["key", "cell"])
+        cell_order = pc.unique(planned.column("cell")).to_pylist()
+    planned = _first_per_key(planned)
+    keys = planned.column("key")
+    done_status = pc.take(done.column("status"), pc.index_in(keys, value_set=done.column("key")))
+    unfinished = pc.if_else(pc.is_in(keys, value_set=failed_keys), "failed",
+                            pc.if_else(pc.is_in(keys, value_set=pa.array(sorted(started), pa.string())),
+                                       "in_progress", "pending"))
+    outcome = pc.coalesce(done_status, unfinished)
+    counted = pa.table({"cell": planned.column("cell"), "outcome": outcome}).group_by(["cell", "outcome"]).aggregate(
+        [("outcome", "count")])
+    cells: dict[str, dict[str, int]] = {cell: {s: 0 for s in STATUS_KEYS} for cell in cell_order}
+    for cell, state, n in zip(*(counted.column(c).to_pylist() for c in ("cell", "outcome", "outcome_count"))):
+        cells[cell][state] = cells[cell].get(state, 0) + n
     design_slots = slots.pop(DESIGN_CELL, {}).get("design", 0)
-    for cell, stages in slots.items():
-        _fill_slots(cells[cell], cell, stages, study.rows, seen, started)
-    if design_slots:
-        _fill_design(cells, design_slots, study.rows, seen, started)
+    if slots or design_slots:
+        known = set(keys.to_pylist())
+        wanted = pc.is_in(table.column("cell"), value_set=pa.array(list(slots), pa.string()))
+        if design_slots and "stage" in table.column_names:
+            wanted = pc.or_(wanted, pc.fill_null(pc.equal(table.column("stage"), "design"), False))
+        in_slots = table.filter(wanted)
+        rows = table_rows(in_slots.select([c for c in ("key", "cell", "status", "stage") if c in in_slots.column_names]))
+        for cell, stages in slots.items():
+            _fill_slots(cells[cell], cell, stages, rows, known, started)
+        if design_slots:
+            _fill_design(cells, design_slots, rows, known, started)
     return cells
+
+
+def _first_per_key(table):
+    """One row per key, the first (the old rule: a key is counted where it first appears)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return table
+    indexed = table.append_column("_i", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by("key").aggregate([("_i", "min")]).column("_i_min")
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pc.take(first, pc.array_sort_indices(first)))
 
 
 DESIGN_CELL = "design"  # plan.json's cell of an adaptive design's open slots (studies.runner)
@@ -555,7 +604,11 @@ def eta(study: StudyResults, remaining: int) -> dict[str, Any]:
     resources = study.config.get("resources") or {}
     slots = resources.get("max_concurrent_trials") or max(
         1, int((os.cpu_count() or 1) // (resources.get("cpus_per_trial") or 1)))
-    walls = [r["wall_seconds"] for r in study.done_rows if r["status"] == "completed" and r["wall_seconds"]]
+    import pyarrow.compute as pc
+
+    table = study.arrow()
+    completed = table.filter(pc.fill_null(pc.equal(table.column("status"), "completed"), False))
+    walls = [w for w in completed.column("wall_seconds").to_pylist() if w]
     median = statistics.median(walls) if walls else None
     seconds = 0.0 if remaining == 0 else (remaining * median / slots if median is not None else None)
     return {"remaining": remaining, "seconds": seconds, "concurrent_trials": slots, "median_trial_seconds": median}

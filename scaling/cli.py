@@ -290,7 +290,7 @@ def cmd_status(args) -> int:
         return EXIT_OK
     from scaling import api
 
-    study = api.open_study(args.study)
+    study = api.open_study(args.study, rows=False, columns=api.STATUS_COLUMNS)
     summary = api.status_summary(study)  # the HTTP API's GET /studies/{name}, less `submission`
     if args.format == "json":
         print(json.dumps(summary, indent=1))
@@ -344,7 +344,7 @@ def _eta_line(eta: dict) -> str:
 def cmd_fits(args) -> int:
     from scaling import api
 
-    study = api.open_study(args.study)
+    study = api.open_study(args.study, columns=api.FIT_COLUMNS)
     fits = api.fits(study, task=args.task, variant=args.variant, law=args.law, method=args.method, n_boot=args.n_boot,
                     ci_level=args.ci_level, params=args.params, min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc,
                     holdout=not args.no_holdout)
@@ -375,7 +375,7 @@ def cmd_trials(args) -> int:
     """One row per ledger record (failed attempts too), sorted by cell, seed and key."""
     from scaling import api
 
-    study = api.open_study(args.study, rows=False)
+    study = api.open_study(args.study, rows=False, columns=list(api.TRIAL_FIELDS))
     table = api.trials_table(study, task=args.task, variant=args.variant, status=args.status, cell=args.cell)
     table = table.slice(args.offset, args.limit) if args.limit is not None else table.slice(args.offset)
     if args.format == "csv":
@@ -402,7 +402,7 @@ def cmd_compact(args) -> int:
     from scaling import api
     from storage.ledger import Ledger
 
-    storage = api.open_study(args.study).storage if args.study.endswith((".yaml", ".yml")) else args.study
+    storage = api.open_study(args.study, rows=False, columns=["key"]).storage if args.study.endswith((".yaml", ".yml")) else args.study
     ledger = Ledger(storage)
     result = ledger.compact(full=args.full)
     if result.part is None:

@@ -363,13 +363,20 @@ class SeedDraws:
         self.seeds = sorted({int(s) for s in seeds})
         self.index = {s: i for i, s in enumerate(self.seeds)}
         self.stream = f"{stream}#{rng_seed}"
-        rng = np.random.default_rng([rng_seed, zlib.crc32(stream.encode())])
+        self._rng_seed = [rng_seed, zlib.crc32(stream.encode())]
+        self._n_boot = n_boot
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """(n_boot, n_seeds), drawn on first use: the gap laws need only the stream's name, and
+        2,000 draws of 16,000 seeds take seconds and 250 MB."""
+        rng = np.random.default_rng(self._rng_seed)
         n = len(self.seeds)
-        self.counts = rng.multinomial(n, [1.0 / n] * n, size=n_boot).astype(float) if n else np.zeros((n_boot, 0))
+        return rng.multinomial(n, [1.0 / n] * n, size=self._n_boot).astype(float) if n else np.zeros((self._n_boot, 0))
 
     @property
     def n_boot(self) -> int:
-        return self.counts.shape[0]
+        return self._n_boot
 
 
 # ---- gaps ---------------------------------------------------------------------------------------
@@ -411,14 +418,14 @@ class GapCells:
     def seed_gaps(self) -> list[dict[int, float]]:
         """Per cell {seed: gap} with the full-data baseline mean for unpaired seeds."""
         out = []
+        seeds = np.asarray(self.seeds)
         for j in range(len(self.x)):
-            b_mean = np.nanmean(self.baseline[j]) if np.isfinite(self.baseline[j]).any() else np.nan
-            cell = {}
-            for s, seed in enumerate(self.seeds):
-                if np.isfinite(self.variant[j, s]):
-                    base = self.baseline[j, s] if np.isfinite(self.baseline[j, s]) else b_mean
-                    cell[seed] = float(self.sign * (self.variant[j, s] - base))
-            out.append(cell)
+            has_b = np.isfinite(self.baseline[j])
+            b_mean = np.nanmean(self.baseline[j]) if has_b.any() else np.nan
+            has_v = np.isfinite(self.variant[j])
+            base = np.where(has_b, self.baseline[j], b_mean)
+            gaps = self.sign * (self.variant[j] - base)
+            out.append(dict(zip(seeds[has_v].tolist(), gaps[has_v].tolist())))
         return out
 
 
@@ -726,8 +733,7 @@ class LogLogUncertainty:
         lx = np.log(x[idx])
         X = np.stack([np.ones_like(lx), lx], axis=1)
         H = np.linalg.solve(X.T @ X, X.T)  # (2, J): the OLS coefficients as combinations of log means
-        W = _mean_weights(cells, idx)  # (J, runs): each mean gap as a combination of runs
-        cov_means = prof.sigma ** 2 * (W @ W.T)
+        cov_means = prof.sigma ** 2 * _mean_weights_gram(cells, idx)
         D = np.diag(1.0 / point[idx])
         cov = H @ D @ cov_means @ D @ H.T
         coef = H @ np.log(point[idx])
@@ -757,31 +763,20 @@ class LogLogUncertainty:
         return _with_prediction(math.exp(float(v @ self.coef)), low, high, self.sigma, self.df, self.level, n_seeds)
 
 
-def _mean_weights(cells: GapCells, idx: np.ndarray) -> np.ndarray:
-    """(J, N_runs): cell j's mean gap as a combination of the runs (variant runs +1/n, their paired
-    baseline runs -1/n, the baseline mean for unpaired seeds), in the run order of runs_from_cells."""
-    J, S = cells.variant.shape
-    order: list[tuple[str, int, int]] = []
-    for s in range(S):
-        if np.isfinite(cells.baseline[:, s]).any():
-            order.append(("b", -1, s))
-        for j in range(J):
-            if np.isfinite(cells.variant[j, s]):
-                order.append(("v", j, s))
-    pos = {key: i for i, key in enumerate(order)}
-    base_seeds = [s for s in range(S) if ("b", -1, s) in pos]
-    W = np.zeros((len(idx), len(order)))
-    for r, j in enumerate(idx):
-        seeds = [s for s in range(S) if np.isfinite(cells.variant[j, s])]
-        n = len(seeds)
-        for s in seeds:
-            W[r, pos[("v", j, s)]] += 1.0 / n
-            if ("b", -1, s) in pos:
-                W[r, pos[("b", -1, s)]] -= 1.0 / n
-            else:
-                for sb in base_seeds:
-                    W[r, pos[("b", -1, sb)]] -= 1.0 / n / len(base_seeds)
-    return W
+def _mean_weights_gram(cells: GapCells, idx: np.ndarray) -> np.ndarray:
+    """W W' (len(idx), len(idx)), W (cells, runs) writing cell j's mean gap as a combination of the
+    runs of runs_from_cells: its n variant runs +1/n each, their paired baseline runs -1/n, and for
+    an unpaired seed the baseline mean (-1/(n m) on each of the m baseline runs). Variant runs
+    belong to one cell, so they add 1/n_j on the diagonal; the baseline runs, shared by the cells,
+    add Wb Wb' with Wb (cells, seeds) their weights. O(cells x seeds), no (cells x runs) matrix."""
+    has_b = np.isfinite(cells.baseline).any(axis=0)  # (S,) seeds with a baseline run
+    m = int(has_b.sum())
+    has_v = np.isfinite(cells.variant[idx])  # (J', S)
+    n = has_v.sum(axis=1).astype(float)
+    unpaired = (has_v & ~has_b[None, :]).sum(axis=1)
+    spread = unpaired / (n * m) if m else np.zeros(len(idx))
+    Wb = np.where(has_b[None, :], -(has_v / n[:, None]) - spread[:, None], 0.0)
+    return np.diag(1.0 / n) + Wb @ Wb.T
 
 
 def _select_nonlinear(x: np.ndarray, means: np.ndarray, floor: bool = False) -> tuple[str, dict[str, Any] | None]:
