@@ -40,6 +40,11 @@ def test_resumed_trial_logs_under_its_id_and_header_only_attempts_are_removed(tm
     # an attempt killed after W&B started and before it logged a row: a header-only run
     wandb.init(id=run_id, project="p", dir=wandb_dir, mode="offline", settings=wandb.Settings(silent=True)).finish()
     (empty,) = wandb_files.offline_runs(wandb_dir, run_id)
+    # an earlier attempt: W&B names run directories by the second, and this one must not share the
+    # next attempt's directory (two attempts within one second are one directory to W&B)
+    earlier = os.path.join(os.path.dirname(empty), "offline-run-20000101_000000-" + run_id)
+    os.rename(empty, earlier)
+    empty = earlier
     assert not wandb_files.read_run(wandb_files.run_file(empty))["history"]
 
     tracker = tracking.TrialTracker(spec, cfg, wandb_dir)
@@ -52,6 +57,9 @@ def test_resumed_trial_logs_under_its_id_and_header_only_attempts_are_removed(tm
     assert first != empty
     run = _closed(first)
     assert [h["_step"] for h in run["history"]] == [10, 20] and run["preempting"] and run["exit_code"] == 1
+    moved = os.path.join(os.path.dirname(first), "offline-run-20000101_000001-" + run_id)  # as above: an earlier second
+    os.rename(first, moved)
+    first = moved
     assert run["config"]["d_osc"] == 4 and run["config"]["params_total"] == 1234 and run["config"]["target_params"] is None
 
     resumed = tracking.TrialTracker(spec, cfg, wandb_dir)  # the next attempt, from the checkpoint at 20
