@@ -207,6 +207,7 @@ def test_widen_factor_is_the_t_correction():
 # checked in tests/test_trust.py and benchmarked by `python -m scaling.coverage`.
 
 
+@pytest.mark.slow  # 100 simulated fits (~11 s); tests/test_trust.py checks coverage in the default run
 def test_loss_law_90_percent_intervals_cover_the_truth_100_replicates():
     """The same validity check for L = E + A N^-alpha: 5 sizes x 5 seeds, 1% multiplicative seed noise."""
     hits = {"alpha": 0, "E": 0, "A": 0}

@@ -71,6 +71,7 @@ def test_an_exhausted_grid_is_not_an_error():
     assert sorted(t.params["lr"] for t in study.trials) == [0.01, 0.1]
 
 
+@pytest.mark.slow  # a Ray study with ASHA (~30 s); CI runs make test only
 def test_asha_stops_are_recorded_as_pruned(tmp_path):
     from storage.ledger import Ledger
     from studies.runner import run_study
