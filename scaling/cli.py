@@ -496,14 +496,37 @@ def cmd_bench(args) -> int:
         argv = ["--reps", str(args.reps), "--noise", str(args.noise), "--batch", str(args.design_batch),
                 "--budgets", *map(str, args.budgets), "--json", args.json or "design_bench.json"]
         return design_bench(argv)
-    from workers.bench import format_table, run_bench, write_json
-
     args.json = args.json or "bench.json"
+    from workers.bench import format_study_throughput, format_table, run_bench, study_header, write_json
 
-    result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
-                       repeats=args.repeats, op_seconds=args.op_seconds, steps=not args.no_steps, naive=not args.no_naive, threads=args.threads,
-                       device=args.device, compile_model=args.compile)
-    print(format_table(result))
+    if args.study_throughput is not None:
+        from storage.suggest import did_you_mean
+        from studies.throughput import CASES
+
+        unknown = [c for c in args.study_throughput if c not in CASES]
+        if unknown:
+            print(f"error: --study-throughput {unknown[0]!r}: unknown case; known: {', '.join(CASES)} "
+                  f"(or give none for all){did_you_mean(unknown[0], CASES)}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.no_attention and args.study_throughput is None:
+        print("error: --no-attention leaves nothing to measure; add --study-throughput [CASE ...]", file=sys.stderr)
+        return EXIT_USAGE
+    if args.no_attention:
+        result = study_header(args.threads, args.device)
+    else:
+        result = run_bench(seq_lens=tuple(args.seq_lens), d_osc=tuple(args.d_osc), batch_size=args.batch_size,
+                           repeats=args.repeats, op_seconds=args.op_seconds, steps=not args.no_steps,
+                           naive=not args.no_naive, threads=args.threads, device=args.device, compile_model=args.compile)
+        print(format_table(result))
+    if args.study_throughput is not None:
+        from studies.throughput import study_throughput
+
+        print(f"study throughput: {args.throughput_workers} worker processes, one thread each; one trial per worker vs "
+              "a cell's seeds packed (run_pack)")
+        result["study_throughput"] = study_throughput(args.study_throughput or None, workers=args.throughput_workers,
+                                                      steps=args.throughput_steps, rounds=args.throughput_rounds,
+                                                      peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
+        print(format_study_throughput(result["study_throughput"]))
     write_json(result, args.json)
     print(f"json:     {args.json}")
     return EXIT_OK
@@ -704,6 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the training-step cases")
     p.add_argument("--no-steps", action="store_true", help="attention op only, no training steps")
     p.add_argument("--no-naive", action="store_true", help="leave out the naive (dense-formula) oscillator")
+    p.add_argument("--study-throughput", nargs="*", metavar="CASE",
+                   help="also measure study throughput (trials/hour), one trial per worker vs stacked seeds, for these "
+                        "cases (none given: quickstart sva kws wikitext2); run from the repository root")
+    p.add_argument("--throughput-steps", type=int, help="steps per trial in the study-throughput cases (default per case)")
+    p.add_argument("--throughput-rounds", type=int, default=2, help="alternating rounds of the two modes (default 2)")
+    p.add_argument("--throughput-workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s at the training precision: study throughput then reports MFU per trial")
+    p.add_argument("--no-attention", action="store_true", help="skip the attention op and training-step cases")
     p.add_argument("--json", help="where to write the results (default bench.json; with --design design_bench.json)")
     p.add_argument("--design", action="store_true",
                    help="instead: adaptive designs against the uniform grid on simulated studies (alpha's interval "

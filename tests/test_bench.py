@@ -110,3 +110,39 @@ def test_issue_target(measured, target):
     print(format_table(measured))
     found = {t["target"]: t for t in measured["targets"]}
     assert found[target]["met"], (target, found[target]["ratio"])
+
+
+# ---- study throughput: stacked seeds against one trial per worker (issue 20) ---------------------
+
+
+@pytest.mark.slow  # expands four study files (KWS hashes its 600 clips): seconds
+def test_study_throughput_cases_pack_each_cells_seeds():
+    """The cases are the study files' trials with the same steps in both modes; packs are cells."""
+    from studies.throughput import CASES, _packs, case_trials
+
+    for case in CASES:
+        trials = case_trials(case, steps=3)
+        assert {t.train["steps"] for t in trials} == {3} and {t.train["eval_every"] for t in trials} == {3}
+        packs = _packs(trials)
+        assert sum(len(p) for p in packs) == len(trials)
+        assert all(len({t.cell for t in p}) == 1 and len({t.seed for t in p}) == len(p) for p in packs)
+
+
+def test_scaling_bench_rejects_an_unknown_throughput_case(capsys):
+    from scaling.cli import main
+
+    assert main(["bench", "--no-attention", "--study-throughput", "svaa"]) == 2
+    assert "did you mean 'sva'" in capsys.readouterr().err
+
+
+@pytest.mark.bench  # starts worker processes and trains 20 short trials
+def test_study_throughput_runs_both_modes_and_writes_the_ratio(tmp_path, capsys):
+    from scaling.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--no-attention", "--study-throughput", "sva", "--throughput-steps", "3",
+                 "--throughput-rounds", "1", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["study_throughput"]["sva"]
+    assert row["trials"] == 10 and row["packs"] == [5, 5] and row["steps"] == 3
+    assert row["ratio"] == pytest.approx(row["stacked"] / row["one_per_worker"], rel=1e-2)
+    assert set(row["train_steps_one_thread"]) == {"sva/softmax", "sva/oscillator/d2"}

@@ -111,3 +111,29 @@ def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, cap
     assert "mqar/oscillator/d4" in out and "total" in out
     assert main(["fits", str(study_file), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["law"] == "gap_vs_dosc"
+
+
+@pytest.mark.slow  # a second study on local Ray (about a minute on 2 shared cores)
+def test_a_study_with_stacked_seeds_records_every_seed_under_its_own_key(tmp_path):
+    """pack_seeds: auto on local Ray: one Ray trial per cell, one ledger record per seed, under the
+    key the seed has unpacked, with the pack noted; a re-run runs nothing."""
+    from storage.ledger import Ledger
+    from studies.plan import expand
+    from studies.runner import run_study
+    from studies.spec import load_study
+
+    data = tiny_study_dict(tmp_path, seeds=[0, 1, 2], variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2]}],
+                           resources={"cpus_per_trial": 1, "max_concurrent_trials": 2, "pack_seeds": "auto"})
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(path)
+    result = run_study(study, num_cpus=2, study_file=str(path))
+    assert result.ok, result.counts
+    rows = Ledger(study.storage_uri()).rows()
+    assert sorted(r["key"] for r in rows) == sorted(t.key for t in expand(study))
+    for row in rows:
+        assert row["status"] == "completed"
+        note = json.loads(row["metrics_json"])["pack"]
+        assert note["size"] == 3 and note["seeds"] == [0, 1, 2] and row["key"] in note["keys"]
+    again = run_study(study, num_cpus=2, study_file=str(path))
+    assert again.ran == 0

@@ -134,3 +134,87 @@ def test_pack_seeds_is_validated_with_the_fix(tmp_path):
         assert StudySpec.model_validate(data).resources.pack_seeds == good
     with pytest.raises(Exception, match="pack_seeds=0: give a number of seeds from 1 to 1024, or auto"):
         StudySpec.model_validate(tiny_study_dict(tmp_path, resources={"pack_seeds": 0}))
+
+
+# ---- the natively stacked forward against each seed's own model -----------------------------------
+
+STACKED_SHAPES = {
+    # name: (ModelConfig fields, input kind) -- every backbone, head, position and attention path
+    "softmax-lm-pad-row": (dict(attention="softmax", vocab_size=11, padding_idx=0), "tokens"),
+    "oscillator-d2-folded": (dict(attention="oscillator", attention_options={"d_osc": 2}, vocab_size=11), "tokens"),
+    "oscillator-d16-dense": (dict(attention="oscillator", attention_options={"d_osc": 16}, vocab_size=11), "tokens"),
+    "oscillator-token-padding": (dict(attention="oscillator", attention_options={"d_osc": 4, "readout_padding_mask": False},
+                                      vocab_size=11, head="token", num_classes=1, causal=False, padding_idx=0), "padded"),
+    "kuramoto-b-learned": (dict(attention="kuramoto", backbone="b", positions="learned", vocab_size=11), "tokens"),
+    "kuramoto-head-gate-padding": (dict(attention="kuramoto", attention_options={"gate_per": "head", "readout": "delta"},
+                                        vocab_size=11, head="classify", num_classes=3, causal=False), "padded"),
+    "softmax-features-classify": (dict(attention="softmax", input_dim=5, head="classify", num_classes=3, causal=False,
+                                       positions="none", final_norm=False, vocab_size=1), "features"),
+}
+
+
+def _stacked_case(name, S=3, B=4, T=6):
+    from workers.model import ModelConfig, Transformer
+
+    fields, kind = STACKED_SHAPES[name]
+    cfg = ModelConfig(**{"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 24, "dropout": 0.1, "max_seq_len": 8,
+                         **fields})
+    models = []
+    for s in range(S):
+        torch.manual_seed(s)
+        models.append(Transformer(cfg).train())
+    g = torch.Generator().manual_seed(123)
+    if kind == "features":
+        inputs = torch.randn(S, B, T, cfg.input_dim, generator=g)
+    else:
+        inputs = torch.randint(1, cfg.vocab_size, (S, B, T), generator=g)
+    kwargs = {}
+    if kind == "padded":
+        lengths = torch.randint(2, T + 1, (S, B), generator=g)
+        padding = torch.arange(T)[None, None, :] >= lengths[..., None]
+        inputs = inputs.masked_fill(padding, 0)
+        kwargs["key_padding_BT"] = padding
+        if cfg.head == "token":
+            kwargs["positions_B"] = lengths - 1
+    return models, inputs, kwargs
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_SHAPES))
+def test_the_stacked_forward_is_each_seeds_own_model(name):
+    """Outputs and every parameter's gradient equal each seed's solo model (its own dropout masks from
+    its own generator, as run_trial draws them from the global one)."""
+    from workers.stacked import StackedModel
+
+    models, inputs, kwargs = _stacked_case(name)
+    S = len(models)
+    generators = [torch.Generator().manual_seed(1000 + s) for s in range(S)]
+    solo_out, solo_grads = [], []
+    for s, model in enumerate(models):
+        torch.set_rng_state(generators[s].get_state())
+        out = model(inputs[s], **{k: v[s] for k, v in kwargs.items()})
+        out.square().sum().backward()
+        solo_out.append(out.detach())
+        solo_grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    stacked = StackedModel(models, generators)
+    out_S = stacked.forward(inputs, **kwargs)
+    torch.stack([o.square().sum() for o in out_S]).sum().backward()
+    for s in range(S):
+        torch.testing.assert_close(out_S[s].detach(), solo_out[s], rtol=1e-5, atol=1e-6)
+        for n, grad in solo_grads[s].items():
+            torch.testing.assert_close(stacked.params[n].grad[s], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    if models[0].cfg.padding_idx is not None:  # the PAD row gets no gradient in either
+        assert not stacked.params["embed.weight"].grad[:, 0].any()
+
+
+def test_an_attention_module_the_stacked_forward_does_not_know_runs_seed_by_seed():
+    from workers.stacked import StackedModel
+    from workers.stacked_forward import _per_seed_attention
+
+    models, inputs, kwargs = _stacked_case("kuramoto-head-gate-padding")
+    generators = [torch.Generator().manual_seed(s) for s in range(len(models))]
+    native = StackedModel(models, generators)
+    out_native = native.forward(inputs, **kwargs)
+    generators = [torch.Generator().manual_seed(s) for s in range(len(models))]
+    fallback = StackedModel(models, generators)
+    fallback.forward.attention = [_per_seed_attention] * len(models[0].blocks)
+    torch.testing.assert_close(fallback.forward(inputs, **kwargs), out_native, rtol=1e-5, atol=1e-6)

@@ -315,6 +315,25 @@ def targets(rows: list[dict], d_osc) -> list[dict[str, Any]]:
     return out
 
 
+def study_header(threads: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """The machine fields of a bench result, for a run that measures study throughput only."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    return {"device": _device_name(device), "threads": torch.get_num_threads(), "allocator": allocator_name(),
+            "torch": torch.__version__, "rows": [], "targets": []}
+
+
+def format_study_throughput(cases: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'case':<11} {'trials':>6} {'steps':>5} {'one/worker /h':>13} {'stacked /h':>10} {'ratio':>6}   "
+             "training steps alone (one thread): pack vs seeds one at a time"]
+    for case, row in cases.items():
+        steps = ", ".join(f"{cell} {fig['ratio']:.2f}x" for cell, fig in row.get("train_steps_one_thread", {}).items())
+        lines.append(f"{case:<11} {row['trials']:>6} {row['steps']:>5} {row['one_per_worker']:>13.0f} "
+                     f"{row['stacked']:>10.0f} {row['ratio']:>6.2f}   {steps}")
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}, threads {result['threads']}, torch {result['torch']}, "
              f"model D {result['model']['d_model']} H {result['model']['n_heads']} "

@@ -5,25 +5,24 @@ Legend: S seeds in the pack, B batch, T sequence.
 
 A pack holds trials that differ only in their seed (same task, variant, shape, recipe). Their
 parameters are stacked along a leading seed dimension (`torch.func.stack_module_state`) and one
-`torch.func.vmap` of `functional_call` runs every seed's forward pass at once, so every kernel is S
-times larger at the dispatch cost of one trial: what a 14k-parameter model spends most of its time on.
+natively stacked forward pass (`workers.stacked_forward`: batched GEMMs over [S, in, out] weights,
+the seed axis folded into the batch of every parameter-free op) runs every seed at once, so every
+kernel is S times larger at the dispatch cost of one trial: what a 14k-parameter model spends most
+of its time on.
 
 Stacking never changes what a trial means. Each seed keeps, from its own seed alone:
 - its initialisation: `torch.manual_seed(seed)` then the model, exactly as `run_trial`;
 - its data order: its own `BatchOrder`;
-- its dropout masks: drawn outside vmap from its own generator, which continues the random stream
-  `run_trial` would continue after the initialisation, in the same order and shapes (vmap's own
-  randomness="different" cannot reproduce a solo run);
+- its dropout masks: drawn from its own generator, which continues the random stream `run_trial`
+  would continue after the initialisation, in the same order and shapes;
+- its loss, as the task defines it (`Task.loss_from_output` on the seed's slice of the output);
 - its optimizer state (Adam is elementwise, so a stacked Adam is S independent ones) and its
   gradient clipping (the norm is taken per seed);
 - its evaluation, checkpoint (under its own trial key), ledger record and W&B run.
 A seed whose loss stops being finite is recorded `diverged` and drops out of the pack's updates;
 the others go on. A stacked seed's training loss matches the same seed run alone to float32
-rounding (vmap batches the matrix products differently; tests/test_stacked.py checks 1e-4 over
+rounding (the batched GEMMs sum in a different order; tests/test_stacked.py checks 1e-4 over
 100 steps).
-
-Under vmap the attention variants run their pure-PyTorch formulas: the hand-written autograd
-Functions of the fast paths (oscillator, kuramoto) have no batching rule.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ from torch import nn
 
 from storage.cache import DatasetCache
 from storage.records import TrialRecord, TrialSpec
-from workers.runtime import _STACKED, tune_allocator
+from workers.runtime import tune_allocator
+from workers.stacked_forward import StackedForward
 from workers.tasks import get_task
 from workers.trial import (
     BatchOrder,
@@ -67,20 +67,6 @@ def packable(spec: TrialSpec) -> bool:
     return not (spec.variant == "oscillator" and spec.variant_options.get("mode", "analytic") != "analytic")
 
 
-class _SeedDropout(nn.Module):
-    """Stands in for `nn.Dropout` in the stacked model: applies the mask this seed drew outside
-    vmap (the next one in call order), scaled as torch's CPU dropout scales it."""
-
-    def __init__(self, p: float, masks: list) -> None:
-        super().__init__()
-        self.p, self.masks = p, masks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        return x * self.masks.pop(0)
-
-
 def _dropout_mask(shape, p: float, generator: torch.Generator, device) -> torch.Tensor:
     """What `F.dropout(x, p)` multiplies x by, drawn as torch draws it (bernoulli_(1 - p), then / (1 - p))."""
     noise = torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator)
@@ -88,78 +74,30 @@ def _dropout_mask(shape, p: float, generator: torch.Generator, device) -> torch.
 
 
 class StackedModel:
-    """S models of one architecture as stacked parameters, one functional forward under vmap."""
+    """S models of one architecture as stacked parameters (`torch.func.stack_module_state`), trained
+    through one natively stacked forward pass (`workers.stacked_forward`)."""
 
     def __init__(self, models: list[nn.Module], generators: list[torch.Generator]) -> None:
         self.models, self.generators = models, generators
-        self.template = _copy_structure(models[0])
-        self.masks: list[torch.Tensor] = []  # per call, the seeds' masks; consumed in call order
-        self.dropouts = []
-        for name, module in list(self.template.named_modules()):
-            if isinstance(module, nn.Dropout):
-                replacement = _SeedDropout(module.p, [])
-                _set_submodule(self.template, name, replacement)
-                self.dropouts.append(replacement)
-        self.p_max = max((d.p for d in self.dropouts), default=0.0)
-        params, buffers = torch.func.stack_module_state(models)
+        params, _ = torch.func.stack_module_state(models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
-        self.buffers = buffers
-        self._shapes: dict[tuple, list[tuple[tuple[int, ...], float]]] = {}
+        self.forward = StackedForward(models[0], self.params, generators)
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
 
-    def _mask_shapes(self, example_call: Callable[[nn.Module], Any], key: tuple) -> list[tuple[tuple[int, ...], float]]:
-        """Shapes of the dropout calls of one forward, in call order (probed once per batch shape on
-        seed 0's model, without gradients)."""
-        if key not in self._shapes:
-            seen: list[tuple[tuple[int, ...], float]] = []
-            model = self.models[0]
-            hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), mod.p)))
-                     for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-            was = model.training
-            model.train()
-            try:
-                with torch.no_grad():
-                    example_call(model)
-            finally:
-                for h in hooks:
-                    h.remove()
-                model.train(was)
-            self._shapes[key] = seen
-        return self._shapes[key]
-
-    def losses(self, loss_fn: Callable[[Any, dict], torch.Tensor], batch_S: dict[str, torch.Tensor],
-               batch_0: dict[str, torch.Tensor], active: list[bool]) -> torch.Tensor:
-        """(S,) training losses: every seed's forward on its own batch, with its own dropout masks.
-        Seeds not `active` (diverged) draw no masks: their generators stay where they stopped."""
-        device = next(iter(self.params.values())).device
-        masks_per_call: list[torch.Tensor] = []
-        if self.p_max > 0:
-            key = tuple((k, tuple(v.shape)) for k, v in batch_0.items())
-            shapes = self._mask_shapes(lambda m: loss_fn(m, batch_0), key)
-            per_seed = []
-            for gen, live in zip(self.generators, active):
-                if live:
-                    per_seed.append([_dropout_mask(s, p, gen, device) for s, p in shapes])
-                else:
-                    per_seed.append([torch.ones(s, device=device) for s, _ in shapes])
-            masks_per_call = [torch.stack([seed[i] for seed in per_seed]) for i in range(len(shapes))]
-        template, dropouts = self.template, [d for d in self.dropouts if d.p > 0]
-
-        def one_seed(params, buffers, batch, masks):
-            queue = list(masks)
-            for d in dropouts:
-                d.masks = queue  # one shared queue: the modules pop in call order
-            model = _Functional(template, params, buffers)
-            return loss_fn(model, batch)
-
-        template.train()
-        _STACKED.append(True)
-        try:
-            return torch.func.vmap(one_seed, in_dims=(0, 0, 0, 0))(self.params, self.buffers, batch_S, masks_per_call)
-        finally:
-            _STACKED.pop()
+    def losses(self, task, batch_S: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+               active: list[bool]) -> torch.Tensor:
+        """(S,) training losses: every seed's forward on its own batch (`batch_S`: the seeds' batches
+        stacked), with its own dropout masks, and its loss as the task defines it. Seeds not `active`
+        (diverged) draw no masks: their generators stay where they stopped."""
+        self.forward.active = list(active)
+        self.models[0].train()
+        args, kwargs = task.model_inputs(batch_S)
+        out_S = self.forward(*args, **kwargs)
+        # unbind, not out_S[s]: each indexing's backward would write a zero gradient of the whole
+        # stacked output (5 x 640 MB of logits per step for a pack of 5 at the WikiText-2 shape)
+        return torch.stack([task.loss_from_output(out, batch) for out, batch in zip(out_S.unbind(0), batches)])
 
     def sync_to_models(self) -> None:
         """Copy the stacked parameters into the per-seed models (for evaluation and checkpoints)."""
@@ -168,28 +106,6 @@ class StackedModel:
                 named = dict(model.named_parameters())
                 for name, value in self.params.items():
                     named[name].copy_(value[s])
-
-
-class _Functional:
-    """Calls the template module with one seed's parameters (inside vmap)."""
-
-    def __init__(self, template: nn.Module, params: dict, buffers: dict) -> None:
-        self.template, self.params, self.buffers = template, params, buffers
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.template, (self.params, self.buffers), args, kwargs)
-
-
-def _copy_structure(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)  # its parameters are replaced by the stacked ones at every call
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def _clip_per_seed(params: list[torch.Tensor], max_norm: float, active: torch.Tensor) -> None:
@@ -340,7 +256,7 @@ def _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_ch
             group["lr"] = learning_rate(step, train)
         batches = [task.batch(train_split, orders[s].indices(step)) for s in range(S)]
         batch_S = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
-        losses_S = stacked.losses(task.loss, batch_S, batches[0], active)
+        losses_S = stacked.losses(task, batch_S, batches, active)
         finite_S = torch.isfinite(losses_S.detach())
         for s in range(S):
             if active[s] and not bool(finite_S[s]):

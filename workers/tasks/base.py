@@ -188,8 +188,18 @@ class Task:
     def batch(self, split: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor]:
         return self.placed({name: torch.from_numpy(np.asarray(array[index], dtype=np.int64)) for name, array in split.items()})
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
+        """What the training loss feeds the model: `model(*args, **kwargs)` (a stacked pack calls its
+        stacked forward with the seeds' inputs stacked, workers/stacked.py)."""
         raise NotImplementedError
+
+    def loss_from_output(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss from the model's output on `model_inputs(batch)`."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        args, kwargs = self.model_inputs(batch)
+        return self.loss_from_output(model(*args, **kwargs), batch)
 
     @no_grad
     def evaluate(self, model, split: dict[str, np.ndarray], batch_size: int, prefix: str) -> dict[str, float]:
@@ -212,8 +222,10 @@ class LMTask(Task):
             "causal": True,
         }
 
-    def loss(self, model, batch):
-        logits_BTV = model(batch["input_ids"])
+    def model_inputs(self, batch):
+        return (batch["input_ids"],), {}
+
+    def loss_from_output(self, logits_BTV, batch):
         return F.cross_entropy(logits_BTV.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
     @no_grad

@@ -164,8 +164,11 @@ class KWS(Task):
             "labels": torch.from_numpy(split["label"][index].astype(np.int64)),
         })
 
-    def loss(self, model, batch):
-        return F.cross_entropy(model(batch["features"]), batch["labels"])
+    def model_inputs(self, batch):
+        return (batch["features"],), {}
+
+    def loss_from_output(self, logits_BC, batch):
+        return F.cross_entropy(logits_BC, batch["labels"])
 
     @no_grad
     def evaluate(self, model, split, batch_size, prefix):

@@ -127,11 +127,15 @@ class SVA(Task):
             "kind": torch.from_numpy(split["kind"][index].astype(np.int64)),
         })
 
-    def logits(self, model, batch) -> torch.Tensor:
-        return model(batch["tokens"], key_padding_BT=batch["key_padding"], positions_B=batch["verb_pos"]).squeeze(-1)
+    def model_inputs(self, batch):
+        return (batch["tokens"],), {"key_padding_BT": batch["key_padding"], "positions_B": batch["verb_pos"]}
 
-    def loss(self, model, batch):
-        return F.binary_cross_entropy_with_logits(self.logits(model, batch), batch["labels"])
+    def logits(self, model, batch) -> torch.Tensor:
+        args, kwargs = self.model_inputs(batch)
+        return model(*args, **kwargs).squeeze(-1)
+
+    def loss_from_output(self, logits_B1, batch):
+        return F.binary_cross_entropy_with_logits(logits_B1.squeeze(-1), batch["labels"])
 
     @no_grad
     def evaluate(self, model, split, batch_size, prefix):
