@@ -10,7 +10,6 @@ Needs no torch and no ray.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling import laws
 from scaling.fits import FitResult
 from storage import fs as sfs
@@ -33,6 +32,11 @@ from storage.ledger import Ledger, table_rows
 from storage.suggest import did_you_mean
 
 STATUS_KEYS = ("completed", "diverged", "pruned", "failed", "in_progress", "pending")
+# the ledger columns each reader needs (Ledger.table(columns=)): the JSON blobs (spec, metrics,
+# hyperparameters) are most of a ledger's bytes and of the time to turn it into Python rows
+STATUS_COLUMNS = ["key", "cell", "task", "stage", "status", "wall_seconds", "finished_at"]
+FIT_COLUMNS = ["key", "cell", "task", "variant", "d_osc", "target_params", "params_total", "params_non_embedding",
+               "seed", "stage", "status", "metric_name", "metric_value", "finished_at"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as studies.spec: names directories
 # where a prediction may be asked for: d_osc as in a study file (>= 2: the sphere S^(d-1)), at most
 # 2^16; parameter counts from 1e3 (a study's smallest target) to 1e15
@@ -53,7 +57,7 @@ class StudyResults:
     name: str
     storage: str
     config: dict[str, Any]  # the study file as saved beside the ledger
-    rows: list[dict[str, Any]]  # every ledger row, failed attempts included
+    rows: list[dict[str, Any]]  # every ledger row, failed attempts included (the columns read; [] with rows=False)
     plan: list[dict[str, Any]] | None  # planned trials (key, cell, task, variant, d_osc, seed)
     # files under ledger/ that are not finished records (temporary or partial files), skipped: path, reason
     ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)
@@ -69,7 +73,17 @@ class StudyResults:
 
     @property
     def tasks(self) -> list[str]:
+        if not self.rows and self.table is not None:  # opened with rows=False
+            import pyarrow.compute as pc
+
+            return sorted(t for t in pc.unique(self.table.column("task")).to_pylist() if t is not None)
         return sorted({r["task"] for r in self.rows})
+
+    def arrow(self):
+        """The ledger rows as an Arrow table (the one read, else built from `rows`)."""
+        import pyarrow as pa
+
+        return self.table if self.table is not None else pa.Table.from_pylist(self.rows)
 
     def metric_name(self, task: str) -> str:
         names = {r["metric_name"] for r in self.done_rows if r["task"] == task and r["metric_name"]}
@@ -82,18 +96,22 @@ class StudyResults:
 
 
 def _read_yaml(fs, path: str) -> dict[str, Any]:
-    data = yaml.safe_load(sfs.read_bytes(fs, path)) or {}
+    # libyaml's parser where PyYAML has it: an imported study's file lists every seed, and the
+    # pure-Python parser took 8 s for 16,000 of them
+    data = yaml.load(sfs.read_bytes(fs, path), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(data, dict):
         raise StudyNotFound(f"{path}: not a study file (not a YAML mapping)")
     return data
 
 
-def open_study(ref: str, *, rows: bool = True) -> StudyResults:
+def open_study(ref: str, *, rows: bool = True, columns: list[str] | None = None) -> StudyResults:
     """A study from its storage directory/URI, from its study file (storage read from it), or by
     name: a bare name that is no path here is looked up under `study_roots()`.
-    rows=False: the Arrow table only (`rows` empty), for exports that never need Python rows."""
+    rows=False: the Arrow table only (`rows` empty), for exports and counts that never need Python
+    rows. columns: read only these ledger columns (e.g. FIT_COLUMNS, STATUS_COLUMNS; key and status
+    always), for the rows and the table."""
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
-        config = yaml.safe_load(Path(ref).read_text()) or {}
+        config = yaml.load(Path(ref).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         if not isinstance(config, dict) or "name" not in config:
             raise StudyNotFound(f"{ref}: not a study file (no `name`)")
         storage = sfs.study_storage_uri(config["name"], config.get("storage"))
@@ -101,7 +119,7 @@ def open_study(ref: str, *, rows: bool = True) -> StudyResults:
         storage = find_study(ref)
     else:
         storage = sfs.absolute_uri(ref)
-    return open_storage(storage, rows=rows)
+    return open_storage(storage, rows=rows, columns=columns)
 
 
 def study_roots() -> list[str]:
@@ -132,9 +150,10 @@ def find_study(name: str, roots: list[str] | None = None) -> str:
     )
 
 
-def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
+def open_storage(storage: str, *, rows: bool = True, columns: list[str] | None = None) -> StudyResults:
     """A study from its storage directory or URI only: never from a study file, so whatever a file's
-    `storage:` names is not followed (what the HTTP API serves: directories under its root)."""
+    `storage:` names is not followed (what the HTTP API serves: directories under its root).
+    rows and columns: as `open_study`."""
     fs, root = sfs.resolve(storage)
     if fs.get_file_info(root).type == pafs.FileType.File:
         raise StudyNotFound(f"{storage}: a file, not a study's storage directory")
@@ -148,7 +167,7 @@ def open_storage(storage: str, *, rows: bool = True) -> StudyResults:
     plan_path = sfs.join(root, "plan.json")
     plan = json.loads(sfs.read_bytes(fs, plan_path)) if sfs.exists(fs, plan_path) else None
     ledger = Ledger(storage)
-    table = ledger.table()
+    table = ledger.table(columns=columns)
     return StudyResults(str(config.get("name", Path(root).name)), storage, config, table_rows(table) if rows else [], plan,
                         [item.as_dict() for item in ledger.ignored], table)
 
@@ -184,12 +203,12 @@ def studies_overview(root: str) -> list[dict[str, Any]]:
         row = {**entry, "storage": sfs.join(base, entry["name"]) if sfs.is_local(root) else sfs.join(root, entry["name"])}
         if "error" not in entry:
             try:
-                study = open_storage(row["storage"])
+                study = open_storage(row["storage"], rows=False, columns=STATUS_COLUMNS)
             except Exception as error:  # noqa: BLE001 -- one broken study must not hide the others
                 row["error"] = f"{type(error).__name__}: {error}"
             else:
                 totals = status_totals(status(study))
-                finished = [str(r["finished_at"]) for r in study.rows if r.get("finished_at")]
+                finished = [str(f) for f in study.table.column("finished_at").to_pylist() if f]
                 row.update(totals, planned=sum(totals.values()), last_finished=max(finished) if finished else None)
         out.append(row)
     return out
@@ -216,7 +235,7 @@ def fit_settings(study: StudyResults) -> dict[str, Any]:
 
 def fits(
     study: StudyResults, *, task: str | None = None, variant: str | None = None, law: str | None = None,
-    method: str | None = None, n_boot: int = F.N_BOOT, ci_level: float = F.CI_LEVEL, params: str = "non_embedding",
+    method: str | None = None, n_boot: int = fitting.N_BOOT, ci_level: float = fitting.CI_LEVEL, params: str = "non_embedding",
     seed: int = 0, min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> list[FitResult]:
     """Every law the study's data supports, for each task and variant (filters narrow the list):
@@ -235,18 +254,18 @@ def fits(
         study = dataclasses.replace(study, rows=[r for r in study.rows if r.get("d_osc") is None
                                                  or float(r["d_osc"]) not in held])
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
-    if law is not None and law not in F.LAWS:
-        raise QueryError(f"unknown law {law!r}; known: {list(F.LAWS)}")
-    if method is not None and method not in (*F.GAP_METHODS, "huber-log"):
-        raise QueryError(f"unknown method {method!r}; known: {[*F.GAP_METHODS, 'huber-log']}")
-    if params not in F.PARAM_FIELDS:
-        raise QueryError(f"unknown params {params!r}; known: {list(F.PARAM_FIELDS)}")
+    if law is not None and law not in fitting.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(fitting.LAWS)}")
+    if method is not None and method not in (*fitting.GAP_METHODS, "huber-log"):
+        raise QueryError(f"unknown method {method!r}; known: {[*fitting.GAP_METHODS, 'huber-log']}")
+    if params not in fitting.PARAM_FIELDS:
+        raise QueryError(f"unknown params {params!r}; known: {list(fitting.PARAM_FIELDS)}")
     if not 0 < ci_level < 1:
         raise QueryError(f"ci_level={ci_level} must be between 0 and 1, e.g. 0.95")
     key = (study.storage, study.signature(), n_boot, ci_level, params, seed, tuple(held))
     if key not in _CACHE:
         with laws.single_threaded_blas():
-            found = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=F.PARAM_FIELDS[params], seed=seed)
+            found = _all_fits(study, n_boot=n_boot, ci_level=ci_level, params_field=fitting.PARAM_FIELDS[params], seed=seed)
             for fit in found:
                 if fit.law == "gap_vs_dosc":
                     fit.holdout.extend(c for d in held if (c := holdout_check(full, fit, d)) is not None)
@@ -275,7 +294,7 @@ def holdout_check(study: StudyResults, fit: FitResult, d_osc: float) -> dict[str
         out["observed_se"] = observed["sd"] / math.sqrt(observed["n_seeds"])
     if not fit.ok:
         out["note"] = f"no prediction: the law is not identified ({fit.reason})"
-        return F._clean(out)
+        return fitting.json_safe(out)
     pred = fit.predict(float(d_osc), n_seeds=observed["n_seeds"])
     out.update(predicted=pred["value"], ci_low=pred["ci_low"], ci_high=pred["ci_high"], pi_low=pred.get("pi_low"),
                pi_high=pred.get("pi_high"), level=pred["level"])
@@ -288,7 +307,7 @@ def holdout_check(study: StudyResults, fit: FitResult, d_osc: float) -> dict[str
         out["z"] = (observed["gap"] - pred["value"]) / se if se > 0 else None
     if pred.get("pi_low") is not None:
         out["inside"] = bool(pred["pi_low"] <= observed["gap"] <= pred["pi_high"])
-    return F._clean(out)
+    return fitting.json_safe(out)
 
 
 def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int) -> list[FitResult]:
@@ -299,73 +318,40 @@ def _all_fits(study: StudyResults, *, n_boot: int, ci_level: float, params_field
 
 
 def _fit_jobs(study: StudyResults, *, n_boot: int, ci_level: float, params_field: str, seed: int):
-    """One callable per fit (or per pair of gap methods), each returning FitResult(s)."""
+    """One callable per fit (or per pair of gap methods), each returning FitResult(s): every
+    registered law's `jobs` for every (task, variant) of the study (scaling/laws.py)."""
     baseline = study.baseline
+    floor = fit_settings(study)["floor"]
     for task in study.tasks:
-        data = F.select_rows(study.rows, task)
+        data = fitting.select_rows(study.rows, task)
         if not data.rows:
             continue
-        draws = F.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
-        metric = data.metric
+        draws = fitting.SeedDraws(data.seeds, n_boot, seed, stream=f"{study.name}/{task}")  # one stream per task: paired fits
+        common = dict(study=study.name, task=task, metric=data.metric, draws=draws, ci_level=ci_level)
         has_baseline = any(r["variant"] == baseline for r in data.rows)
-        variants = sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded})
-        common = dict(study=study.name, task=task, metric=metric, draws=draws, ci_level=ci_level)
-        floor = fit_settings(study)["floor"]
         base_sizes = {r["target_params"] for r in data.rows if r["variant"] == baseline}
-        for variant in variants:
+        for variant in sorted({r["variant"] for r in data.rows} | {r["variant"] for r, _ in data.excluded}):
             vrows = [r for r in data.rows if r["variant"] == variant]
-            sizes = sorted({r["target_params"] for r in vrows}, key=lambda v: (v is not None, v or 0))
-            d_values = sorted({r["d_osc"] for r in vrows}, key=lambda v: (v is not None, v or 0))
-            # gap vs d_osc, at each size
-            if variant != baseline and any(d is not None for d in d_values):
-                for size in sizes:
-                    group = {"target_params": size} if size is not None else {}
-                    if not has_baseline:
-                        cells = F.GapCells(F.np.zeros(0), [], F.np.zeros((0, 0)), F.np.zeros((0, 0)), 1.0,
-                                           [f"no completed {baseline} baseline trials for task {task}"])
-                    else:
-                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc", metric=metric,
-                                            target_params=size, params_field=params_field)
-                    excluded = _merge(data.excluded_where(variant=variant, target_params=size),
-                                      data.excluded_where(variant=baseline, target_params=size))
-                    yield functools.partial(F.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
-                                            group=group, excluded=excluded, extra_notes=data.notes, floor=floor, **common)
-            # gap and loss vs parameters, at each d_osc
-            if len([s for s in sizes if s is not None]) >= 2:
-                for d in d_values:
-                    group = {"d_osc": d} if d is not None else {}
-                    excluded_v = data.excluded_where(variant=variant, d_osc=d)
-                    if variant != baseline and has_baseline and len(base_sizes - {None}) >= 2:
-                        cells = F.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params", metric=metric,
-                                            d_osc=d, params_field=params_field)
-                        excluded = _merge(excluded_v, data.excluded_where(variant=baseline))
-                        yield functools.partial(F.fit_gap_law, cells, law="gap_vs_params", variant=variant,
-                                                baseline=baseline, group=group, excluded=excluded,
-                                                extra_notes=data.notes, params_field=params_field, floor=floor, **common)
-                    yield functools.partial(F.fit_loss_vs_params, data.rows, variant=variant, d_osc=d,
-                                            params_field=params_field, excluded=excluded_v, extra_notes=data.notes,
-                                            **common)
-
-
-def _merge(*counts: dict[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return out
+            scope = laws.FitScope(
+                data=data, variant=variant, baseline=baseline, has_baseline=has_baseline,
+                sizes=sorted({r["target_params"] for r in vrows}, key=lambda v: (v is not None, v or 0)),
+                d_values=sorted({r["d_osc"] for r in vrows}, key=lambda v: (v is not None, v or 0)),
+                base_sizes=base_sizes, params_field=params_field, floor=floor, common=common)
+            for law in laws.LAWS.values():
+                yield from law.jobs(scope)
 
 
 def find_fit(
     study: StudyResults, *, task: str, variant: str, law: str = "gap_vs_dosc", method: str | None = None,
-    group: dict[str, Any] | None = None, n_boot: int = F.N_BOOT, params: str = "non_embedding", holdout: bool = True,
+    group: dict[str, Any] | None = None, n_boot: int = fitting.N_BOOT, params: str = "non_embedding", holdout: bool = True,
 ) -> FitResult:
     """The one fit a prediction or comparison uses; the error lists what exists when it is ambiguous or absent."""
-    method = method or ("huber-log" if law == "loss_vs_params" else fit_settings(study)["method"])
+    method = method or laws.LAWS[law].default_method or fit_settings(study)["method"]
     found = fits(study, task=task, variant=variant, law=law, method=method, n_boot=n_boot, params=params, holdout=holdout)
     if group:
         found = [f for f in found if all(f.group.get(k) == v for k, v in group.items())]
     if len(found) > 1:  # one fit per size (or per d_osc), identified or not: the caller must choose
-        option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+        option = laws.LAWS[law].group
         raise QueryError(f"{len(found)} {law} fits for {task}/{variant}, one per {option}: choose one of "
                          f"{[f.group_label for f in found]}")
     usable = [f for f in found if f.ok]
@@ -381,7 +367,7 @@ def find_fit(
             f"({reason}); usable fits: {[f'{t}/{v}/{lw}' for t, v, lw in have] or 'none'}"
         )
     groups = [f.group_label for f in usable]
-    option = "target_params (CLI --target-params)" if law == "gap_vs_dosc" else "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+    option = laws.LAWS[law].group
     raise QueryError(f"{len(usable)} {law} fits for {task}/{variant}, one per {option}: choose one of {groups}")
 
 
@@ -408,7 +394,7 @@ def group_of(law: str | None, *, target_params: int | None = None, at_d_osc: int
 def predict(
     study: StudyResults, *, task: str, variant: str, x: float | None = None, d_osc: float | None = None,
     params: float | None = None, law: str | None = None, method: str | None = None,
-    group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = F.N_BOOT,
+    group: dict[str, Any] | None = None, n_seeds: int = 1, level: float | None = None, n_boot: int = fitting.N_BOOT,
     min_d_osc: float | None = None, max_d_osc: float | None = None, holdout: bool = True,
 ) -> dict[str, Any]:
     """The fitted law at a new point, with the confidence interval of the law and a prediction
@@ -419,13 +405,15 @@ def predict(
     full = study
     study = within_d_osc(study, min_d_osc=min_d_osc, max_d_osc=max_d_osc)
     if d_osc is not None:
-        x, law = d_osc, law or "gap_vs_dosc"
+        x, law = d_osc, law or laws.default_law("d_osc")
     elif params is not None:
-        x, law = params, law or "gap_vs_params"
-    law = law or "gap_vs_dosc"
+        x, law = params, law or laws.default_law("params")
+    law = law or laws.default_law("d_osc")
+    if law not in laws.LAWS:
+        raise QueryError(f"unknown law {law!r}; known: {list(laws.LAWS)}")
     if x is None or not math.isfinite(float(x)) or float(x) <= 0:
         raise QueryError(f"give a positive point to predict at (d_osc=... or params=...), got {x!r}")
-    name, (low, high) = ("d_osc", D_OSC_RANGE) if law == "gap_vs_dosc" else ("params", PARAMS_RANGE)
+    name, (low, high) = ("d_osc", D_OSC_RANGE) if laws.LAWS[law].x == "d_osc" else ("params", PARAMS_RANGE)
     if not low <= float(x) <= high:
         raise QueryError(f"{name}={float(x):g} is outside [{low:g}, {high:g}]: predict at a {name} a study could run")
     if n_seeds < 1:
@@ -435,15 +423,15 @@ def predict(
     fit = find_fit(study, task=task, variant=variant, law=law, method=method, group=group, n_boot=n_boot, holdout=holdout)
     out = fit.predict(float(x), n_seeds=n_seeds, level=level)
     constants = {k: e.value for k, e in fit.constants.items()}
-    quantity = "gap" if law.startswith("gap") else "loss"
+    quantity = laws.LAWS[law].quantity
     observed = None
-    if law == "gap_vs_dosc":
+    if laws.LAWS[law].x == "d_osc" and laws.LAWS[law].baseline:  # the study's measured gap at that d_osc
         observed = observed_gap(full, task=task, variant=variant, d_osc=float(x),
                                 target_params=fit.group.get("target_params"))
         if observed is not None:
             observed["within_prediction_interval"] = (
                 out["pi_low"] is not None and out["pi_low"] <= observed["gap"] <= out["pi_high"])
-    return F._clean({"observed": observed, "task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
+    return fitting.json_safe({"observed": observed, "task": task, "variant": variant, "law": law, "method": fit.method, "model": fit.model,
                      "formula": fit.formula, "group": fit.group, "quantity": quantity, quantity: out["value"],
                      "d_osc" if fit.x_name == "d_osc" else "params": float(x), **out, "constants": constants,
                      "fitted_range": [min(p["x"] for p in fit.points if p.get("used", True)),
@@ -461,7 +449,7 @@ def compare(
     `other` takes b from another study (its own, independent seed draws)."""
     fa = find_fit(study, task=a[0], variant=a[1], law=law, method=method, group=group_a)
     fb = find_fit(other or study, task=b[0], variant=b[1], law=law, method=method, group=group_b)
-    return F.compare_exponents(fa, fb, level=level)
+    return fitting.compare_exponents(fa, fb, level=level)
 
 
 def exponent_differences(fit_list: list[FitResult], *, level: float | None = None) -> list[dict[str, Any]]:
@@ -476,7 +464,7 @@ def exponent_differences(fit_list: list[FitResult], *, level: float | None = Non
             same_task = a.task == b.task and a.group == b.group and a.variant != b.variant
             cross_task = a.task != b.task and a.variant == b.variant and a.group == b.group
             if same_task or cross_task:
-                out.append(F.compare_exponents(a, b, level=level))
+                out.append(fitting.compare_exponents(a, b, level=level))
     return out
 
 
@@ -487,39 +475,69 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
 
     A searched cell's trials are slots in plan.json (key None: Optuna picks them as it goes). They
     are filled, stage by stage, by the cell's ledger records that the plan does not name; a
-    checkpoint of the cell with no record is in progress; the open slots left are pending."""
-    done = {r["key"]: r["status"] for r in study.rows if r["status"] != "failed"}
-    failed = {r["key"] for r in study.rows if r["status"] == "failed"}
+    checkpoint of the cell with no record is in progress; the open slots left are pending.
+    Counted by Arrow (look-ups and a group-by over the key and status columns): no Python row per trial."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = study.arrow()
+    is_failed = pc.fill_null(pc.equal(table.column("status"), "failed"), False)
+    done = table.filter(pc.invert(is_failed))
+    failed_keys = table.filter(is_failed).column("key")
     started = _started_keys(study.storage)
-    planned = study.plan or [{"key": r["key"], "cell": r["cell"]} for r in study.rows]
-    cells: dict[str, dict[str, int]] = {}
     slots: dict[str, dict[str, int]] = {}  # cell -> stage -> planned slots
-    seen = set()
-    for trial in planned:
-        counts = cells.setdefault(trial["cell"], {s: 0 for s in STATUS_KEYS})
-        key = trial["key"]
-        if key is None:
-            stages = slots.setdefault(trial["cell"], {})
-            stage = trial.get("stage") or "search"
-            stages[stage] = stages.get(stage, 0) + 1
-            continue
-        if key in seen:
-            continue
-        seen.add(key)
-        if key in done:
-            counts[done[key]] = counts.get(done[key], 0) + 1
-        elif key in failed:
-            counts["failed"] += 1
-        elif key in started:
-            counts["in_progress"] += 1
-        else:
-            counts["pending"] += 1
+    if study.plan:
+        keyed = [t for t in study.plan if t["key"] is not None]
+        for trial in study.plan:
+            if trial["key"] is None:
+                stages = slots.setdefault(trial["cell"], {})
+                stage = trial.get("stage") or "search"
+                stages[stage] = stages.get(stage, 0) + 1
+        planned = pa.table({"key": pa.array([t["key"] for t in keyed], pa.string()),
+                            "cell": pa.array([t["cell"] for t in keyed], pa.string())})
+        cell_order = pc.unique(pa.array([t["cell"] for t in study.plan], pa.string())).to_pylist()
+    else:
+        planned = table.select(["key", "cell"])
+        cell_order = pc.unique(planned.column("cell")).to_pylist()
+    planned = _first_per_key(planned)
+    keys = planned.column("key")
+    done_status = pc.take(done.column("status"), pc.index_in(keys, value_set=done.column("key")))
+    unfinished = pc.if_else(pc.is_in(keys, value_set=failed_keys), "failed",
+                            pc.if_else(pc.is_in(keys, value_set=pa.array(sorted(started), pa.string())),
+                                       "in_progress", "pending"))
+    outcome = pc.coalesce(done_status, unfinished)
+    counted = pa.table({"cell": planned.column("cell"), "outcome": outcome}).group_by(["cell", "outcome"]).aggregate(
+        [("outcome", "count")])
+    cells: dict[str, dict[str, int]] = {cell: {s: 0 for s in STATUS_KEYS} for cell in cell_order}
+    for cell, state, n in zip(*(counted.column(c).to_pylist() for c in ("cell", "outcome", "outcome_count"))):
+        cells[cell][state] = cells[cell].get(state, 0) + n
     design_slots = slots.pop(DESIGN_CELL, {}).get("design", 0)
-    for cell, stages in slots.items():
-        _fill_slots(cells[cell], cell, stages, study.rows, seen, started)
-    if design_slots:
-        _fill_design(cells, design_slots, study.rows, seen, started)
+    if slots or design_slots:
+        known = set(keys.to_pylist())
+        wanted = pc.is_in(table.column("cell"), value_set=pa.array(list(slots), pa.string()))
+        if design_slots and "stage" in table.column_names:
+            wanted = pc.or_(wanted, pc.fill_null(pc.equal(table.column("stage"), "design"), False))
+        in_slots = table.filter(wanted)
+        rows = table_rows(in_slots.select([c for c in ("key", "cell", "status", "stage") if c in in_slots.column_names]))
+        for cell, stages in slots.items():
+            _fill_slots(cells[cell], cell, stages, rows, known, started)
+        if design_slots:
+            _fill_design(cells, design_slots, rows, known, started)
     return cells
+
+
+def _first_per_key(table):
+    """One row per key, the first (the old rule: a key is counted where it first appears)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return table
+    indexed = table.append_column("_i", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by("key").aggregate([("_i", "min")]).column("_i_min")
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pc.take(first, pc.array_sort_indices(first)))
 
 
 DESIGN_CELL = "design"  # plan.json's cell of an adaptive design's open slots (studies.runner)
@@ -586,7 +604,11 @@ def eta(study: StudyResults, remaining: int) -> dict[str, Any]:
     resources = study.config.get("resources") or {}
     slots = resources.get("max_concurrent_trials") or max(
         1, int((os.cpu_count() or 1) // (resources.get("cpus_per_trial") or 1)))
-    walls = [r["wall_seconds"] for r in study.done_rows if r["status"] == "completed" and r["wall_seconds"]]
+    import pyarrow.compute as pc
+
+    table = study.arrow()
+    completed = table.filter(pc.fill_null(pc.equal(table.column("status"), "completed"), False))
+    walls = [w for w in completed.column("wall_seconds").to_pylist() if w]
     median = statistics.median(walls) if walls else None
     seconds = 0.0 if remaining == 0 else (remaining * median / slots if median is not None else None)
     return {"remaining": remaining, "seconds": seconds, "concurrent_trials": slots, "median_trial_seconds": median}
@@ -599,7 +621,8 @@ def status_summary(study: StudyResults) -> dict[str, Any]:
     totals = status_totals(cells)
     return {"name": study.name, "storage": study.storage, "description": study.config.get("description", ""),
             "baseline": study.baseline, "tasks": study.tasks, "totals": totals, "cells": cells,
-            "eta": eta(study, totals["pending"] + totals["in_progress"]), "ledger_ignored": study.ignored}
+            "eta": eta(study, totals["pending"] + totals["in_progress"]), "ledger_ignored": study.ignored,
+            "in_progress_trials": running(study)}
 
 
 def ledger_notes(study: StudyResults) -> list[str]:
@@ -619,7 +642,7 @@ def design(study: StudyResults) -> dict[str, Any] | None:
         return None
     info = json.loads(sfs.read_bytes(fs, path))
     target = D.Target(info["target"]["kind"], info["target"]["x0"])
-    sign = 1.0 if F.lower_is_better(study.metric_name(info["task"])) else -1.0
+    sign = 1.0 if fitting.lower_is_better(study.metric_name(info["task"])) else -1.0
     design_keys = {p["key"] for p in info["proposals"]}
     size = info.get("target_params")
     by_key: dict[str, Any] = {}
@@ -675,7 +698,7 @@ def searches(study: StudyResults) -> list[dict[str, Any]]:
     for cell in sorted(planned.keys() | runs.keys()):
         records = sorted(runs.get(cell, {}).values(), key=lambda r: (str(r.get("finished_at") or ""), r["_order"]))
         metric = next((r["metric_name"] for r in records + replicates.get(cell, []) if r["metric_name"]), "metric")
-        sign = 1.0 if F.lower_is_better(metric) else -1.0
+        sign = 1.0 if fitting.lower_is_better(metric) else -1.0
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             groups.setdefault(r["hparams_json"] or "{}", []).append(r)
@@ -736,7 +759,7 @@ def trials(
             if (task is None or r["task"] == task) and (variant is None or r["variant"] == variant)
             and (status is None or r["status"] == status) and (cell is None or r["cell"] == cell)]
     rows.sort(key=lambda r: (r["cell"], r["seed"], r["key"], str(r.get("finished_at"))))
-    return [F._clean({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
+    return [fitting.json_safe({k: r.get(k) for k in TRIAL_FIELDS}) for r in rows[offset: offset + limit]]
 
 
 def trials_table(study: StudyResults, *, task: str | None = None, variant: str | None = None,
@@ -776,12 +799,12 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
                  target_params: int | None = None) -> dict[str, Any] | None:
     """The measured gap to the baseline at one d_osc (mean and sd over seeds, paired by seed as in
     the fits), or None when the study has no such trials: what a held-out prediction is checked against."""
-    data = F.select_rows(study.rows, task)
+    data = fitting.select_rows(study.rows, task)
     sizes = {r["target_params"] for r in data.rows if r["variant"] == variant and r.get("d_osc") == d_osc}
     if not sizes:
         return None
     size = target_params if target_params is not None else next(iter(sizes))
-    cells = F.gap_cells(data.rows, variant=variant, baseline=study.baseline, x_of="d_osc", metric=data.metric,
+    cells = fitting.gap_cells(data.rows, variant=variant, baseline=study.baseline, x_of="d_osc", metric=data.metric,
                         target_params=size)
     where = [j for j, x in enumerate(cells.x) if float(x) == float(d_osc)]
     if not where:
@@ -789,16 +812,47 @@ def observed_gap(study: StudyResults, *, task: str, variant: str, d_osc: float,
     gaps = [g for g in cells.seed_gaps()[where[0]].values() if math.isfinite(g)]
     if not gaps:
         return None
-    return F._clean({"d_osc": float(d_osc), "gap": statistics.fmean(gaps),
+    return fitting.json_safe({"d_osc": float(d_osc), "gap": statistics.fmean(gaps),
                      "sd": statistics.stdev(gaps) if len(gaps) > 1 else None, "n_seeds": len(gaps)})
 
 
 def _started_keys(storage: str) -> set[str]:
+    """Trials that started and have no record yet: a checkpoint, or a progress file (written by a
+    trial the moment it starts, removed when it ends)."""
     import pyarrow.fs as pafs
 
     fs, root = sfs.resolve(storage)
     selector = pafs.FileSelector(sfs.join(root, "checkpoints"), allow_not_found=True)
-    return {info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.Directory}
+    keys = {info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.Directory}
+    return keys | set(_progress_files(storage))
+
+
+def _progress_files(storage: str) -> dict[str, str]:
+    import pyarrow.fs as pafs
+
+    fs, root = sfs.resolve(storage)
+    selector = pafs.FileSelector(sfs.join(root, "progress"), allow_not_found=True)
+    return {info.base_name[: -len(".json")]: info.path for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.endswith(".json")}
+
+
+def running(study: StudyResults) -> list[dict[str, Any]]:
+    """The trials that started and have not finished, from their progress files (workers.lifecycle):
+    state (starting, running, or interrupted: saved and stopped, resumes on the next run), step of
+    total steps, latest train and validation metrics, host, Ray node, pid, and when it last wrote."""
+    fs, _ = sfs.resolve(study.storage)
+    done = {r["key"] for r in study.done_rows}
+    out = []
+    for key, path in sorted(_progress_files(study.storage).items()):
+        if key in done:  # the trial ended between its record and the removal of this file
+            continue
+        try:
+            entry = json.loads(sfs.read_bytes(fs, path))
+        except (OSError, ValueError):  # being replaced, or cut short: it is rewritten within seconds
+            continue
+        if isinstance(entry, dict):
+            out.append({**entry, "key": key})
+    return out
 
 
 def finite(value: Any) -> bool:

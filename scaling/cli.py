@@ -12,7 +12,10 @@ import os
 import sys
 from typing import Any
 
+from scaling.laws import LAW_NAMES, LAWS, METHODS  # the law registry (numpy only)
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # stopped by a signal (Ctrl-C, SIGTERM): resumable
 
 
 def _print_table(header: list[str], rows: list[list[Any]]) -> None:
@@ -37,7 +40,9 @@ def cmd_run(args) -> int:
     from studies.runner import run_study
 
     result = run_study(study, address=args.address, num_cpus=args.num_cpus, progress=not args.no_progress,
-                       report=not args.no_report, study_file=args.study)
+                       report=not args.no_report, study_file=args.study, resume_command=_run_command(args))
+    if result.interrupted:  # the resume command is printed; the shell's convention for a signal
+        return EXIT_INTERRUPTED
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     print(f"study {study.name}: {result.planned} planned, {result.skipped} already in the ledger, "
           f"{result.ran} run now ({counts}) in {result.seconds:.0f}s")
@@ -49,10 +54,23 @@ def cmd_run(args) -> int:
             if row["ok"]:
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: {row['formula']}, "
                       f"alpha = {_f(row['alpha'])} [{_f(row['alpha_ci_low'])}, {_f(row['alpha_ci_high'])}]")
-            elif row.get("reason") and row["law"] != "loss_vs_params":
+            elif row.get("reason") and LAWS[row["law"]].baseline:  # a loss law's reasons are in `scaling fits`
                 print(f"fit {row['task']}/{row['variant']}{group} {row['law']} [{row['method']}]: not identified: "
                       f"{row['reason']}")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _run_command(args) -> str:
+    """This `scaling run` as typed, options included (--address above all): what resumes it."""
+    import shlex
+
+    words = ["scaling", "run", args.study]
+    if args.address:
+        words += ["--address", args.address]
+    if args.num_cpus:
+        words += ["--num-cpus", str(args.num_cpus)]
+    words += [flag for flag, on in (("--no-progress", args.no_progress), ("--no-report", args.no_report)) if on]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _f(value) -> str:
@@ -193,6 +211,8 @@ def cmd_studies(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    if args.trial:
+        return _trial_log(args)
     from studies import remote
 
     remote.use_token(args.token_file)
@@ -207,6 +227,44 @@ def cmd_logs(args) -> int:
     else:
         print(remote.logs(args.job, args.address), end="")
     return EXIT_OK
+
+
+def _trial_log(args) -> int:
+    """`scaling logs STUDY --trial KEY`: the trial's own log under the study's storage (every
+    attempt: start, resume, evaluations, warnings, the end or the error). KEY may be a unique prefix."""
+    import time
+
+    from scaling import api
+    from storage import fs as sfs
+
+    study = api.open_study(args.job)
+    fs, root = sfs.resolve(study.storage)
+    folder = sfs.join(root, "logs")
+    import pyarrow.fs as pafs
+
+    names = sorted(i.base_name[: -len(".log")] for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                   if i.base_name.endswith(".log"))
+    matches = [n for n in names if n == args.trial] or [n for n in names if n.startswith(args.trial)]
+    if len(matches) != 1:
+        import difflib
+
+        close = difflib.get_close_matches(args.trial, names, n=5, cutoff=0.4)
+        hint = (f"; did you mean: {', '.join(close)}" if close and not matches else
+                f"; it matches {len(matches)}: {', '.join(matches[:10])}" if matches else
+                f"; trials with a log: {', '.join(names[:10]) + (' ...' if len(names) > 10 else '') or 'none yet'}")
+        raise ValueError(f"--trial {args.trial!r}: no single trial of study {study.name} has that key{hint}")
+    path = sfs.join(folder, f"{matches[0]}.log")
+    shown = 0
+    while True:
+        text = sfs.read_bytes(fs, path).decode(errors="replace")
+        print(text[shown:], end="", flush=True)
+        shown = len(text)
+        progress = sfs.join(root, "progress", f"{matches[0]}.json")
+        if not args.follow or not sfs.exists(fs, progress):  # --follow: until the trial ends
+            return EXIT_OK
+        if b'"interrupted"' in sfs.read_bytes(fs, progress):
+            return EXIT_OK
+        time.sleep(1.0)
 
 
 def cmd_cancel(args) -> int:
@@ -232,7 +290,7 @@ def cmd_status(args) -> int:
         return EXIT_OK
     from scaling import api
 
-    study = api.open_study(args.study)
+    study = api.open_study(args.study, rows=False, columns=api.STATUS_COLUMNS)
     summary = api.status_summary(study)  # the HTTP API's GET /studies/{name}, less `submission`
     if args.format == "json":
         print(json.dumps(summary, indent=1))
@@ -242,8 +300,34 @@ def cmd_status(args) -> int:
     rows = [[cell, *(c[k] for k in keys)] for cell, c in sorted(cells.items())]
     rows.append(["total", *(totals[k] for k in keys)])
     _print_table(["cell", *keys], rows)
+    for entry in summary["in_progress_trials"]:
+        print(_trial_line(entry))
     print(_eta_line(summary["eta"]))
     return EXIT_OK
+
+
+def _trial_line(entry: dict) -> str:
+    """`KEY  running  step 400/600 (67%)  val_loss 0.61 (step 400)  train_loss 0.53  on HOST (node ab12cd34)  5s ago`"""
+    from datetime import datetime, timezone
+
+    step, total = entry.get("step") or 0, entry.get("total_steps")
+    parts = [entry["key"], entry.get("state", "?"), f"step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")]
+    latest = entry.get("latest") or {}
+    metric = entry.get("metric")
+    if metric and metric in latest:
+        parts.append(f"{metric} {latest[metric]:.4g} (step {latest.get('eval_step', '?')})")
+    if "train_loss" in latest:
+        parts.append(f"train_loss {latest['train_loss']:.4g}")
+    where = entry.get("host") or "?"
+    if entry.get("node_id"):
+        where += f" (node {entry['node_id'][:8]})"
+    parts.append(f"on {where}")
+    try:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(entry["updated_at"])).total_seconds()
+        parts.append(f"updated {age:.0f}s ago")
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "  ".join(parts)
 
 
 def _eta_line(eta: dict) -> str:
@@ -260,7 +344,7 @@ def _eta_line(eta: dict) -> str:
 def cmd_fits(args) -> int:
     from scaling import api
 
-    study = api.open_study(args.study)
+    study = api.open_study(args.study, columns=api.FIT_COLUMNS)
     fits = api.fits(study, task=args.task, variant=args.variant, law=args.law, method=args.method, n_boot=args.n_boot,
                     ci_level=args.ci_level, params=args.params, min_d_osc=args.min_d_osc, max_d_osc=args.max_d_osc,
                     holdout=not args.no_holdout)
@@ -291,7 +375,7 @@ def cmd_trials(args) -> int:
     """One row per ledger record (failed attempts too), sorted by cell, seed and key."""
     from scaling import api
 
-    study = api.open_study(args.study, rows=False)
+    study = api.open_study(args.study, rows=False, columns=list(api.TRIAL_FIELDS))
     table = api.trials_table(study, task=args.task, variant=args.variant, status=args.status, cell=args.cell)
     table = table.slice(args.offset, args.limit) if args.limit is not None else table.slice(args.offset)
     if args.format == "csv":
@@ -304,7 +388,7 @@ def cmd_trials(args) -> int:
     elif args.format == "json":
         from storage.ledger import table_rows
 
-        print(json.dumps([api.F._clean(r) for r in table_rows(table)], indent=1))
+        print(json.dumps([api.fitting.json_safe(r) for r in table_rows(table)], indent=1))
     else:
         from storage.ledger import table_rows
 
@@ -318,7 +402,7 @@ def cmd_compact(args) -> int:
     from scaling import api
     from storage.ledger import Ledger
 
-    storage = api.open_study(args.study).storage if args.study.endswith((".yaml", ".yml")) else args.study
+    storage = api.open_study(args.study, rows=False, columns=["key"]).storage if args.study.endswith((".yaml", ".yml")) else args.study
     ledger = Ledger(storage)
     result = ledger.compact(full=args.full)
     if result.part is None:
@@ -529,10 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_studies)
 
-    p = sub.add_parser("logs", help="a submitted study's driver log")
-    p.add_argument("job", help="the Ray job id printed by `scaling submit`")
+    p = sub.add_parser("logs", help="a submitted study's driver log, or (--trial) one trial's own log")
+    p.add_argument("job", help="the Ray job id printed by `scaling submit`; with --trial, the study (file or storage directory)")
     _cluster_options(p, job_api)
-    p.add_argument("--follow", action="store_true")
+    p.add_argument("--follow", action="store_true", help="keep printing as the job (or the trial) goes on")
+    p.add_argument("--trial", metavar="KEY", help="print this trial's own log, kept under the study's storage "
+                                                   "(logs/KEY.log); a unique prefix of the key will do")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", help="stop a submitted study (finished trials stay in the ledger)")
@@ -551,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help=study_help)
     p.add_argument("--task")
     p.add_argument("--variant")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"],
+    p.add_argument("--law", choices=LAW_NAMES)
+    p.add_argument("--method", choices=METHODS,
                    help="loglog-means: paper A's; nonlinear: with optional floor; huber-log: the loss law")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _fit_options(p)
@@ -581,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True)
     p.add_argument("--d-osc", type=float, help="predict the gap at this d_osc (gap_vs_dosc)")
     p.add_argument("--params", type=float, help="predict at this parameter count (gap_vs_params, or --law loss_vs_params)")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"])
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"], help="default: nonlinear (huber-log for loss)")
+    p.add_argument("--law", choices=LAW_NAMES)
+    p.add_argument("--method", choices=METHODS, help="default: nonlinear (huber-log for loss)")
     p.add_argument("--n-seeds", type=int, default=1, help="the prediction interval is for the mean of this many new seeds")
     _group_options(p)
     _range_options(p)
@@ -595,8 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help=study_help)
     p.add_argument("--a", required=True, metavar="TASK/VARIANT")
     p.add_argument("--b", required=True, metavar="TASK/VARIANT")
-    p.add_argument("--law", choices=["gap_vs_dosc", "gap_vs_params", "loss_vs_params"], default="gap_vs_dosc")
-    p.add_argument("--method", choices=["loglog-means", "nonlinear", "huber-log"])
+    p.add_argument("--law", choices=LAW_NAMES, default="gap_vs_dosc")
+    p.add_argument("--method", choices=METHODS)
     p.add_argument("--format", choices=["text", "json"], default="text")
     _group_options(p)
     p.set_defaults(func=cmd_compare)
@@ -660,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--design-batch", type=int, default=5, help="--design: proposals per batch (default 5)")
     p.set_defaults(func=cmd_bench)
 
-    from storage.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
+    from scaling.cache_cli import add_cache_parser  # `scaling cache build | ls | verify`
 
     add_cache_parser(sub)
     return parser

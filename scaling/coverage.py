@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling import laws, synthetic
 
 C_TRUE, ALPHA_TRUE = 15.0, 0.45
@@ -34,21 +34,21 @@ NOISES = (1, 2, 3, 5, 10, 30)
 MIN_ASSESSED = 20  # coverage over fewer identified fits is shown but not judged
 
 
-def one_study(n_seeds: int, noise: float, rng: np.random.Generator, methods=F.GAP_METHODS) -> dict[str, F.FitResult]:
+def one_study(n_seeds: int, noise: float, rng: np.random.Generator, methods=fitting.GAP_METHODS) -> dict[str, fitting.FitResult]:
     sd = noise * C_TRUE * DS[-1] ** (-ALPHA_TRUE)
     part = sd / math.sqrt(2)
     rows = synthetic.gap_study_rows(C=C_TRUE, alpha=ALPHA_TRUE, base=150.0, ds=DS, seeds=range(n_seeds),
                                     seed_effect=part, variant_noise=part, baseline_noise=part, rng=rng,
                                     metric_name="val_ppl")
-    data = F.select_rows(rows, "lm")
-    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_ppl")
-    draws = F.SeedDraws(data.seeds, 1, 0, "lm")
-    fits = F.fit_gap_law(cells, study="coverage", task="lm", law="gap_vs_dosc", variant="oscillator",
+    data = fitting.select_rows(rows, "lm")
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_ppl")
+    draws = fitting.SeedDraws(data.seeds, 1, 0, "lm")
+    fits = fitting.fit_gap_law(cells, study="coverage", task="lm", law="gap_vs_dosc", variant="oscillator",
                          baseline="softmax", metric="val_ppl", draws=draws, methods=methods)
     return {f.method: f for f in fits}
 
 
-def run(reps: int = 400, seed: int = 0, seeds=SEEDS, noises=NOISES, methods=F.GAP_METHODS) -> list[dict[str, Any]]:
+def run(reps: int = 400, seed: int = 0, seeds=SEEDS, noises=NOISES, methods=fitting.GAP_METHODS) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     table = []
     with laws.single_threaded_blas():
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"table": table, "reps": args.reps, "seed": args.seed, "true": {"C": C_TRUE, "alpha": ALPHA_TRUE},
-                       "pooled": {m: pooled(table, m) for m in F.GAP_METHODS}}, handle, indent=1)
+                       "pooled": {m: pooled(table, m) for m in fitting.GAP_METHODS}}, handle, indent=1)
     return 0
 
 

@@ -39,8 +39,8 @@ from scaling import profile as P
 
 CI_LEVEL = 0.95
 N_BOOT = 2000
-LAWS = ("gap_vs_dosc", "gap_vs_params", "loss_vs_params")
-GAP_METHODS = ("loglog-means", "nonlinear")
+LAWS = laws.LAW_NAMES  # the law registry: scaling/laws.py
+GAP_METHODS = laws.LAWS["gap_vs_dosc"].methods
 PARAM_FIELDS = {"non_embedding": "params_non_embedding", "total": "params_total"}
 
 
@@ -154,18 +154,18 @@ class FitResult:
         row: dict[str, Any] = {
             "study": self.study, "task": self.task, "law": self.law, "variant": self.variant,
             "group": self.group_label, "baseline": self.baseline, "metric": self.metric, "method": self.method,
-            "model": self.model, "formula": self.formula, "ok": self.ok, "r2": _clean(self.r2),
+            "model": self.model, "formula": self.formula, "ok": self.ok, "r2": json_safe(self.r2),
             "n_points": self.n_points, "n_seeds": self.n_seeds, "n_boot": self.n_boot, "ci_level": self.ci_level,
         }
         for name in ("C", "alpha", "g_inf", "E", "A"):
             est = self.constants.get(name)
-            row[name] = _clean(est.value) if est else None
-            row[f"{name}_ci_low"] = _clean(est.ci_low) if est else None
-            row[f"{name}_ci_high"] = _clean(est.ci_high) if est else None
+            row[name] = json_safe(est.value) if est else None
+            row[f"{name}_ci_low"] = json_safe(est.ci_low) if est else None
+            row[f"{name}_ci_high"] = json_safe(est.ci_high) if est else None
         loo = self.loo or {}
-        row["loo_rmse"], row["loo_mean_abs_rel_error"] = _clean(loo.get("rmse")), _clean(loo.get("mean_abs_rel_error"))
+        row["loo_rmse"], row["loo_mean_abs_rel_error"] = json_safe(loo.get("rmse")), json_safe(loo.get("mean_abs_rel_error"))
         held = self.heldout or {}
-        row["heldout_x"], row["heldout_rel_error"] = _clean(held.get("x")), _clean(held.get("rel_error"))
+        row["heldout_x"], row["heldout_rel_error"] = json_safe(held.get("x")), json_safe(held.get("rel_error"))
         for reason in ("diverged", "failed", "pruned", "non-finite"):
             row[f"excluded_{reason.replace('-', '_')}"] = int(self.excluded.get(reason, 0))
         row["identified"] = self.ok
@@ -173,8 +173,8 @@ class FitResult:
         row["calibration"] = self.calibration
         row.update(holdout_x=None, holdout_observed=None, holdout_predicted=None, holdout_z=None, holdout_inside=None)
         for check in self.holdout[:1]:  # the first held-out point (paper A: d_osc 64)
-            row["holdout_x"], row["holdout_observed"] = check.get("x"), _clean(check.get("observed"))
-            row["holdout_predicted"], row["holdout_z"] = _clean(check.get("predicted")), _clean(check.get("z"))
+            row["holdout_x"], row["holdout_observed"] = check.get("x"), json_safe(check.get("observed"))
+            row["holdout_predicted"], row["holdout_z"] = json_safe(check.get("predicted")), json_safe(check.get("z"))
             row["holdout_inside"] = check.get("inside")
         row["notes"] = "; ".join(self.notes)
         return row
@@ -184,10 +184,11 @@ class FitResult:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("boot", "uncertainty")}
         out["constants"] = {k: {"value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high} for k, e in self.constants.items()}
         out["formula"] = self.formula
-        return _clean(out)
+        return json_safe(out)
 
 
-def _num(value: float) -> int | float:
+def plain_number(value: float) -> int | float:
+    """3.0 -> 3 (how d_osc values and sizes are printed); other numbers unchanged."""
     return int(value) if float(value).is_integer() else float(value)
 
 
@@ -362,13 +363,20 @@ class SeedDraws:
         self.seeds = sorted({int(s) for s in seeds})
         self.index = {s: i for i, s in enumerate(self.seeds)}
         self.stream = f"{stream}#{rng_seed}"
-        rng = np.random.default_rng([rng_seed, zlib.crc32(stream.encode())])
+        self._rng_seed = [rng_seed, zlib.crc32(stream.encode())]
+        self._n_boot = n_boot
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """(n_boot, n_seeds), drawn on first use: the gap laws need only the stream's name, and
+        2,000 draws of 16,000 seeds take seconds and 250 MB."""
+        rng = np.random.default_rng(self._rng_seed)
         n = len(self.seeds)
-        self.counts = rng.multinomial(n, [1.0 / n] * n, size=n_boot).astype(float) if n else np.zeros((n_boot, 0))
+        return rng.multinomial(n, [1.0 / n] * n, size=self._n_boot).astype(float) if n else np.zeros((self._n_boot, 0))
 
     @property
     def n_boot(self) -> int:
-        return self.counts.shape[0]
+        return self._n_boot
 
 
 # ---- gaps ---------------------------------------------------------------------------------------
@@ -410,14 +418,14 @@ class GapCells:
     def seed_gaps(self) -> list[dict[int, float]]:
         """Per cell {seed: gap} with the full-data baseline mean for unpaired seeds."""
         out = []
+        seeds = np.asarray(self.seeds)
         for j in range(len(self.x)):
-            b_mean = np.nanmean(self.baseline[j]) if np.isfinite(self.baseline[j]).any() else np.nan
-            cell = {}
-            for s, seed in enumerate(self.seeds):
-                if np.isfinite(self.variant[j, s]):
-                    base = self.baseline[j, s] if np.isfinite(self.baseline[j, s]) else b_mean
-                    cell[seed] = float(self.sign * (self.variant[j, s] - base))
-            out.append(cell)
+            has_b = np.isfinite(self.baseline[j])
+            b_mean = np.nanmean(self.baseline[j]) if has_b.any() else np.nan
+            has_v = np.isfinite(self.variant[j])
+            base = np.where(has_b, self.baseline[j], b_mean)
+            gaps = self.sign * (self.variant[j] - base)
+            out.append(dict(zip(seeds[has_v].tolist(), gaps[has_v].tolist())))
         return out
 
 
@@ -515,8 +523,8 @@ def _leave_one_out(method: str, model: str, x: np.ndarray, means: np.ndarray) ->
     errors = preds - observed
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(observed != 0, errors / np.abs(observed), np.nan)
-    points = [{"x": float(x[j]), "observed": float(o), "predicted": _clean(float(p)), "error": _clean(float(e)),
-               "rel_error": _clean(float(q))} for j, o, p, e, q in zip(idx, observed, preds, errors, rel)]
+    points = [{"x": float(x[j]), "observed": float(o), "predicted": json_safe(float(p)), "error": json_safe(float(e)),
+               "rel_error": json_safe(float(q))} for j, o, p, e, q in zip(idx, observed, preds, errors, rel)]
     finite = np.isfinite(errors)
     return {"points": points,
             "rmse": float(np.sqrt(np.mean(errors[finite] ** 2))) if finite.any() else None,
@@ -538,7 +546,7 @@ def fit_gap_law(
     noise = _noise(seed_gaps, x)
     n_seeds = len({s for g in seed_gaps for s in g} | {cells.seeds[s] for s in np.flatnonzero(np.isfinite(cells.baseline).any(axis=0))})
     base_points = [
-        {"x": float(xj), "mean": _clean(float(m)), "values": {str(s): g for s, g in sorted(sg.items())}, "n_seeds": len(sg)}
+        {"x": float(xj), "mean": json_safe(float(m)), "values": {str(s): g for s, g in sorted(sg.items())}, "n_seeds": len(sg)}
         for xj, m, sg in zip(x, point, seed_gaps)
     ]
     for p in base_points:  # the names the first report and tests used
@@ -607,10 +615,10 @@ def fit_gap_law(
         fitted = np.asarray(laws.evaluate(model, consts, x), dtype=float).ravel()
         for j, p in enumerate(points):
             p["fit"] = float(fitted[j])
-            p["residual"] = _clean(float(point[j] - fitted[j]))
+            p["residual"] = json_safe(float(point[j] - fitted[j]))
             p["band_low"], p["band_high"] = unc.band(float(x[j]))
             p["used"] = bool(usable[j])
-            p["se"] = _clean(_cell_se(prof.sigma, cells, j))
+            p["se"] = json_safe(_cell_se(prof.sigma, cells, j))
         if method == "loglog-means":
             r2 = laws.r2_score(np.log(point[usable]), np.log(fitted[usable]))
         else:
@@ -657,10 +665,10 @@ def _loglog_reason(prof, runs, cells: GapCells, point: np.ndarray, x: np.ndarray
         if not np.isfinite(point[j]) or se is None:
             continue
         if point[j] <= 0:
-            return (f"the mean gap at {x_name} {_num(x[j])} ({point[j]:.3g} +- {se:.2g}) is not clearly above zero; "
+            return (f"the mean gap at {x_name} {plain_number(x[j])} ({point[j]:.3g} +- {se:.2g}) is not clearly above zero; "
                     f"paper A's log-log method needs every mean gap > 0 (the nonlinear method fits it)")
         if fitted[j] <= prof.t * se:
-            return (f"the gap at {x_name} {_num(x[j])} is not clearly above zero (the law fitted to every run gives "
+            return (f"the gap at {x_name} {plain_number(x[j])} is not clearly above zero (the law fitted to every run gives "
                     f"{fitted[j]:.3g}, standard error {se:.2g}); paper A's log-log method needs every gap > "
                     f"{prof.t:.2f} standard errors (the nonlinear method fits it)")
     return ""
@@ -725,8 +733,7 @@ class LogLogUncertainty:
         lx = np.log(x[idx])
         X = np.stack([np.ones_like(lx), lx], axis=1)
         H = np.linalg.solve(X.T @ X, X.T)  # (2, J): the OLS coefficients as combinations of log means
-        W = _mean_weights(cells, idx)  # (J, runs): each mean gap as a combination of runs
-        cov_means = prof.sigma ** 2 * (W @ W.T)
+        cov_means = prof.sigma ** 2 * _mean_weights_gram(cells, idx)
         D = np.diag(1.0 / point[idx])
         cov = H @ D @ cov_means @ D @ H.T
         coef = H @ np.log(point[idx])
@@ -756,31 +763,20 @@ class LogLogUncertainty:
         return _with_prediction(math.exp(float(v @ self.coef)), low, high, self.sigma, self.df, self.level, n_seeds)
 
 
-def _mean_weights(cells: GapCells, idx: np.ndarray) -> np.ndarray:
-    """(J, N_runs): cell j's mean gap as a combination of the runs (variant runs +1/n, their paired
-    baseline runs -1/n, the baseline mean for unpaired seeds), in the run order of runs_from_cells."""
-    J, S = cells.variant.shape
-    order: list[tuple[str, int, int]] = []
-    for s in range(S):
-        if np.isfinite(cells.baseline[:, s]).any():
-            order.append(("b", -1, s))
-        for j in range(J):
-            if np.isfinite(cells.variant[j, s]):
-                order.append(("v", j, s))
-    pos = {key: i for i, key in enumerate(order)}
-    base_seeds = [s for s in range(S) if ("b", -1, s) in pos]
-    W = np.zeros((len(idx), len(order)))
-    for r, j in enumerate(idx):
-        seeds = [s for s in range(S) if np.isfinite(cells.variant[j, s])]
-        n = len(seeds)
-        for s in seeds:
-            W[r, pos[("v", j, s)]] += 1.0 / n
-            if ("b", -1, s) in pos:
-                W[r, pos[("b", -1, s)]] -= 1.0 / n
-            else:
-                for sb in base_seeds:
-                    W[r, pos[("b", -1, sb)]] -= 1.0 / n / len(base_seeds)
-    return W
+def _mean_weights_gram(cells: GapCells, idx: np.ndarray) -> np.ndarray:
+    """W W' (len(idx), len(idx)), W (cells, runs) writing cell j's mean gap as a combination of the
+    runs of runs_from_cells: its n variant runs +1/n each, their paired baseline runs -1/n, and for
+    an unpaired seed the baseline mean (-1/(n m) on each of the m baseline runs). Variant runs
+    belong to one cell, so they add 1/n_j on the diagonal; the baseline runs, shared by the cells,
+    add Wb Wb' with Wb (cells, seeds) their weights. O(cells x seeds), no (cells x runs) matrix."""
+    has_b = np.isfinite(cells.baseline).any(axis=0)  # (S,) seeds with a baseline run
+    m = int(has_b.sum())
+    has_v = np.isfinite(cells.variant[idx])  # (J', S)
+    n = has_v.sum(axis=1).astype(float)
+    unpaired = (has_v & ~has_b[None, :]).sum(axis=1)
+    spread = unpaired / (n * m) if m else np.zeros(len(idx))
+    Wb = np.where(has_b[None, :], -(has_v / n[:, None]) - spread[:, None], 0.0)
+    return np.diag(1.0 / n) + Wb @ Wb.T
 
 
 def _select_nonlinear(x: np.ndarray, means: np.ndarray, floor: bool = False) -> tuple[str, dict[str, Any] | None]:
@@ -803,7 +799,7 @@ def _select_nonlinear(x: np.ndarray, means: np.ndarray, floor: bool = False) -> 
     hint = ""
     if not floor and scores["power_floor"] < 0.5 * scores["power"]:
         hint = "; a floor predicts held-out x much better: consider `fits: floor: true`"
-    return chosen, {"chosen": chosen, "loo_rmse": {k: _clean(v) for k, v in scores.items()},
+    return chosen, {"chosen": chosen, "loo_rmse": {k: json_safe(v) for k, v in scores.items()},
                     "summary": f"model: {chosen} (set by the study; leave-one-out RMSE {text}){hint}"}
 
 
@@ -1082,14 +1078,14 @@ def _fmt_num(value: float | None) -> str:
     return "–" if value is None or not _finite(value) else f"{value:.3g}"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-ready: numpy scalars to Python, non-finite floats to None, recursively."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, (np.bool_,)):
         return bool(value)
     if isinstance(value, (np.integer,)):

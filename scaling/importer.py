@@ -18,6 +18,7 @@ input leaves nothing behind. Needs no torch and no ray.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -103,8 +104,8 @@ class ImportSummary:
             direction = "lower" if lower_is_better(metric) else "higher"
             parts = [f"{v} d_osc {ds}" if ds else v for v, ds in self.variants[task].items()]
             out.append(f"  {task}: {metric} ({direction} is better); {'; '.join(parts)}")
-        out.append(f"  seeds: {self.seeds}" + (f"; {self.diverged} non-finite value(s) imported as diverged runs"
-                                                if self.diverged else ""))
+        out.append(f"  seeds: {seeds_text(self.seeds)}" + (f"; {self.diverged} non-finite value(s) imported as diverged runs"
+                                                            if self.diverged else ""))
         out += [f"  note: {n}" for n in self.notes]
         out.append(f"next: scaling status {self.storage}  |  scaling fits {self.storage}  |  scaling report {self.storage}")
         return out
@@ -354,6 +355,11 @@ def check_target(into: str | os.PathLike, name: str | None) -> tuple[Path, str]:
     return target, name
 
 
+def _fields(spec: TrialSpec) -> dict[str, Any]:
+    """spec.to_dict() for serialising only: the same JSON without dataclasses.asdict's deep copy."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -365,12 +371,31 @@ def make_record(row: ResultRow, *, study: str, source: dict[str, Any], finished_
         key=row.key, study=study, cell=row.cell, task=row.task, variant=row.variant, d_osc=row.d_osc,
         target_params=row.target_params, params_total=size, params_non_embedding=size, seed=row.seed,
         stage="replicate", hparams_json="{}",
-        spec_json=canonical_json(row.spec(study, {**source, "where": row.where}).to_dict()),
+        spec_json=canonical_json(_fields(row.spec(study, {**source, "where": row.where}))),
         status="completed" if finite else "diverged", metric_name=row.metric, metric_value=row.value,
         metrics_json=canonical_json({row.metric: row.value if finite else None}), best_step=None, steps=0,
         tokens_seen=0, flops=0.0, wall_seconds=0.0, started_at=finished_at, finished_at=finished_at,
         wandb_run_id=None, host="import", error=None if finite else f"imported value {row.value!r} is not finite",
     )
+
+
+SEEDS_LISTED = 64  # study.yaml lists up to this many seeds; more are summarised
+
+
+def seeds_entry(seeds: list[int]) -> list[int] | dict[str, Any]:
+    """The `seeds:` of an imported study.yaml: the list, or for more than SEEDS_LISTED seeds a
+    summary (count, min, max, contiguous). Every reader parses study.yaml, and 16,667 listed seeds
+    took longer to parse than counting the ledger's 100,000 trials; the ledger holds every seed."""
+    if len(seeds) <= SEEDS_LISTED:
+        return seeds
+    return {"count": len(seeds), "min": seeds[0], "max": seeds[-1], "contiguous": seeds[-1] - seeds[0] + 1 == len(seeds)}
+
+
+def seeds_text(seeds: list[int]) -> str:
+    if len(seeds) <= SEEDS_LISTED:
+        return str(seeds)
+    contiguous = seeds[-1] - seeds[0] + 1 == len(seeds)
+    return f"{len(seeds)} seeds, {seeds[0]}-{seeds[-1]}" + ("" if contiguous else " (with gaps)")
 
 
 def study_config(rows: list[ResultRow], *, name: str, storage: Path, baseline: str, description: str,
@@ -392,7 +417,7 @@ def study_config(rows: list[ResultRow], *, name: str, storage: Path, baseline: s
         "tasks": [{"name": t, "metric": m, "lower_is_better": lower_is_better(m)} for t, m in sorted(tasks.items())],
         "variants": [{"name": v, **({"d_osc": sorted(ds)} if ds else {})}
                      for v, ds in sorted(variants.items(), key=lambda kv: (kv[0] != baseline, kv[0]))],
-        "seeds": sorted({r.seed for r in rows}),
+        "seeds": seeds_entry(sorted({r.seed for r in rows})),
     }
     sizes = sorted({r.target_params for r in rows if r.target_params is not None})
     if sizes:
@@ -447,7 +472,7 @@ def import_results(
     return ImportSummary(study=name, storage=str(target), source=source_name, rows=len(rows),
                          diverged=sum(not math.isfinite(r.value) for r in rows),
                          metrics={t["name"]: t["metric"] for t in config["tasks"]}, variants=variants,
-                         seeds=config["seeds"], notes=notes)
+                         seeds=sorted({r.seed for r in rows}), notes=notes)
 
 
 def _write_study(target: Path, config: dict[str, Any], records: list[TrialRecord]) -> None:

@@ -14,8 +14,10 @@ Models (x = d_osc or a parameter count):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +42,137 @@ def evaluate(model: str, constants: dict[str, np.ndarray | float], x: np.ndarray
 
 
 FORMULAS = {"power": "C * x^-alpha", "power_floor": "C * x^-alpha + g_inf", "offset_power": "E + A * x^-alpha"}
+
+
+# ---- the law registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitScope:
+    """What a law's `jobs` see: one task's ledger rows (`scaling.fits.select_rows`) and one variant
+    of it, with the study's fit settings. Built by `scaling.api` for every (task, variant)."""
+
+    data: Any  # scaling.fits.TaskRows: rows, excluded rows, notes, metric
+    variant: str
+    baseline: str
+    has_baseline: bool  # the task has completed baseline trials
+    sizes: list  # the variant's target_params values (None first)
+    d_values: list  # the variant's d_osc values (None first)
+    base_sizes: set  # the baseline's target_params values
+    params_field: str  # the parameter count column fits in N use
+    floor: Any  # the study's fits.floor setting
+    common: dict  # study, task, metric, draws (one bootstrap stream per task), ci_level
+
+
+FitJob = Callable[[], Any]  # returns one FitResult or a list of them
+
+
+@dataclass(frozen=True)
+class Law:
+    """One scaling law the service fits. The study schema's `fits.laws`, the CLI's --law and --method
+    choices, the HTTP API's enums, the API's per-law choices (default method, the x it predicts
+    at, the group that picks one fit) and the fits themselves (`jobs`) come from this registry."""
+
+    name: str
+    x: str  # what the law is a function of: "d_osc" or "params" (the CLI's --d-osc / --params)
+    x_symbol: str  # in formulas and report sentences
+    quantity: str  # "gap" (variant - baseline, paired) or "loss" (one variant's metric)
+    methods: tuple[str, ...]  # fitting methods, see scaling/fits.py
+    default_method: str | None  # None: the study's `fits.method`
+    group: str  # what picks one fit when a study has several, and where to give it
+    description: str
+    # the fits of this law for one (task, variant): callables, each returning FitResult(s); a law
+    # that does not apply to the scope (no d_osc, fewer than two sizes) yields none
+    jobs: Callable[[FitScope], Iterator[FitJob]] = field(repr=False, compare=False, default=lambda scope: iter(()))
+
+    @property
+    def baseline(self) -> bool:
+        """Paired with the study's baseline (a gap), or not (a loss)."""
+        return self.quantity == "gap"
+
+
+def _merge(*counts: dict[str, int]) -> dict[str, int]:
+    """Excluded-row counts added up by reason."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _gap_vs_dosc_jobs(scope: FitScope) -> Iterator[FitJob]:
+    """gap(d_osc) at each size, for a variant with d_osc values (not the baseline)."""
+    from scaling import fits as fitting  # scaling.fits imports this module
+
+    data, variant, baseline = scope.data, scope.variant, scope.baseline
+    if variant == baseline or not any(d is not None for d in scope.d_values):
+        return
+    for size in scope.sizes:
+        group = {"target_params": size} if size is not None else {}
+        if not scope.has_baseline:
+            cells = fitting.GapCells(np.zeros(0), [], np.zeros((0, 0)), np.zeros((0, 0)), 1.0,
+                                     [f"no completed {baseline} baseline trials for task {scope.common['task']}"])
+        else:
+            cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="d_osc",
+                                      metric=scope.common["metric"], target_params=size, params_field=scope.params_field)
+        excluded = _merge(data.excluded_where(variant=variant, target_params=size),
+                          data.excluded_where(variant=baseline, target_params=size))
+        yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_dosc", variant=variant, baseline=baseline,
+                                group=group, excluded=excluded, extra_notes=data.notes, floor=scope.floor, **scope.common)
+
+
+def _sized(scope: FitScope) -> bool:
+    """A law in N needs at least two sizes of the variant."""
+    return len([s for s in scope.sizes if s is not None]) >= 2
+
+
+def _gap_vs_params_jobs(scope: FitScope) -> Iterator[FitJob]:
+    """gap(N) at each d_osc, for a variant (not the baseline) and a baseline with >= 2 sizes each."""
+    from scaling import fits as fitting
+
+    data, variant, baseline = scope.data, scope.variant, scope.baseline
+    if not _sized(scope) or variant == baseline or not scope.has_baseline or len(scope.base_sizes - {None}) < 2:
+        return
+    for d in scope.d_values:
+        cells = fitting.gap_cells(data.rows, variant=variant, baseline=baseline, x_of="params",
+                                  metric=scope.common["metric"], d_osc=d, params_field=scope.params_field)
+        excluded = _merge(data.excluded_where(variant=variant, d_osc=d), data.excluded_where(variant=baseline))
+        yield functools.partial(fitting.fit_gap_law, cells, law="gap_vs_params", variant=variant, baseline=baseline,
+                                group={"d_osc": d} if d is not None else {}, excluded=excluded,
+                                extra_notes=data.notes, params_field=scope.params_field, floor=scope.floor,
+                                **scope.common)
+
+
+def _loss_vs_params_jobs(scope: FitScope) -> Iterator[FitJob]:
+    """L(N) at each d_osc, for every variant (the baseline too) with >= 2 sizes."""
+    from scaling import fits as fitting
+
+    if not _sized(scope):
+        return
+    for d in scope.d_values:
+        yield functools.partial(fitting.fit_loss_vs_params, scope.data.rows, variant=scope.variant, d_osc=d,
+                                params_field=scope.params_field,
+                                excluded=scope.data.excluded_where(variant=scope.variant, d_osc=d),
+                                extra_notes=scope.data.notes, **scope.common)
+
+
+_SIZE = "target_params (CLI --target-params)"
+_AT_D_OSC = "d_osc (CLI --at-d-osc, HTTP at_d_osc)"
+LAWS: dict[str, Law] = {law.name: law for law in (
+    Law("gap_vs_dosc", "d_osc", "d_osc", "gap", ("loglog-means", "nonlinear"), None, _SIZE,
+        "gap(d) = C d^-alpha (+ g_inf) to the baseline, per variant with d_osc and per size", _gap_vs_dosc_jobs),
+    Law("gap_vs_params", "params", "N", "gap", ("loglog-means", "nonlinear"), None, _AT_D_OSC,
+        "gap(N) = C N^-alpha (+ g_inf) to the baseline, per variant and d_osc with >= 2 sizes", _gap_vs_params_jobs),
+    Law("loss_vs_params", "params", "N", "loss", ("huber-log",), "huber-log", _AT_D_OSC,
+        "L(N) = E + A N^-alpha per variant and d_osc with >= 2 sizes (a fit needs >= 3)", _loss_vs_params_jobs),
+)}
+LAW_NAMES = tuple(LAWS)
+METHODS = tuple(dict.fromkeys(m for law in LAWS.values() for m in law.methods))
+
+
+def default_law(x: str) -> str:
+    """The first registered law in `x` ("d_osc" or "params"): what a prediction at that x uses."""
+    return next(name for name, law in LAWS.items() if law.x == x)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@ user runs, each a fresh process as a user would run it:
     python -m scaling.ledger_bench --sizes 1000 10000 100000 [--s3] [--out bench_ledger.json]
 
 `--s3` repeats every size on a local S3-protocol server (moto, 127.0.0.1; needs moto[server]).
+
+`--compare-with DIR` also runs every command with another version of this project (a source tree,
+e.g. `git archive <commit> | tar -x -C DIR`), alternating the two on the same study, and reports
+both times, their ratio, and whether the outputs agree (status and trials byte for byte, fits
+numerically to 1e-9): before/after figures from one run on one machine.
 """
 
 from __future__ import annotations
@@ -42,10 +47,33 @@ def write_results(n: int, path: str) -> int:
     return seeds * (1 + len(ds))
 
 
-def timed(args: list[str]) -> float:
+def timed(args: list[str], src: str | None = None) -> tuple[float, bytes]:
+    """Wall seconds of `scaling ARGS` in a fresh process (with the project at `src` when given), and its output."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.path.abspath(src)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "scaling.cli", *args], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    out = subprocess.run([sys.executable, "-m", "scaling.cli", *args], check=True, stdout=subprocess.PIPE,
+                         env=env).stdout
+    return time.perf_counter() - t0, out
+
+
+def same_output(name: str, a: bytes, b: bytes) -> bool:
+    """Status and trials byte for byte; fits: the same rows, numbers equal to 1e-9 (relative)."""
+    if not name.startswith("fits"):
+        return a == b
+    import math
+
+    def close(x, y) -> bool:
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return isinstance(y, list) and len(x) == len(y) and all(close(u, v) for u, v in zip(x, y))
+        if isinstance(x, float) and isinstance(y, (int, float)):
+            return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+        return x == y
+
+    return close(json.loads(a), json.loads(b))
 
 
 def copy_to(local: str, uri: str) -> None:
@@ -62,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--s3", action="store_true", help="also on a local S3-protocol server (moto)")
     parser.add_argument("--out", default="bench_ledger.json")
+    parser.add_argument("--compare-with", metavar="DIR",
+                        help="another version's source tree: run every command with it too, alternately, and compare")
     args = parser.parse_args(argv)
+    if args.compare_with and not os.path.isfile(os.path.join(args.compare_with, "scaling", "cli.py")):
+        parser.error(f"--compare-with {args.compare_with}: no scaling/cli.py there; give a source tree of this "
+                     "project, e.g. `mkdir /tmp/base && git archive 09e9e30 | tar -x -C /tmp/base`")
     work = tempfile.mkdtemp(prefix="ledger-bench-")
     results = []
     backends = ["local"] + (["s3"] if args.s3 else [])
@@ -77,14 +110,30 @@ def main(argv: list[str] | None = None) -> int:
             csv_path = os.path.join(work, f"results-{n}.csv")
             trials = write_results(n, csv_path)
             study = os.path.join(work, f"study-{n}")
-            import_s = timed(["import", csv_path, "--into", study])
+            import_s, _ = timed(["import", csv_path, "--into", study])
+            row_import = {"import_s": round(import_s, 2)}
+            if args.compare_with:
+                before, _ = timed(["import", csv_path, "--into", study + "-before"], args.compare_with)
+                row_import["import_s_before"] = round(before, 2)
             for backend in backends:
                 where = study if backend == "local" else f"s3://bench/study-{n}"
                 if backend == "s3":
                     copy_to(study, where)
-                row = {"trials": trials, "backend": backend, "import_s": round(import_s, 2)}
+                row = {"trials": trials, "backend": backend, **row_import}
                 for name, command in COMMANDS.items():
-                    row[name] = round(timed([c.format(study=where) for c in command]), 2)
+                    argv_ = [c.format(study=where) for c in command]
+                    if args.compare_with:  # before, after, before, after: the load of a shared machine hits both
+                        before1, out_before = timed(argv_, args.compare_with)
+                        after1, out_after = timed(argv_)
+                        before2, _ = timed(argv_, args.compare_with)
+                        after2, _ = timed(argv_)
+                        before, after = min(before1, before2), min(after1, after2)
+                        row[name] = round(after, 2)
+                        row[f"{name} before"] = round(before, 2)
+                        row[f"{name} speed-up"] = round(before / after, 1)
+                        row[f"{name} same output"] = same_output(name, out_before, out_after)
+                    else:
+                        row[name] = round(timed(argv_)[0], 2)
                 results.append(row)
                 print(json.dumps(row), flush=True)
     finally:

@@ -70,19 +70,78 @@ class Runs:
 
 def runs_from_cells(x: np.ndarray, variant: np.ndarray, baseline: np.ndarray, sign: float) -> Runs:
     """From the (J, S) tables of GapCells (NaN = no run). A baseline run is counted once per seed
-    (the tables repeat it in every row)."""
+    (the tables repeat it in every row). Runs are ordered by seed, each seed's baseline run first,
+    then its variant runs by x."""
     J, S = variant.shape
-    z, seed, xs = [], [], []
-    for s in range(S):
-        base = baseline[:, s][np.isfinite(baseline[:, s])]
-        if len(base):
-            z.append(sign * float(base[0])), seed.append(s), xs.append(np.nan)
-        for j in range(J):
-            if np.isfinite(variant[j, s]):
-                z.append(sign * float(variant[j, s])), seed.append(s), xs.append(float(x[j]))
-    used = sorted(set(seed))
-    remap = {s: i for i, s in enumerate(used)}
-    return Runs(np.asarray(z, float), np.asarray([remap[s] for s in seed], int), np.asarray(xs, float), len(used))
+    has_base = np.isfinite(baseline).any(axis=0)  # (S,)
+    first_base = baseline[np.argmax(np.isfinite(baseline), axis=0), np.arange(S)] if J else np.zeros(S)
+    # (S, 1 + J): per seed, its baseline run then its variant runs; NaN = no run
+    values = np.concatenate([np.where(has_base, first_base, np.nan)[:, None], variant.T], axis=1)
+    xs = np.concatenate([np.full((S, 1), np.nan), np.broadcast_to(np.asarray(x, float)[None, :], (S, J))], axis=1)
+    present = np.isfinite(values)
+    seed_of = np.broadcast_to(np.arange(S)[:, None], present.shape)[present]
+    used, seed_index = np.unique(seed_of, return_inverse=True)
+    return Runs(sign * values[present], seed_index.reshape(-1).astype(int), xs[present], len(used))
+
+
+@dataclass
+class RunSums:
+    """What the profile needs of the runs, in a size that does not grow with them.
+
+    The seed levels are projected out of z and of the design columns. A design column is a function
+    of x only (C x^-alpha on variant runs, 0 on baseline runs; g_inf: 1 on variant runs), so after
+    the projection two seeds with the same runs per x give the same column values: the information
+    X'X is a sum over seed *patterns* (how many baseline and variant runs at each x), each weighted
+    by how many seeds have it. X'z needs, per x, only the sum of the demeaned z of its runs, and the
+    RSS with no gap the sum of squares of the demeaned z. So a study of 100,000 runs over 5 d_osc
+    values is a handful of patterns and 5 sums: O(N) once, then O(grid x patterns) per profile."""
+
+    x: np.ndarray  # (J,) the distinct x of variant runs
+    zc_sum: np.ndarray  # (J,) per x: the sum of z minus its seed's mean, over the runs at that x
+    zz: float  # sum of squares of z minus its seed's mean (the RSS of "no gap")
+    rep_x: np.ndarray  # (R,) one representative seed per pattern: its runs' x (NaN = baseline run)
+    rep_pattern: np.ndarray  # (R,) which pattern each representative run belongs to
+    rep_weight: np.ndarray  # (R,) how many seeds have that pattern
+    n_patterns: int
+    runs: Runs  # the runs themselves: the refinement of alpha-hat fits them at ~25 exponents, O(N) each
+    z_c: np.ndarray  # (N,) z minus its seed's mean
+
+    @classmethod
+    def of(cls, runs: Runs) -> "RunSums":
+        S = runs.n_seeds
+        var = runs.variant
+        xs, jx = np.unique(runs.x[var], return_inverse=True)
+        J = len(xs)
+        z_c = _demean_by_seed(runs.z, runs.seed, S)
+        zc_sum = np.bincount(jx.reshape(-1), weights=z_c[var], minlength=J)
+        # per seed: baseline runs (column 0) and variant runs at each x (columns 1..J)
+        counts = np.zeros((S, J + 1), dtype=np.int64)
+        np.add.at(counts, (runs.seed[~var], 0), 1)
+        np.add.at(counts, (runs.seed[var], 1 + jx.reshape(-1)), 1)
+        patterns, weight = np.unique(counts, axis=0, return_counts=True)
+        rep_x, rep_pattern, rep_weight = [], [], []
+        for p, row in enumerate(patterns):
+            run_x = np.repeat(np.concatenate([[np.nan], xs]), row)
+            rep_x.append(run_x)
+            rep_pattern.append(np.full(len(run_x), p))
+            rep_weight.append(np.full(len(run_x), float(weight[p])))
+        cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+        return cls(xs, zc_sum, float(z_c @ z_c), cat(rep_x, float), cat(rep_pattern, int), cat(rep_weight, float),
+                   len(patterns), runs, z_c)
+
+    def normal_equations(self, alphas: np.ndarray, floor: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(X'X (G, K, K), X'z (G, K)) of the seed-demeaned design at each alpha."""
+        var = np.isfinite(self.rep_x)
+        x = np.where(var, self.rep_x, 1.0)
+        f = np.where(var[None, :], x[None, :] ** (-alphas[:, None]), 0.0)  # (G, R)
+        cols = [f] + ([np.broadcast_to(var.astype(float), f.shape)] if floor else [])
+        F = _demean_by_seed(np.stack(cols, axis=1), self.rep_pattern, self.n_patterns)  # (G, K, R)
+        FtF = np.einsum("gkn,gln,n->gkl", F, F, self.rep_weight)
+        # X'z: the design is constant within an x; the seed means of z_c are zero, so the demeaning
+        # of the design drops out of this product
+        B = self.x[None, :] ** (-alphas[:, None])  # (G, J)
+        Ftz = [B @ self.zc_sum] + ([np.full(len(alphas), self.zc_sum.sum())] if floor else [])
+        return FtF, np.stack(Ftz, axis=1)
 
 
 @dataclass
@@ -194,26 +253,19 @@ def profile(runs: Runs, *, floor: bool = False, level: float = 0.95, grid: np.nd
     df = N - S - K - 1
     if df < 1:
         return None
-    z_c = _demean_by_seed(runs.z, runs.seed, S)
-    var = runs.variant
-    x = np.where(var, runs.x, 1.0)
-    # design columns for every alpha: (G, K, N)
-    f = np.where(var[None, :], x[None, :] ** (-grid[:, None]), 0.0)
-    cols = [f] + ([np.broadcast_to(var.astype(float), f.shape)] if floor else [])
-    F = _demean_by_seed(np.stack(cols, axis=1), runs.seed, S)  # (G, K, N)
-    FtF = np.einsum("gkn,gln->gkl", F, F)
-    Ftz = np.einsum("gkn,n->gk", F, z_c)
+    sums = RunSums.of(runs)
+    FtF, Ftz = sums.normal_equations(grid, floor)
     det_ok = np.linalg.det(FtF) > 1e-12 * np.maximum(np.einsum("gkk->g", FtF) ** K, 1e-300)
     FtF_safe = np.where(det_ok[:, None, None], FtF, np.eye(K)[None])
     M = np.linalg.inv(FtF_safe)
     beta = np.einsum("gkl,gl->gk", M, Ftz)
-    rss = float(z_c @ z_c) - np.einsum("gk,gk->g", Ftz, beta)
+    rss = sums.zz - np.einsum("gk,gk->g", Ftz, beta)
     rss = np.where(det_ok, np.maximum(rss, 0.0), np.inf)
-    rss_zero = float(z_c @ z_c)
+    rss_zero = sums.zz
     g_min = int(np.argmin(rss))
     alpha_hat, rss_min, beta_hat = float(grid[g_min]), float(rss[g_min]), beta[g_min]
     if 0 < g_min < len(grid) - 1:  # refine between the neighbours
-        alpha_hat, rss_min, beta_hat = _refine(runs, z_c, floor, grid[g_min - 1], grid[g_min + 1], (alpha_hat, rss_min, beta_hat))
+        alpha_hat, rss_min, beta_hat = _refine(sums, floor, grid[g_min - 1], grid[g_min + 1], (alpha_hat, rss_min, beta_hat))
     rss_floor = max(rss_min, 1e-12 * rss_zero, 1e-300)  # exact data: a round-off floor, not a zero
     q = K + 1  # constants of the law: C (g_inf) and alpha
     p_gap = float(fdtrc(q, df, max((rss_zero - rss_floor) / q, 0.0) / (rss_floor / df)))
@@ -226,16 +278,19 @@ def profile(runs: Runs, *, floor: bool = False, level: float = 0.95, grid: np.nd
                    level, rss_zero, p_gap, calibration)
 
 
-def _refine(runs: Runs, z_c: np.ndarray, floor: bool, lo: float, hi: float, start):
+def _refine(sums: RunSums, floor: bool, lo: float, hi: float, start):
     from scipy.optimize import minimize_scalar
 
-    one = lambda a: _fit_at(runs, z_c, floor, a)  # noqa: E731
+    one = lambda a: _fit_at(sums.runs, sums.z_c, floor, a)  # noqa: E731
     result = minimize_scalar(lambda a: one(a)[0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     rss, beta = one(result.x)
     return (float(result.x), rss, beta) if rss <= start[1] else start
 
 
 def _fit_at(runs: Runs, z_c: np.ndarray, floor: bool, alpha: float) -> tuple[float, np.ndarray]:
+    """RSS and the linear constants at one alpha, from the runs' residuals (O(N); the sums of
+    RunSums would do in O(patterns), but this exact residual keeps alpha-hat what it always was,
+    bit for bit, where the minimiser's tolerance would otherwise let it move by ~1e-8)."""
     var = runs.variant
     f = np.where(var, np.where(var, runs.x, 1.0) ** (-alpha), 0.0)
     cols = [f] + ([var.astype(float)] if floor else [])

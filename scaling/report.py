@@ -20,8 +20,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from scaling import api, paper_a
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling.fits import FitResult
+from scaling.laws import LAWS
 from storage import fs as sfs
 
 
@@ -174,7 +175,7 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
                 if check.get("pi_low") is not None:
                     ax_lin.errorbar([check["x"]], [check["predicted"]], yerr=[[check["predicted"] - check["pi_low"]],
                                     [check["pi_high"] - check["predicted"]]], fmt="none", ecolor="grey", capsize=4,
-                                    zorder=3, label=f"law's prediction interval at held-out d_osc {F._num(check['x'])}")
+                                    zorder=3, label=f"law's prediction interval at held-out d_osc {fitting.plain_number(check['x'])}")
                     lin_values += [check["pi_low"], check["pi_high"]]
                 se = check.get("observed_se") or 0.0
                 for ax in (ax_lin, ax_log):
@@ -183,7 +184,7 @@ def plot_gap_vs_dosc(task: str, variant: str, fits: list[FitResult], paper: dict
                     low = min(se, check["observed"] * 0.999) if ax is ax_log else se
                     ax.errorbar([check["x"]], [check["observed"]], yerr=[[low], [se]], fmt="D", ms=7, mfc="white",
                                 mec=color or MEAN_COLOR, mew=1.5, ecolor=color or MEAN_COLOR, capsize=3, zorder=6,
-                                label=f"held out of the fit: d_osc {F._num(check['x'])} (mean ± 1 s.e.)")
+                                label=f"held out of the fit: d_osc {fitting.plain_number(check['x'])} (mean ± 1 s.e.)")
                 lin_values += [check["observed"] - se, check["observed"] + se]
                 lin_values.append(check["observed"])
                 if check["observed"] > 0:
@@ -303,9 +304,9 @@ def _fit_table_rows(fits: Iterable[FitResult]) -> list[list[str]]:
         held = fit.heldout
         held_text = "–"
         if held and held.get("rel_error") is not None:
-            held_text = f"x={F._num(held['x']):g}: {held['rel_error']:+.1%}"
+            held_text = f"x={fitting.plain_number(held['x']):g}: {held['rel_error']:+.1%}"
         elif held and held.get("error") is not None:
-            held_text = f"x={F._num(held['x']):g}: {held['error']:+.3g}"
+            held_text = f"x={fitting.plain_number(held['x']):g}: {held['error']:+.3g}"
         consts = "; ".join(f"{k} = {e.fmt()}" for k, e in fit.constants.items()) if fit.ok else f"not identified: {fit.reason}"
         loo = fit.loo["rmse"] if fit.loo else None
         excluded = ", ".join(f"{k} {v}" for k, v in sorted(fit.excluded.items()) if v) or "0"
@@ -387,7 +388,7 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
         ref = paper_a.LANGUAGE_MODELING[preset]
         paper_fit = paper_a.paper_gap_fit(preset)
         rows, metric = _our_ppl_rows(study, task)
-        ours = F.select_rows(rows, task)
+        ours = fitting.select_rows(rows, task)
         by_cell: dict[tuple, list[float]] = {}
         for r in ours.rows:
             by_cell.setdefault((r["variant"], r["d_osc"]), []).append(float(r["metric_value"]))
@@ -408,7 +409,7 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
         if not ours_are_ppl and any(r["variant"] == "oscillator" and api.finite(r["metric_value"]) for r in ours.rows):
             # the fits use another metric (e.g. the loss): fit perplexity gaps too, as the paper does
             sizes = {r["target_params"] for r in ours.rows if r["variant"] == "oscillator"}
-            extra = [F.fit_gap_vs_dosc(rows, study=study.name, task=task, variant="oscillator", baseline=study.baseline,
+            extra = [fitting.fit_gap_vs_dosc(rows, study=study.name, task=task, variant="oscillator", baseline=study.baseline,
                                        metric=metric, n_boot=1000, target_params=size) for size in sorted(sizes, key=str)]
             if extra and extra[0].points:
                 our_gap = {p["x"]: p["mean"] for p in extra[0].points}
@@ -422,7 +423,7 @@ def paper_a_comparison(study: api.StudyResults, fits: list[FitResult], task: str
             held = f.heldout
             fit_rows.append([f"ours: {f.method} ({f.metric}{', ' + f.group_label if f.group_label else ''})",
                              f.constants["C"].fmt(), f.constants["alpha"].fmt(),
-                             f"{held['predicted']:.3g} vs {held['observed']:.3g} ({held['rel_error']:+.1%}) at d={F._num(held['x'])}"
+                             f"{held['predicted']:.3g} vs {held['observed']:.3g} ({held['rel_error']:+.1%}) at d={fitting.plain_number(held['x'])}"
                              if held and held.get("rel_error") is not None else "–"])
         note = (f"Paper A: {paper_a.SOURCE}. Metric: {ref['metric']}. {ref['softmax']['note']}. "
                 f"Ours: {metric}, mean ± sd over seeds; our gaps are paired by seed.")
@@ -460,14 +461,14 @@ def _percent(values: list[float]) -> list[float]:
 
 def _cells_by_variant(study: api.StudyResults, task: str) -> dict[tuple, list[float]]:
     out: dict[tuple, list[float]] = {}
-    for r in F.select_rows(study.rows, task).rows:
+    for r in fitting.select_rows(study.rows, task).rows:
         out.setdefault((r["variant"], r["d_osc"]), []).append(float(r["metric_value"]))
     return out
 
 
 def _sva_failures(study: api.StudyResults, task: str, variant: str, d_osc: int | None) -> str:
     count, known = 0, 0
-    for r in F.select_rows(study.rows, task).rows:
+    for r in fitting.select_rows(study.rows, task).rows:
         if r["variant"] != variant or r["d_osc"] != d_osc:
             continue
         hard = json.loads(r.get("metrics_json") or "{}").get("val_accuracy_hard")
@@ -544,8 +545,8 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
     n_done = len({r["key"] for r in study.done_rows})
     totals = api.status_totals(api.status(study))
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items() if v)
-    ci = fits[0].ci_level if fits else F.CI_LEVEL
-    n_boot = max((f.n_boot for f in fits), default=F.N_BOOT) or F.N_BOOT
+    ci = fits[0].ci_level if fits else fitting.CI_LEVEL
+    n_boot = max((f.n_boot for f in fits), default=fitting.N_BOOT) or fitting.N_BOOT
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head_html = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(description)}</p>",
                  f'<p class="note">storage: <code>{html.escape(study.storage)}</code> · {n_done} finished trials '
@@ -576,7 +577,7 @@ def render(study: api.StudyResults, fits: list[FitResult]) -> tuple[str, str]:
                 paper = comparison.get("paper_fit") if comparison and variant == "oscillator" and same_units else None
                 label = f"gap vs d_osc, {task} {variant}" + (f" {gf[0].group_label}" if gf[0].group_label else "")
                 plots.append(_figure_html(plot_gap_vs_dosc(task, variant, gf, paper, settings["method"]), label, wide=True))
-        for law, quantity in (("loss_vs_params", "loss"), ("gap_vs_params", "gap")):
+        for law, quantity in sorted(((n, lw.quantity) for n, lw in LAWS.items() if lw.x == "params"), reverse=True):  # plots in N
             for variant in sorted({f.variant for f in task_fits if f.law == law}):
                 vf = [f for f in task_fits if f.law == law and f.variant == variant and f.points]
                 if vf:
@@ -704,7 +705,7 @@ def _search_section(study: api.StudyResults) -> tuple[list[str], list[str]]:
 
 def _holdout_text(check: dict[str, Any]) -> str:
     """Paper A's out-of-sample check in one phrase."""
-    d = F._num(check["x"])
+    d = fitting.plain_number(check["x"])
     observed = f"observed {check['observed']:.3g}" + (f" ± {check['observed_se']:.2g} (s.e.)" if check.get("observed_se") else "")
     if check.get("predicted") is None:
         return f"held-out d_osc {d}: {observed}; {check.get('note', 'no prediction')}"
@@ -740,7 +741,7 @@ def _headline(fits: list[FitResult], method: str = "nonlinear") -> list[str]:
 
 
 def _method_text(ci: float, n_boot: int, method: str = "nonlinear", holdout: list[float] | None = None) -> list[str]:
-    held = (f" The study holds d_osc {', '.join(str(F._num(d)) for d in holdout)} out of every fit and predicts it "
+    held = (f" The study holds d_osc {', '.join(str(fitting.plain_number(d)) for d in holdout)} out of every fit and predicts it "
             "(paper A's out-of-sample check): the law's prediction for the mean of the seeds run there, with its "
             "prediction interval, the observed mean gap with its standard error, z, and whether it lies inside."
             if holdout else "")
@@ -769,7 +770,7 @@ def _method_text(ci: float, n_boot: int, method: str = "nonlinear", holdout: lis
     ]
 
 
-def write_report(storage_or_study: str, *, n_boot: int = F.N_BOOT) -> WrittenReport:
+def write_report(storage_or_study: str, *, n_boot: int = fitting.N_BOOT) -> WrittenReport:
     study = api.open_study(storage_or_study)
     fits = api.fits(study, n_boot=n_boot)
     page, markdown = render(study, fits)

@@ -46,14 +46,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaling import api
-from scaling import fits as F
+from scaling import fits as fitting
+from scaling.laws import LAW_NAMES, METHODS
 from storage import fs as sfs
 
 TOKEN_ENV, ROOT_ENV, RUN_ADDRESS_ENV = "SCALING_API_TOKEN", "SCALING_STUDIES_ROOT", "SCALING_RUN_ADDRESS"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SUBMISSIONS = "submissions"
-Law = Literal["gap_vs_dosc", "gap_vs_params", "loss_vs_params"]
-Method = Literal["loglog-means", "nonlinear", "huber-log"]
+Law = Literal[LAW_NAMES]  # generated from the law registry (scaling/laws.py)
+Method = Literal[METHODS]
 MAX_BODY_BYTES = 256 * 1024  # a study file is a few KB; the YAML text field allows 200,000 characters
 MAX_DETAIL_CHARS = 2000  # an error message, at most
 MAX_INPUT_CHARS = 80  # a bad input quoted in an error, at most
@@ -284,8 +285,8 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
     def fits(name: str = Name, task: str | None = Query(None, max_length=200),
              variant: str | None = Query(None, max_length=200), law: Law | None = None, method: Method | None = None,
              format: Literal["json", "csv"] = "json", detail: bool = Query(False, description="points, curves, leave-one-out"),
-             n_boot: int = Query(F.N_BOOT, ge=100, le=5000),
-             ci_level: float = Query(F.CI_LEVEL, gt=0.5, lt=0.999, allow_inf_nan=False),
+             n_boot: int = Query(fitting.N_BOOT, ge=100, le=5000),
+             ci_level: float = Query(fitting.CI_LEVEL, gt=0.5, lt=0.999, allow_inf_nan=False),
              min_d_osc: float | None = DOscQuery("fit only d_osc >= this"),
              max_d_osc: float | None = DOscQuery("fit only d_osc <= this"),
              holdout: bool = Query(True, description="leave the study's held-out d_osc out of the fits")) -> Response:
@@ -294,7 +295,7 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
         rows = [f.to_dict() for f in found] if detail else [f.to_row() for f in found]
         if format == "csv":
             return PlainTextResponse(_csv([f.to_row() for f in found]), media_type="text/csv")
-        return JSONResponse(F._clean(rows))
+        return JSONResponse(fitting.json_safe(rows))
 
     @app.get("/studies/{name}/predict", tags=["fits"], summary="the fitted law at a new point, with intervals", **common)
     def predict(name: str = Name, task: str = Query(..., max_length=200), variant: str = Query(..., max_length=200),
@@ -320,7 +321,7 @@ def create_app(root: str | None = None, token: str | None = None, *, runner: Sub
                 law: Law = "gap_vs_dosc", method: Method | None = None,
                 target_params: int | None = TargetQuery, at_d_osc: int | None = AtDOscQuery) -> dict[str, Any]:
         group = api.group_of(law, target_params=target_params, at_d_osc=at_d_osc)
-        return F._clean(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method,
+        return fitting.json_safe(api.compare(load(name), a=(task_a, variant_a), b=(task_b, variant_b), law=law, method=method,
                                     group_a=group, group_b=group))
 
     @app.get("/studies/{name}/report", tags=["reports"], summary="the HTML report (rendered now, nothing written)",

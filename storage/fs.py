@@ -1,4 +1,9 @@
-"""Storage URIs through `pyarrow.fs`: a local directory (default), a shared volume, or S3/GCS."""
+"""Storage URIs through `pyarrow.fs`: a local directory (default), a shared volume, or S3/GCS.
+
+`memory://name/prefix` is fsspec's in-memory filesystem behind pyarrow's `FSSpecHandler`: one
+store per process (every `resolve` of a memory:// URI sees the same files), gone when the process
+ends. It takes the object-store code paths (no renames, no locks) with no server, which is what the
+storage contract tests use it for; a study on it is only useful in one process (no Ray workers)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,22 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_local(uri):
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if uri.startswith(MEMORY):
+        return memory_filesystem(), "/" + uri[len(MEMORY):].strip("/")
     return pafs.FileSystem.from_uri(uri)
+
+
+MEMORY = "memory://"
+
+
+def memory_filesystem() -> pafs.FileSystem:
+    """fsspec's process-wide in-memory filesystem as a pyarrow filesystem (the `memory://` scheme)."""
+    try:
+        import fsspec  # installed with `datasets`; listed in pyproject too
+    except ImportError as error:  # pragma: no cover - fsspec comes with datasets
+        raise ValueError("storage URI memory://...: needs fsspec (pip install fsspec), "
+                         "or give a directory path or an s3:// URI") from error
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
 
 
 def absolute_uri(uri: str) -> str:
@@ -44,7 +64,7 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
-_SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://", "abfs": "abfs://"}
+_SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://", "abfs": "abfs://", "py::fsspec+memory": MEMORY}
 
 
 def uri(fs: pafs.FileSystem, path: str) -> str:

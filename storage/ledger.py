@@ -53,7 +53,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -90,6 +89,7 @@ SCHEMA = pa.schema(
         ("wandb_run_id", pa.string()),
         ("host", pa.string()),
         ("error", pa.string()),
+        ("node_id", pa.string()),  # absent from records written before it existed: read as null
     ]
 )
 assert SCHEMA.names == TrialRecord.field_names(), "ledger schema out of step with TrialRecord"
@@ -204,7 +204,7 @@ class Ledger:
             raise LedgerError(f"ledger already holds (or the batch repeats) trial(s) {(held + repeated)[:5]}; "
                               "records are immutable")
         failed_sources = [f"{FAILED}/{r.key}-{uuid.uuid4().hex[:8]}{SUFFIX}" for r in records if r.status == "failed"]
-        table = pa.Table.from_pylist([dataclasses.asdict(r) for r in records], schema=SCHEMA)
+        table = pa.Table.from_pylist([_row(r) for r in records], schema=SCHEMA)
         path = self._write_part(table, failed_sources)
         return sfs.uri(self.fs, path)
 
@@ -394,6 +394,8 @@ class Ledger:
         self._loose_failed_order = []
         if not paths:
             return schema.empty_table()
+        import pyarrow.dataset as pads  # here, not at the top: it imports pandas (~1.5 s), and only loose files need it
+
         try:
             table = pads.dataset(done + failed, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table(
                 columns=schema.names)
@@ -533,8 +535,14 @@ def conform(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _row(record: TrialRecord) -> dict[str, Any]:
+    """dataclasses.asdict(record) for a flat record (every field a scalar), without its recursive
+    deep copy: 80% of a 100,000-row `scaling import`."""
+    return {name: getattr(record, name) for name in SCHEMA.names}
+
+
 def _to_parquet_bytes(records: list[TrialRecord]) -> bytes:
-    table = pa.Table.from_pylist([dataclasses.asdict(r) for r in records], schema=SCHEMA)
+    table = pa.Table.from_pylist([_row(r) for r in records], schema=SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()

@@ -129,6 +129,7 @@ class TrialRecord:
     wandb_run_id: str | None
     host: str
     error: str | None = None
+    node_id: str | None = None  # the Ray node the trial ran on (None outside Ray): several nodes can share a host
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from scaling import design as D
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling import laws, synthetic
 
 C_TRUE, ALPHA_TRUE = 15.0, 0.45
@@ -51,7 +51,7 @@ class World:
         return 150.0 + theta + gap + self.rng.normal(0, self.part)
 
 
-def fit_alpha(runs: list[tuple[D.Point, float]]) -> F.Estimate | None:
+def fit_alpha(runs: list[tuple[D.Point, float]]) -> fitting.Estimate | None:
     """alpha by the service's fit (nonlinear method); None when not identified."""
     rows = []
     for point, value in runs:
@@ -60,10 +60,10 @@ def fit_alpha(runs: list[tuple[D.Point, float]]) -> F.Estimate | None:
         rows.append(synthetic.row(key=f"{variant}-{d}-{point.seed}", cell=synthetic.cell_name("lm", variant, d, None),
                                   task="lm", variant=variant, d_osc=d, seed=point.seed, metric_value=value,
                                   metric_name="val_ppl"))
-    data = F.select_rows(rows, "lm")
-    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_ppl")
-    (fit,) = F.fit_gap_law(cells, study="bench", task="lm", law="gap_vs_dosc", variant="oscillator",
-                           baseline="softmax", metric="val_ppl", draws=F.SeedDraws(data.seeds, 1, 0, "lm"),
+    data = fitting.select_rows(rows, "lm")
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_ppl")
+    (fit,) = fitting.fit_gap_law(cells, study="bench", task="lm", law="gap_vs_dosc", variant="oscillator",
+                           baseline="softmax", metric="val_ppl", draws=fitting.SeedDraws(data.seeds, 1, 0, "lm"),
                            methods=("nonlinear",))
     return fit.constants["alpha"] if fit.ok else None
 
@@ -123,7 +123,7 @@ def _allocation(points: list[D.Point]) -> dict[str, int]:
     return out
 
 
-def summarise(estimates: list[F.Estimate | None]) -> dict[str, Any]:
+def summarise(estimates: list[fitting.Estimate | None]) -> dict[str, Any]:
     widths = [math.inf if e is None else e.ci_high - e.ci_low for e in estimates]
     ok = [e for e in estimates if e is not None]
     median = float(np.median(widths))

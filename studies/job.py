@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
             out.write(text)
         from scaling.cli import main as cli
 
-        return cli(["run", path, "--no-progress", *(argv if argv is not None else sys.argv[1:])])
+        # progress on: not a terminal, so plain lines (per finished trial, per running trial) that
+        # `scaling logs JOB --follow` shows
+        return cli(["run", path, *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

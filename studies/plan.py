@@ -16,7 +16,7 @@ def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
     Sizing to `target_params` reads the data's vocabulary: with build=False (`scaling plan`) from the
     cache only, raising NotCached when the data are not prepared."""
     from workers import CODE_VERSION
-    from workers.attention import VARIANT_OPTIONS
+    from workers.variants import get_variant
     from workers.tasks import get_task
 
     trials = []
@@ -29,7 +29,7 @@ def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
         data_fp = fingerprint(task.identity(task_options))
         model, train = model_and_train(study, task.name)
         for variant in grid_variants:
-            defaults = {k: v for k, v in VARIANT_OPTIONS[variant.name].items() if k != "d_osc"}
+            defaults = {k: v for k, v in get_variant(variant.name).defaults().items() if k != "d_osc"}
             options = {**defaults, **preset_variant_options(study, task.name, variant.name), **variant.options}
             for d_osc in variant.d_osc or [None]:
                 variant_options = dict(options) if d_osc is None else {**options, "d_osc": d_osc}
@@ -58,9 +58,9 @@ def expand(study: StudySpec, *, build: bool = True) -> list[TrialSpec]:
 
 
 def _uses_d_osc() -> frozenset:
-    from workers.variant_options import USES_D_OSC
+    from workers.variants import uses_d_osc
 
-    return USES_D_OSC
+    return uses_d_osc()
 
 
 BUDGETS = ("steps", "epochs", "tokens")

@@ -14,6 +14,7 @@ RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else Ray's fallback ~/.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 import time
@@ -239,6 +240,7 @@ def check_package(package: Package, limit: int | None = None, why: str | None = 
 
 
 STUDY_ENV = "SCALING_STUDY_YAML"
+RESUME_ENV = "SCALING_RESUME_COMMAND"
 
 
 def submit(study: StudySpec, study_path: str, *, address: str | None, working_dir: str | None = ".",
@@ -257,6 +259,14 @@ def submit(study: StudySpec, study_path: str, *, address: str | None, working_di
         )
     env = {name: os.environ[name] for name in (*FORWARD_DEFAULT, *forward_env) if name in os.environ}
     env[STUDY_ENV] = Path(study_path).read_text()
+    # an interrupted job prints how to resume it: submitting it again, not the job's own `scaling run`
+    env.setdefault(RESUME_ENV, " ".join(shlex.quote(w) for w in [
+        "scaling", "submit", study_path, "--address", default_address(address),
+        *(["--working-dir", working_dir] if working_dir and working_dir != "." else []),
+        *(word for name in forward_env for word in ("--env", name))]))
+    # `scaling cancel` sends the driver SIGTERM, then SIGKILL after this many seconds (Ray's default
+    # 3): time for the driver to stop Tune and for every running trial to save its checkpoint
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "30"))
     runtime_env: dict = {"env_vars": env}
     if working_dir:
         patterns = [*EXCLUDES, *excludes]

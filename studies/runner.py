@@ -13,7 +13,10 @@ import logging
 import math
 import os
 import shlex
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +34,13 @@ from studies.reaper import RayOwner
 from studies.resources import check_resources
 from studies.search import OBJECTIVE, StudySearcher
 from studies.spec import StudySpec, ensure_storage
+from workers import lifecycle
 
 log = logging.getLogger(__name__)
+# Tune's cleanup gives a stopping trial 5 s before it kills the actor; the trial saves at its next
+# step boundary, so a step must end and a checkpoint be written within this
+FLUSH_SECONDS = 4.5
+PROGRESS_LINE_SECONDS = 30.0  # a trial's progress line in the driver's output at most this often
 
 
 @dataclass
@@ -46,10 +54,11 @@ class RunResult:
     report_error: str | None = None
     fits: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: str | None = None  # the signal that stopped the run (SIGINT, SIGTERM); then no report
 
     @property
     def ok(self) -> bool:
-        return not self.report_error and self.counts.get("failed", 0) == 0 and self.counts.get("missing", 0) == 0
+        return not self.interrupted and not self.report_error and self.counts.get("failed", 0) == 0 and self.counts.get("missing", 0) == 0
 
 
 def study_paths(study: StudySpec) -> dict[str, str]:
@@ -113,9 +122,20 @@ def _import(path: str):
     return getattr(importlib.import_module(module), attribute)
 
 
+def _tune_report(metrics: dict[str, Any]) -> None:
+    """tune.report, unless this process was asked to stop. The report blocks the trial until the
+    driver asks for the next result; meanwhile a stop request saves it from the asking thread."""
+    from ray import tune
+
+    if lifecycle.stop_requested():
+        return
+    with lifecycle.reporting():
+        tune.report(metrics)
+
+
 def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial, running on a Ray worker."""
-    from ray import tune
+    import ray
 
     from studies.spec import WandbEntry
     from workers.tasks import get_task
@@ -123,22 +143,41 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if "trials" in config:  # a pack: a cell's seeds as one stacked model
         return _trainable_pack(config, ctx)
     run_trial = _import(ctx.get("trial_fn") or "workers:run_trial")
+    lifecycle.clear_stop()  # a reused worker process: the last trial's stop request is spent
 
     spec = TrialSpec.from_dict(config["trial"])
     ledger = Ledger(ctx["storage"])
     sign = 1 if get_task(spec.task).lower_is_better else -1
+    where = {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
     if ledger.contains(spec.key):  # a retry after the record was written (one look-up, no listing)
-        tune.report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1})
+        _tune_report({OBJECTIVE: float("nan"), "trial_key": spec.key, "record_written": 1, **where})
         return
     tracker = tracking.TrialTracker(spec, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"])
+    size: dict[str, Any] = {}
+    last_report = [time.monotonic()]
+
+    def on_start(info: dict[str, Any]) -> None:
+        size.update(total_steps=info["total_steps"], params_total=info["params_total"],
+                    params_non_embedding=info["params_non_embedding"])
+        tracker.configure(info)
+
+    def log(row: dict[str, Any]) -> None:
+        """A row of train metrics: to W&B always, to the driver (progress lines) every progress_seconds."""
+        size["step"] = row["step"]
+        tracker.log(row, step=int(row["step"]))
+        if time.monotonic() - last_report[0] >= ctx["progress_seconds"]:
+            last_report[0] = time.monotonic()
+            _tune_report({**row, **size, "trial_key": spec.key, **where})
 
     def report(metrics: dict[str, Any]) -> None:
+        """An evaluation: to W&B, and to the driver and Tune's scheduler (the objective)."""
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
         if best is not None:
             scalars[OBJECTIVE] = sign * best  # lower is better, for Tune's schedulers
         tracker.log(scalars, step=int(scalars.get("step", 0)))
-        tune.report(scalars)
+        last_report[0] = time.monotonic()
+        _tune_report({**scalars, **size, "trial_key": spec.key, "evaluation": 1, **where})
 
     try:
         record = run_trial(
@@ -148,9 +187,24 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             report=report,
             num_threads=ctx["threads"],
             wandb_run_id=tracker.intended_id,
+            log=log,
+            log_every=ctx["log_every"],
+            checkpoint_every_s=ctx["checkpoint_every_s"],
+            progress_every_s=ctx["progress_seconds"],
+            on_start=on_start,
+            node_id=where["node_id"],
         )
+    except lifecycle.TrialInterrupted as stop:
+        tracker.interrupted(stop.step)
+        # an error, not a return: Tune must not take an interrupted trial for a finished one (a
+        # search trial would be recorded as pruned); when the driver goes on, Tune retries it and
+        # it resumes from the checkpoint just written
+        raise RuntimeError(f"trial {spec.key} {stop}") from None
     except BaseException:  # Tune stops a trial (ASHA) by raising SystemExit inside tune.report
-        tracker.finish({"status": "pruned"}, exit_code=0)
+        if spec.key in ledger.keys():  # the driver recorded it as pruned before stopping it
+            tracker.finish({"status": "pruned"}, exit_code=0)
+        else:
+            tracker.interrupted(int(size.get("step", 0)))
         raise
     summary = {
         "status": record.status,
@@ -165,7 +219,32 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if record.status == "failed":  # Tune retries it up to resources.max_failures
         raise RuntimeError(f"trial {spec.key} failed:\n{record.error}")
     value = record.metric_value if record.metric_value is not None else float("nan")
-    tune.report({OBJECTIVE: sign * value, "trial_key": spec.key, "record_written": 1})
+    _tune_report({OBJECTIVE: sign * value, "trial_key": spec.key, "record_written": 1, **where})
+
+
+def _study_trainable(ctx: dict[str, Any]):
+    """The Tune trainable class: the trial function, plus what the worker process does around it.
+    Its setup runs in the actor's main thread, where a signal handler can be installed: SIGTERM
+    (a preempted or drained node) then saves the running trial before the process exits. Its
+    cleanup (Tune stopping the trial: Ctrl-C or a cancelled job in the driver) asks the trial to
+    save and waits for it (a trial parked in a report is saved from this thread)."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(tune.with_parameters(_trainable, ctx=ctx))
+
+    class StudyTrial(base):
+        def setup(self, config):
+            lifecycle.install_sigterm_flush()
+            return super().setup(config)
+
+        def cleanup(self):
+            if lifecycle.active_trainers():
+                lifecycle.flush_and_stop("the study was stopped", timeout=FLUSH_SECONDS)
+            return super().cleanup()
+
+    StudyTrial.__name__ = StudyTrial.__qualname__ = "StudyTrial"
+    return StudyTrial
 
 
 def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -241,6 +320,7 @@ class _Progress:
             disable=not self.live,
         )
         self.task = self.progress.add_task("trials", total=total, state="")
+        self._last_line: dict[str, float] = {}
 
     def update(self, advance: int = 0, label: str = "") -> None:
         self.done += advance
@@ -250,6 +330,25 @@ class _Progress:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / self.done * (self.total - self.done)
             print(f"[{self.done}/{self.total}] {label}  {state}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+
+    def line(self, text: str) -> None:
+        """One line of output above the bar (a terminal), or plain (logs, `scaling logs --follow`)."""
+        if not self.enabled:
+            return
+        if self.live:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def trial_result(self, key: str, result: dict[str, Any]) -> None:
+        """A trial's progress line: at every evaluation, else at most every PROGRESS_LINE_SECONDS."""
+        if "step" not in result or "record_written" in result:
+            return
+        now = time.monotonic()
+        if not result.get("evaluation") and now - self._last_line.get(key, -math.inf) < PROGRESS_LINE_SECONDS:
+            return
+        self._last_line[key] = now
+        self.line(progress_line(key, result))
 
     def callback(self) -> "ProgressCallback":
         _PROGRESS[id(self)] = self
@@ -291,6 +390,24 @@ def compact_ledger(storage: str, *, reason: str) -> None:
         log.info("ledger compacted (%s): %d records in %s (%.1fs)", reason, result.records, result.part, result.seconds)
 
 
+def progress_line(key: str, result: dict[str, Any]) -> str:
+    """`[key] step 400/600 (67%)  train_loss 0.53  val_loss 0.61 (best 0.60)  12.3k tok/s  on host`"""
+    step, total = int(result["step"]), result.get("total_steps")
+    parts = [f"[{key}] step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")]
+    if "train_loss" in result:
+        parts.append(f"train_loss {result['train_loss']:.4g}")
+    for name, value in result.items():
+        if name.startswith("best_") and isinstance(value, (int, float)):
+            metric = name[len("best_"):]
+            if isinstance(result.get(metric), (int, float)):
+                parts.append(f"{metric} {result[metric]:.4g} (best {value:.4g})")
+    if result.get("tokens_per_s"):
+        parts.append(f"{result['tokens_per_s'] / 1000:.1f}k tok/s")
+    if result.get("host"):
+        parts.append(f"on {result['host']}")
+    return "  ".join(parts)
+
+
 class ProgressCallback(Callback):
     """Feeds a driver-side bar. Holds only a handle: Tune pickles callbacks, a live bar holds locks."""
 
@@ -305,6 +422,10 @@ class ProgressCallback(Callback):
             bar.running += 1
             bar.update()
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if bar := self._bar():
+            bar.trial_result(_trial_dirname(trial), result)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         if bar := self._bar():
             bar.running = max(0, bar.running - 1)
@@ -315,6 +436,61 @@ class ProgressCallback(Callback):
             bar.running = max(0, bar.running - 1)
             bar.failed += 1
             bar.update(advance=_trials_in(trial), label=f"{_trial_dirname(trial)} FAILED")
+
+
+# Tune's own words on an interrupted run: its Tuner.restore hint (this service resumes by re-running
+# the study, from the ledger and the trials' checkpoints) and its "Ctrl-C again to skip" note
+_TUNE_NOISE = ("Stop signal received", "Tuner.restore", "Trials did not complete", "Experiment has been interrupted")
+_TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.tuner", "ray.tune.impl.tuner_internal", "ray.tune.execution.tune_controller")
+
+
+class _QuietTune(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _TUNE_NOISE)
+
+
+class _Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (`scaling cancel`, `ray job stop`, `kill`, a pod's shutdown) in the
+    driver: end Tune's loop the graceful way, so every running trial saves its checkpoint before its
+    actor goes; a second signal quits at once. `name` says which signal came (None: none)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.previous: dict[int, Any] = {}
+        self.quiet = _QuietTune()
+
+    def __enter__(self) -> "_Interrupts":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours instead; Tune's SIGUSR1 one stays
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        for name in _TUNE_LOGGERS:
+            logging.getLogger(name).addFilter(self.quiet)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping the study; running trials save a checkpoint first "
+              f"({self.name} again to quit at once)", file=sys.stderr, flush=True)
+        stop_tune = signal.getsignal(signal.SIGUSR1)  # Tune's graceful stop, installed by fit()
+        if callable(stop_tune):
+            stop_tune(signal.SIGUSR1, frame)
+        else:  # before Tune started: nothing runs yet
+            raise KeyboardInterrupt
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        for name in _TUNE_LOGGERS:
+            logging.getLogger(name).removeFilter(self.quiet)
 
 
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> RayOwner | bool:
@@ -380,11 +556,18 @@ def _scheduler(study: StudySpec):
 
 
 def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, num_cpus, progress: bool,
-               trial_fn: str | None = None) -> None:
+               trial_fn: str | None = None) -> str | None:
+    """Run the plan's trials; returns the signal that interrupted them (SIGINT, SIGTERM), or None."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # progress reports between evaluations carry no objective (schedulers and the searcher read it
+    # only from evaluations: SearchOnlyASHA, StudySearcher.on_trial_result)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tracking.prepare_environment(paths["wandb"])
     os.environ[DRIVER_ENV] = str(os.getpid())  # storage/faults.py: whom a fault-injection point kills
-    env_vars = {k: os.environ[k] for k in ("WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
+    # a reused trial actor waits this long for the last trial's function to end (W&B closing its
+    # run) before Tune gives up reusing it and fails the next trial (Tune's default: 2 s)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    env_vars = {k: os.environ[k] for k in ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
                                            "SCALING_CACHE", DRIVER_ENV, FAULT_ENV, COUNTER_ENV) if k in os.environ}
     started = _init_ray(address, num_cpus, env_vars)
     import ray
@@ -398,6 +581,9 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
         "wandb_dir": paths["wandb"],
         "threads": max(1, math.floor(res.cpus_per_trial)),
         "trial_fn": trial_fn,
+        "log_every": study.tracking.log_every_steps,
+        "progress_seconds": study.tracking.progress_seconds,
+        "checkpoint_every_s": study.checkpoint.every_seconds,
     }
     if study.design is not None:  # an adaptive design after the grid (studies/design_search.py)
         from studies.design_search import DesignSearcher
@@ -409,9 +595,7 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
         max(0, plan.search_trials + len(plan.replicate_seeds) - _cell_done(study, c)) for c in plan.search_cells
     ) + (searcher.design_left() if study.design is not None else 0)
     bar = _Progress(total, progress)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, ctx=ctx), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
-    )
+    trainable = tune.with_resources(_study_trainable(ctx), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -430,17 +614,21 @@ def run_trials(study: StudySpec, plan: Plan, paths: dict[str, str], *, address, 
             callbacks=[bar.callback(), CompactCallback(paths["storage"], COMPACT_EVERY)],
         ),
     )
+    interrupts = _Interrupts()
     try:
-        with bar.progress:
+        with interrupts, bar.progress:
             bar.update()
             tuner.fit()
         fault_point("driver.trials_done")
+    except KeyboardInterrupt:  # a second signal, or one before Tune started
+        interrupts.name = interrupts.name or "SIGINT"
     finally:
         _PROGRESS.pop(id(bar), None)
         if started:
             ray.shutdown()
             if isinstance(started, RayOwner):
                 started.close()
+    return interrupts.name
 
 
 def _cell_done(study: StudySpec, template: TrialSpec) -> int:
@@ -457,9 +645,13 @@ def run_study(
     report: bool = True,
     study_file: str | None = None,
     trial_fn: str | None = None,
+    resume_command: str | None = None,
 ) -> RunResult:
     """Run what the ledger lacks, then fit and report. `trial_fn` ('module:function', default
-    workers:run_trial) replaces the trial function, for runner benchmarks."""
+    workers:run_trial) replaces the trial function, for runner benchmarks. `resume_command` is the
+    command that runs the study again, printed when it stops short (default: `scaling run FILE`;
+    $SCALING_RESUME_COMMAND, set by `scaling submit` for its job, wins). An interrupted run
+    (SIGINT, SIGTERM) writes no report: its trials saved checkpoints, and the command resumes them."""
     t0 = time.perf_counter()
     paths = study_paths(study)
     plan: Plan = make_plan(study)
@@ -474,15 +666,26 @@ def run_study(
     save_study_file(study, paths)
     save_plan(plan, paths)
     before = len(Ledger(paths["storage"]).keys())
+    interrupted = None
     if work:
         try:
-            run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress, trial_fn=trial_fn)
+            interrupted = run_trials(study, plan, paths, address=address, num_cpus=num_cpus, progress=progress,
+                                     trial_fn=trial_fn)
         finally:  # at the study's end (finished, failed or interrupted): the trials' files into one part
             compact_ledger(paths["storage"], reason="end of the study")
     adaptive = bool(plan.search_cells or plan.design_trials)
-    ran = len(Ledger(paths["storage"]).keys()) - before if adaptive else len(todo)
+    ran = len(Ledger(paths["storage"]).keys()) - before if adaptive or interrupted else len(todo)
     result = RunResult(paths["storage"], plan.planned, len(plan.done) if not adaptive else before, ran)
     result.counts = trial_counts(study, plan)
+    result.interrupted = interrupted
+    resume = os.environ.get("SCALING_RESUME_COMMAND") or resume_command or \
+        f"scaling run {shlex.quote(str(study_file or paths['storage']))}"
+    if interrupted:
+        result.seconds = time.perf_counter() - t0
+        print(f"{interrupted}: study {study.name} stopped with {result.counts.get('missing', 0) + result.counts.get('failed', 0)} "
+              f"trial(s) unfinished; every finished one is in the ledger and the running ones saved checkpoints. "
+              f"No report was written (it would fit partial data). Resume with:\n  {resume}", file=sys.stderr, flush=True)
+        return result
     if report:
         from scaling.report import write_report
 
@@ -501,13 +704,12 @@ def run_study(
 
                 design = api.design(api.open_storage(paths["storage"]))
             tracking.log_study_summary(study.name, study.tracking.wandb, paths["wandb"], result.fits, result.report_path,
-                                       design=design)
+                                       Ledger(paths["storage"]).rows(), design=design)
     result.seconds = time.perf_counter() - t0
     if not result.ok:
-        target = study_file or paths["storage"]
         print(
             f"{result.counts.get('failed', 0)} trial(s) failed and {result.counts.get('missing', 0)} did not finish; "
-            f"the ledger keeps every finished one. Resume with:\n  scaling run {shlex.quote(str(target))}",
+            f"the ledger keeps every finished one. Resume with:\n  {resume}",
             file=sys.stderr,
         )
     return result

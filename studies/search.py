@@ -50,10 +50,23 @@ def make_sampler(search: SearchEntry):
     import optuna
 
     if search.sampler == "grid":
-        return optuna.samplers.GridSampler({n: d.grid_values() for n, d in search.space.items()}, seed=search.sampler_seed)
+        return _grid_sampler_class()({n: d.grid_values() for n, d in search.space.items()}, seed=search.sampler_seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=search.sampler_seed)
     return optuna.samplers.TPESampler(seed=search.sampler_seed)
+
+
+def _grid_sampler_class():
+    """GridSampler without its `study.stop()` once the grid is covered: that call is meant for
+    `study.optimize` and raises under ask-and-tell (Tune logged "Error stopping trial" with a
+    traceback once per cell). The searcher already stops a cell at its grid's size."""
+    import optuna
+
+    class CellGridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return CellGridSampler
 
 
 def suggest(trial, name: str, dist: Distribution) -> Any:
@@ -74,6 +87,11 @@ class CellSearch:
     replicate_seeds: list[int]
     pending: dict[int, dict[int, float | None]] = field(default_factory=dict)  # optuna number -> seed -> value
     replicates_queued: bool = False
+    # optuna number -> step -> seed -> the evaluation's metric: reported to Optuna (as the mean over
+    # the search seeds) once every search seed has evaluated that step
+    curves: dict[int, dict[int, dict[int, float]]] = field(default_factory=dict)
+    natural: bool = True  # the Optuna study's direction is the metric's own (False: a journal from
+    # before metric names, where every study minimised sign * metric)
 
     @property
     def cell(self) -> str:
@@ -81,6 +99,45 @@ class CellSearch:
 
     def spec(self, params: dict[str, Any], seed: int, stage: str) -> TrialSpec:
         return replace(self.template, hparams=dict(params), seed=seed, stage=stage)
+
+    def value(self, mean: float) -> float:
+        """The metric as Optuna's study holds it."""
+        return mean if self.natural else _task_sign(self.template.task) * mean
+
+    def report_intermediate(self, number: int, step: int, seed: int, value: float) -> None:
+        """An evaluation of one search seed; once every search seed has one at `step`, their mean
+        is the Optuna trial's intermediate value there (optuna-dashboard's curves, pruning)."""
+        by_step = self.curves.setdefault(number, {}).setdefault(step, {})
+        by_step[seed] = value
+        if set(by_step) >= set(self.search.seeds):
+            self._report(number, step, sum(by_step.values()) / len(by_step))
+            self.curves[number].pop(step)
+
+    def flush_intermediate(self, number: int) -> None:
+        """Before the trial is told: steps that not every seed reached (a pruned seed) get the mean of
+        the seeds that did."""
+        for step, by_seed in sorted(self.curves.pop(number, {}).items()):
+            if by_seed:
+                self._report(number, step, sum(by_seed.values()) / len(by_seed))
+
+    def _report(self, number: int, step: int, mean: float) -> None:
+        import optuna
+
+        trial_id = self.optuna_study._storage.get_trial_id_from_study_id_trial_number(
+            self.optuna_study._study_id, number)
+        try:
+            optuna.trial.Trial(self.optuna_study, trial_id).report(self.value(mean), step)
+        except Exception as error:  # noqa: BLE001 -- a lost curve point must not stop the study
+            import logging
+
+            logging.getLogger(__name__).warning("Optuna intermediate value of %s trial %d at step %d not stored (%s)",
+                                                self.cell, number, step, error)
+
+    def set_user_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        trial_id = self.optuna_study._storage.get_trial_id_from_study_id_trial_number(
+            self.optuna_study._study_id, number)
+        for name, value in attrs.items():
+            self.optuna_study._storage.set_trial_user_attr(trial_id, name, value)
 
     def settled_count(self) -> int:
         from optuna.trial import TrialState
@@ -100,7 +157,7 @@ class CellSearch:
 
         done = self.optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if done:
-            return min(done, key=lambda t: t.value).params
+            return self.optuna_study.best_trial.params
         sign = _task_sign(self.template.task)
         pruned = [r for r in ledger_rows if r["cell"] == self.cell and r["stage"] == "search"
                   and r["status"] == "pruned" and r["metric_value"] is not None and math.isfinite(r["metric_value"])]
@@ -124,17 +181,27 @@ class StudySearcher(Searcher):
     def _open_cell(self, template: TrialSpec) -> CellSearch:
         import optuna
 
+        from workers.tasks import get_task
+
         search = self.study.search
+        task = get_task(template.task)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna_study = optuna.create_study(
             study_name=f"{self.study.name}/{template.cell}",
             storage=optuna_storage(self.study),
             sampler=make_sampler(search),
-            direction="minimize",
+            direction="minimize" if task.lower_is_better else "maximize",  # the metric as it is
             load_if_exists=True,
         )
+        natural = (optuna_study.direction == optuna.study.StudyDirection.MINIMIZE) == task.lower_is_better
+        if natural and optuna_study.metric_names is None:
+            optuna_study.set_metric_names([task.metric])  # "val_loss", not "Objective 0"
+        for name, value in {"study": self.study.name, "cell": template.cell, "task": template.task,
+                            "variant": template.variant, "d_osc": template.d_osc,
+                            "search_seeds": list(search.seeds)}.items():
+            optuna_study.set_user_attr(name, value)
         replicate_seeds = [s for s in self.study.seeds if s not in search.seeds]
-        cell = CellSearch(template, search, optuna_study, replicate_seeds)
+        cell = CellSearch(template, search, optuna_study, replicate_seeds, natural=natural)
         self._settle_stale(cell)
         return cell
 
@@ -155,9 +222,9 @@ class StudySearcher(Searcher):
     def _tell(self, cell: CellSearch, number: int, statuses: list[str], values: list[float | None]) -> None:
         from optuna.trial import TrialState
 
-        task_sign = _task_sign(cell.template.task)
+        cell.flush_intermediate(number)
         if all(s == "completed" for s in statuses) and all(v is not None and math.isfinite(v) for v in values):
-            cell.optuna_study.tell(number, task_sign * sum(values) / len(values))
+            cell.optuna_study.tell(number, cell.value(sum(values) / len(values)))
         elif "pruned" in statuses:
             cell.optuna_study.tell(number, state=TrialState.PRUNED)
         else:  # diverged, or failed after Tune's retries: an outcome of these hyperparameters
@@ -173,6 +240,8 @@ class StudySearcher(Searcher):
             self.live[trial_id] = ([spec, *pack], None, None)
             return {"trials": [t.to_dict() for t in (spec, *pack)]}
         self.live[trial_id] = (spec, cell, number)
+        if cell is not None and number is not None:
+            self._link(cell, number, spec)
         return {"trial": spec.to_dict()}
 
     def _pack_with(self, spec: TrialSpec) -> list[TrialSpec]:
@@ -184,12 +253,39 @@ class StudySearcher(Searcher):
         size = len(self.study.seeds) if size == "auto" else int(size)
         if size <= 1 or not packable(spec):
             return []
-        key, done = pack_key(spec), self.ledger.keys()
-        mates = [t for t in self.queue if t.stage == spec.stage and pack_key(t) == key and t.key not in done]
+        key = pack_key(spec)
+        mates = [t for t in self.queue if t.stage == spec.stage and pack_key(t) == key and not self.ledger.contains(t.key)]
         mates = mates[: size - 1]
         for t in mates:
             self.queue.remove(t)
         return mates
+
+    def _link(self, cell: CellSearch, number: int, spec: TrialSpec) -> None:
+        """User attributes that lead from an Optuna trial to its runs: the trial key of each search
+        seed (the ledger's key, the checkpoint and log names) and its W&B run id."""
+        from studies import tracking
+
+        trial = cell.optuna_study.trials[number]
+        keys = {**trial.user_attrs.get("trial_keys", {}), str(spec.seed): spec.key}
+        wandb_on = tracking.resolve_mode(self.study.tracking.wandb) != "disabled"
+        runs = {**trial.user_attrs.get("wandb_run_ids", {}),
+                **({str(spec.seed): tracking.run_id(spec.study, spec.key)} if wandb_on else {})}
+        attrs: dict[str, Any] = {"trial_keys": keys, "wandb_run_ids": runs}
+        if len(cell.search.seeds) == 1:
+            attrs.update(trial_key=spec.key, **({"wandb_run_id": runs[str(spec.seed)]} if wandb_on else {}))
+        cell.set_user_attrs(number, attrs)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Every evaluation of a search trial becomes an Optuna intermediate value."""
+        spec, cell, number = self.live.get(trial_id, (None, None, None))
+        if cell is None or number is None or not result.get("evaluation"):
+            return
+        from workers.tasks import get_task
+
+        metric = get_task(spec.task).metric
+        value = result.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and "step" in result:
+            cell.report_intermediate(number, int(result["step"]), spec.seed, float(value))
 
     def _next(self) -> tuple[TrialSpec | None, CellSearch | None, int | None]:
         done = None

@@ -16,23 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from scaling.laws import LAW_NAMES
 from storage.suggest import did_you_mean
+from workers.configs import MAX_STEPS, check_heads, study_model_fields, study_train_fields
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FITS = ("gap_vs_dosc",)
 
 # Upper bounds no machine can run past (a trial of such a shape needs terabytes, or the number
 # overflows a ledger column); the resource check before Ray starts compares with this node's memory.
+# The model's and the recipe's bounds are declared with their configs (workers/configs.py).
 MAX_D_OSC = 65_536
-MAX_WIDTH = 65_536  # d_model
-MAX_LAYERS = 1_024
-MAX_FFN = 1 << 20  # d_ff
-MAX_BATCH = 1 << 20  # sequences per step
-MAX_STEPS = 10**9
-MAX_TOKENS = 10**15
-MAX_EPOCHS = 10**6
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take it
 MAX_TARGET_PARAMS = 1e12
 EXAMPLE = "studies/examples/quickstart.yaml"
@@ -52,10 +47,17 @@ def _known_tasks() -> dict:
     return TASKS
 
 
-def _known_variants() -> tuple[dict, frozenset]:
-    from workers.variant_options import USES_D_OSC, VARIANT_OPTIONS  # no torch: see workers/_lazy.py
+def _known_variants() -> dict:
+    from workers.variants import VARIANTS  # the registry; no torch (see workers/variants.py)
 
-    return VARIANT_OPTIONS, USES_D_OSC
+    return VARIANTS
+
+
+def _uses_d_osc() -> frozenset:
+    """The registered variants whose cells multiply by a d_osc list."""
+    from workers.variants import uses_d_osc
+
+    return uses_d_osc()
 
 
 class TaskEntry(_Strict):
@@ -96,10 +98,12 @@ class VariantEntry(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "VariantEntry":
-        options, uses_d_osc = _known_variants()
-        if self.name not in options:
-            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(options)}{did_you_mean(self.name, options)}")
-        allowed = set(options[self.name]) - {"d_osc"}
+        variants = _known_variants()
+        if self.name not in variants:
+            raise ValueError(f"unknown variant {self.name!r}; allowed: {sorted(variants)}{did_you_mean(self.name, variants)}")
+        variant = variants[self.name]
+        uses_d_osc = sorted(name for name, v in variants.items() if v.uses_d_osc)
+        allowed = set(variant.option_names()) - {"d_osc"}
         unknown = set(self.options) - allowed
         if unknown:
             raise ValueError(
@@ -109,49 +113,23 @@ class VariantEntry(_Strict):
         if "d_osc" in self.options:
             raise ValueError(f"variant {self.name}: give d_osc as a list beside `options`, e.g. d_osc: [2, 4, 8]")
         # a variant with an oscillator and no d_osc is checked by the study: a `design:` may choose them
-        if self.name not in uses_d_osc and self.d_osc is not None:
-            raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {sorted(uses_d_osc)} use it)")
+        if not variant.uses_d_osc and self.d_osc is not None:
+            raise ValueError(f"variant {self.name} has no oscillator: remove d_osc (only {uses_d_osc} use it)")
+        # the option values, through the variant's own config (the values are kept as written: they
+        # are part of every trial key)
+        variant.make_config({**self.options, **({"d_osc": self.d_osc[0]} if self.d_osc else {})})
         return self
 
 
-class ModelEntry(_Strict):
-    d_model: int = Field(64, ge=8, le=MAX_WIDTH)
-    n_layers: int = Field(2, ge=1, le=MAX_LAYERS)
-    n_heads: int = Field(2, ge=1, le=MAX_LAYERS)
-    d_ff: int = Field(256, ge=1, le=MAX_FFN)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    positions: Literal["sinusoidal", "learned", "none", "rope"] = "sinusoidal"
-    backbone: Literal["a", "b"] = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
-    final_norm: bool = True
-    # the embedding row of this token id (the task's PAD, 0 in every tokenised task here) is zero
-    # and gets no gradient, as torch's nn.Embedding(padding_idx=...) and paper A's code
-    padding_idx: int | None = Field(None, ge=0)
-
+class ModelEntry(create_model("ModelFields", __base__=_Strict, **study_model_fields())):  # workers/configs.py ModelConfig
     @model_validator(mode="after")
     def _heads(self) -> "ModelEntry":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        check_heads(self.d_model, self.n_heads, rotary=self.backbone == "b" or self.positions == "rope")
         return self
 
 
-class TrainEntry(_Strict):
+class TrainEntry(create_model("TrainFields", __base__=_Strict, **study_train_fields())):  # workers/configs.py TrainConfig
     # the budget: exactly one of steps, epochs or tokens (default: 1000 steps)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
-    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)
-    eval_every: int | Literal["epoch"] = Field(100)  # steps between evaluations, or "epoch" (after every pass)
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    # epoch: each epoch a fresh permutation of the train split, without replacement; replacement: i.i.d. batches
-    sampling: Literal["epoch", "replacement"] = "epoch"
-    # best: the trial's result is its best validation evaluation; final: its last one
-    select: Literal["best", "final"] = "best"
 
     @field_validator("eval_every")
     @classmethod
@@ -170,7 +148,7 @@ class TrainEntry(_Strict):
         return self
 
 
-LawName = Literal["gap_vs_dosc", "loss_vs_params", "gap_vs_params"]
+LawName = Literal[LAW_NAMES]  # the law registry: scaling/laws.py
 
 
 class HoldoutEntry(_Strict):
@@ -298,6 +276,20 @@ class WandbEntry(_Strict):
 
 class TrackingEntry(_Strict):
     wandb: WandbEntry = Field(default_factory=WandbEntry)
+    # a row of train metrics (mean loss, lr, grad norm, tokens/s) every this many steps: W&B
+    # history and the trial's progress; evaluations are logged whenever they happen
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS)
+    # how often a running trial updates its progress file and tells the driver (progress lines)
+    progress_seconds: float = Field(10.0, ge=0.1, le=86_400, allow_inf_nan=False)
+
+
+class CheckpointEntry(_Strict):
+    """When a running trial saves its state (besides every evaluation). Not part of what a trial
+    computes, so not part of its key: change it freely, a resumed trial gives the same result."""
+
+    # wall-clock seconds between checkpoints: a cancelled, preempted or crashed trial loses at most
+    # this much work; null: at evaluation points only
+    every_seconds: float | None = Field(60.0, gt=0, le=86_400 * 7, allow_inf_nan=False)
 
 
 class SizingEntry(_Strict):
@@ -415,6 +407,7 @@ class StudySpec(_Strict):
     design: DesignEntry | None = None
     resources: ResourcesEntry = Field(default_factory=ResourcesEntry)
     tracking: TrackingEntry = Field(default_factory=TrackingEntry)
+    checkpoint: CheckpointEntry = Field(default_factory=lambda: CheckpointEntry())
     # which laws to fit, by which method, and which points are held out of every fit; a plain list
     # (e.g. [gap_vs_dosc]) names the laws and keeps the defaults
     fits: FitsEntry = Field(default_factory=lambda: FitsEntry())
@@ -531,7 +524,7 @@ class StudySpec(_Strict):
     def _d_osc_given(self) -> "StudySpec":
         if self.design is not None:
             check_design(self)  # first: a bad design.variant is the error to show
-        _, uses_d_osc = _known_variants()
+        uses_d_osc = _uses_d_osc()
         for i, variant in enumerate(self.variants):
             if variant.name in uses_d_osc and variant.d_osc is None and not (self.design and self.design_variant() == variant.name):
                 raise ValueError(f"variants[{i}]: variant {variant.name} needs d_osc: a list of oscillator dimensions, "
@@ -544,7 +537,7 @@ class StudySpec(_Strict):
             return None
         if self.design.variant:
             return self.design.variant
-        _, uses_d_osc = _known_variants()
+        uses_d_osc = _uses_d_osc()
         names = [v.name for v in self.variants if v.name in uses_d_osc]
         return names[0] if len(names) == 1 else None
 
@@ -594,7 +587,7 @@ def design_axes(study: "StudySpec") -> dict[str, Any]:
 
 def grid_size(study: "StudySpec") -> int:
     """Trials the study's grid holds (before any design): what `studies.plan.expand` makes."""
-    _, uses_d_osc = _known_variants()
+    uses_d_osc = _uses_d_osc()
     cells = 0
     others = 0
     for v in study.variants:
@@ -613,7 +606,7 @@ def check_design(study: "StudySpec") -> None:
     from scaling.design import start_size
 
     design = study.design
-    _, uses_d_osc = _known_variants()
+    uses_d_osc = _uses_d_osc()
     names = [v.name for v in study.variants]
     variant = study.design_variant()
     if variant is None:

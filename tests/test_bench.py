@@ -16,6 +16,7 @@ import torch
 from workers.bench import format_table, interleaved_times, peak_memory_bytes, run_bench, write_json
 
 
+@pytest.mark.slow  # times every case of the attention benchmark (~30 s); make test-all runs it
 def test_bench_reports_every_case_and_the_target_ratios(tmp_path):
     result = run_bench(seq_lens=(50,), d_osc=(2,), batch_size=2, repeats=2, op_seconds=0.0, warmup=1, vocab_size=64)
     cases = {(r["part"], r["case"]) for r in result["rows"]}

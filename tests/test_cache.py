@@ -235,7 +235,7 @@ def test_a_dead_builders_temp_dir_is_reported_and_cleared(tmp_path):
 
 
 def test_cache_cli_ls_and_verify(tmp_path, capsys):
-    from storage.cache_cli import main
+    from scaling.cache_cli import main
 
     root = str(tmp_path / "cache")
     entry = DatasetCache(root).get_or_build("toy", {"n": 100}, Counter(), request={"task": "toy", "options": {"k": 1}})
@@ -251,7 +251,7 @@ def test_cache_cli_ls_and_verify(tmp_path, capsys):
 
 
 def test_option_values_are_yaml():
-    from storage.cache_cli import parse_options
+    from scaling.cache_cli import parse_options
 
     assert parse_options(["a=1", "b=true", "c=[.py, .pyx]", "d=/x/y", "e=null", "f=", 'g="\\n\\n"']) == {
         "a": 1, "b": True, "c": [".py", ".pyx"], "d": "/x/y", "e": None, "f": None, "g": "\n\n"}
@@ -261,7 +261,7 @@ def test_option_values_are_yaml():
 
 def test_storage_stays_free_of_torch():
     code = (
-        "import sys, storage.cache, storage.cache_cli, storage.prep.sources, storage.prep.text, "
+        "import sys, storage.cache, scaling.cache_cli, storage.prep.sources, storage.prep.text, "
         "storage.prep.bytestream, storage.prep.sva, storage.prep.speech, scaling.cli;"
         "scaling.cli.build_parser();"
         "bad = [m for m in ('torch', 'ray', 'torchaudio') if m in sys.modules]; assert not bad, bad"

@@ -62,6 +62,27 @@ def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, cap
     assert len(json.loads((storage / "plan.json").read_text())) == 4
     offline_runs = list((storage / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) >= 4  # one per trial, plus the study summary run
+    # the ledger tells Ray nodes apart, not only hosts
+    assert all(r["node_id"] and len(r["node_id"]) == 56 and r["host"] for r in rows)
+
+    # W&B: a row of train metrics every 10 steps (tracking.log_every_steps), evaluations at 30 and 60,
+    # and the numbers researchers filter by at the top level of the config
+    from studies import tracking, wandb_files
+
+    for r in rows:
+        (run_dir,) = wandb_files.offline_runs(str(storage / "wandb"), r["wandb_run_id"])
+        run = wandb_files.read_run(wandb_files.run_file(run_dir))
+        history = run["history"]
+        assert [h["_step"] for h in history] == [10, 20, 30, 40, 50, 60]
+        assert all({"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(h) for h in history)
+        assert all("val_loss" in h for h in history if h["_step"] in (30, 60))
+        config = run["config"]
+        assert config["d_osc"] == r["d_osc"] and config["trial_key"] == r["key"]  # None for softmax
+        assert config["params_total"] == r["params_total"] and config["params_non_embedding"] == r["params_non_embedding"]
+        assert config["train_flops"] > 0 and config["d_model"] == 32 and "target_params" in config
+    summary_dir = wandb_files.offline_runs(str(storage / "wandb"), tracking.run_id("tiny", "summary"))[-1]
+    summary_rows = wandb_files.read_run(wandb_files.run_file(summary_dir))["history"]
+    assert any(k.startswith("cells/") for h in summary_rows for k in h)  # the per-cell results table
 
     # the W&B key appears nowhere: ledger, configs, logs, reports, offline run files
     leaked = [p for p in storage.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
@@ -71,9 +92,14 @@ def test_study_runs_end_to_end_and_reruns_only_missing(study_file, tmp_path, cap
     again = run_study(study, num_cpus=2, progress=False)
     assert (again.skipped, again.ran) == (4, 0)
 
-    # interrupted study (a record lost): only that trial runs
-    lost = next(storage.glob("ledger/mqar-oscillator-d4-*.parquet"))
-    lost.unlink()
+    # interrupted study (a record lost): only that trial runs. The study's end compacted its
+    # records into one part, so the ledger is rewritten without the d4 trial's record
+    ledger = Ledger(str(storage))
+    kept = [r for r in ledger.records() if not r.key.startswith("mqar-oscillator-d4-")]
+    assert len(kept) == 3
+    for part in storage.glob("ledger/**/*.parquet"):
+        part.unlink()
+    Ledger(str(storage)).append_many(kept)
     resumed = run_study(study, num_cpus=2, progress=False)
     assert (resumed.skipped, resumed.ran) == (3, 1)
     assert len(Ledger(str(storage)).rows()) == 4

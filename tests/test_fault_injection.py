@@ -61,8 +61,8 @@ def _run(path: pathlib.Path, tmp_path: pathlib.Path, fault: str | None) -> tuple
 
 @pytest.fixture
 def study(tmp_path):
-    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2, 4]}])
-    data["train"] = {**data["train"], "steps": 60, "eval_every": 20}
+    data = tiny_study_dict(tmp_path, variants=[{"name": "softmax"}, {"name": "oscillator", "d_osc": [2]}])
+    data["train"] = {**data["train"], "steps": 40, "eval_every": 20}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

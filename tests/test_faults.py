@@ -97,6 +97,7 @@ def test_killed_worker_resumes_from_checkpoint_bit_identical(tmp_path):
     assert json.loads(row["metrics_json"]) == json.loads(reference.metrics_json)
 
 
+@pytest.mark.slow  # a Ray study (~50 s); the divergence rule itself: tests/test_fidelity.py, test_workers.py
 def test_diverging_trials_are_recorded_and_the_study_goes_on(tmp_path):
     from studies.runner import run_study
     from studies.spec import load_study

@@ -53,8 +53,10 @@ def test_bad_recipe_values_name_the_field(bad, field):
 def test_trial_evaluates_once_per_epoch_and_select_final_records_the_last_evaluation(tmp_path):
     # 2000 MQAR examples / batch 16 = 125 steps per epoch; 2 epochs -> evaluations at 125 and 250
     base = {**TINY_TRAIN, "steps": None, "epochs": 2, "eval_every": "epoch", "lr": 3e-3}
-    best = run_trial(tiny_spec(train={**base, "select": "best"}), storage_uri=str(tmp_path / "a"), cache_uri=str(tmp_path / "c"))
-    final = run_trial(tiny_spec(train={**base, "select": "final"}), storage_uri=str(tmp_path / "b"), cache_uri=str(tmp_path / "c"))
+    best = run_trial(tiny_spec(train={**base, "select": "best"}), storage_uri=str(tmp_path / "a"), cache_uri=str(tmp_path / "c"),
+                     num_threads=1)
+    final = run_trial(tiny_spec(train={**base, "select": "final"}), storage_uri=str(tmp_path / "b"), cache_uri=str(tmp_path / "c"),
+                      num_threads=1)
     from storage.cache import DatasetCache
 
     task = get_task("mqar")

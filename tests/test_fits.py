@@ -9,24 +9,24 @@ import pytest
 
 from conftest import make_record, write_synthetic_study
 from scaling import api, laws, synthetic
-from scaling import fits as F
+from scaling import fits as fitting
 from scaling.fits import fit_gap_vs_dosc, fit_power_law
 
 
-def _gap_fits(rows, *, n_boot=400, level=0.95, rng_seed=0, methods=F.GAP_METHODS, task="lm", metric="val_loss",
+def _gap_fits(rows, *, n_boot=400, level=0.95, rng_seed=0, methods=fitting.GAP_METHODS, task="lm", metric="val_loss",
               floor=False):
-    data = F.select_rows(rows, task)
-    draws = F.SeedDraws(data.seeds, n_boot, rng_seed, stream=task)
-    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=metric)
-    fits = F.fit_gap_law(cells, study="s", task=task, law="gap_vs_dosc", variant="oscillator", baseline="softmax",
+    data = fitting.select_rows(rows, task)
+    draws = fitting.SeedDraws(data.seeds, n_boot, rng_seed, stream=task)
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=metric)
+    fits = fitting.fit_gap_law(cells, study="s", task=task, law="gap_vs_dosc", variant="oscillator", baseline="softmax",
                          metric=metric, draws=draws, ci_level=level, methods=methods, floor=floor)
     return {f.method: f for f in fits}
 
 
 def _loss_fit(rows, *, n_boot=400, level=0.95, rng_seed=0, variant="softmax"):
-    data = F.select_rows(rows, "lm")
-    draws = F.SeedDraws(data.seeds, n_boot, rng_seed, stream="lm")
-    return F.fit_loss_vs_params(data.rows, study="s", task="lm", variant=variant, metric="val_loss", draws=draws,
+    data = fitting.select_rows(rows, "lm")
+    draws = fitting.SeedDraws(data.seeds, n_boot, rng_seed, stream="lm")
+    return fitting.fit_loss_vs_params(data.rows, study="s", task="lm", variant=variant, metric="val_loss", draws=draws,
                                 ci_level=level)
 
 
@@ -169,7 +169,7 @@ def test_a_failed_attempt_that_was_retried_is_not_counted():
     rows = synthetic.gap_study_rows(ds=(2, 4, 8), seed_effect=0.0)
     retried = next(r for r in rows if r["variant"] == "oscillator")
     rows.append({**retried, "status": "failed", "metric_value": None})
-    assert F.select_rows(rows, "lm").excluded == []
+    assert fitting.select_rows(rows, "lm").excluded == []
 
 
 def test_search_stage_and_duplicate_trials_do_not_enter_the_fit():
@@ -177,7 +177,7 @@ def test_search_stage_and_duplicate_trials_do_not_enter_the_fit():
     osc = next(r for r in rows if r["variant"] == "oscillator")
     rows.append({**osc, "key": "search-1", "stage": "search", "metric_value": 99.0})
     rows.append({**osc, "key": "older", "metric_value": 55.0, "finished_at": "2025-01-01T00:00:00+00:00"})
-    data = F.select_rows(rows, "lm")
+    data = fitting.select_rows(rows, "lm")
     assert any("search-stage" in n for n in data.notes) and any("duplicate" in n for n in data.notes)
     assert 99.0 not in [r["metric_value"] for r in data.rows] and 55.0 not in [r["metric_value"] for r in data.rows]
 
@@ -197,8 +197,8 @@ def test_accuracy_gap_is_positive_when_the_variant_is_worse():
 
 
 def test_widen_factor_is_the_t_correction():
-    assert F.widen_factor(0.9, 5) == pytest.approx(math.sqrt(5 / 4) * 2.131847 / 1.644854, rel=1e-5)
-    assert F.widen_factor(0.9, 1000) == pytest.approx(1.0, abs=0.01)
+    assert fitting.widen_factor(0.9, 5) == pytest.approx(math.sqrt(5 / 4) * 2.131847 / 1.644854, rel=1e-5)
+    assert fitting.widen_factor(0.9, 1000) == pytest.approx(1.0, abs=0.01)
 
 
 # ---- validity: do the intervals cover the truth? ------------------------------------------------
@@ -207,6 +207,7 @@ def test_widen_factor_is_the_t_correction():
 # checked in tests/test_trust.py and benchmarked by `python -m scaling.coverage`.
 
 
+@pytest.mark.slow  # 100 simulated fits (~11 s); tests/test_trust.py checks coverage in the default run
 def test_loss_law_90_percent_intervals_cover_the_truth_100_replicates():
     """The same validity check for L = E + A N^-alpha: 5 sizes x 5 seeds, 1% multiplicative seed noise."""
     hits = {"alpha": 0, "E": 0, "A": 0}
@@ -235,7 +236,7 @@ def test_loss_vs_params_recovers_the_law_and_bootstrap_solver_agrees_with_lbfgs(
     assert fit.r2 > 0.99 and len(fit.loo["points"]) == 5 and fit.heldout["x"] == 16_000_000
     assert abs(fit.heldout["rel_error"]) < 0.02
     # the batched Newton refits reach the same optimum L-BFGS finds from there
-    data = F.select_rows(rows, "lm")
+    data = fitting.select_rows(rows, "lm")
     y = np.array([r["metric_value"] for r in data.rows])
     x = np.array([r["params_non_embedding"] for r in data.rows], dtype=float)
     problem = laws.HuberLogProblem(x, y, 0.01)
@@ -262,9 +263,9 @@ def test_loss_fit_refuses_accuracy_and_too_few_sizes():
     fit = _loss_fit(rows)
     assert not fit.ok and any("needs >= 3 parameter counts" in n for n in fit.notes)
     rows = [dict(r, metric_name="val_accuracy") for r in synthetic.loss_study_rows()]
-    data = F.select_rows(rows, "lm")
-    fit = F.fit_loss_vs_params(data.rows, study="s", task="lm", variant="softmax", metric="val_accuracy",
-                               draws=F.SeedDraws(data.seeds, 50, 0, "lm"))
+    data = fitting.select_rows(rows, "lm")
+    fit = fitting.fit_loss_vs_params(data.rows, study="s", task="lm", variant="softmax", metric="val_accuracy",
+                               draws=fitting.SeedDraws(data.seeds, 50, 0, "lm"))
     assert not fit.ok and any("higher is better" in n for n in fit.notes)
 
 
@@ -382,7 +383,7 @@ def test_bench_all_fits_on_a_500_trial_ledger(tmp_path):
                 a = rng.normal(size=(2000, 60))
                 np.sort(np.exp(a) @ a.T, axis=1)
 
-    F.widen_factor(0.95, 5)  # one-off imports (scipy.special, scipy.optimize) outside the timings
+    fitting.widen_factor(0.95, 5)  # one-off imports (scipy.special, scipy.optimize) outside the timings
     import scipy.optimize  # noqa: F401
 
     _, cal_wall, cal_cpu = timed(calibration)

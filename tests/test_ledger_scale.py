@@ -199,14 +199,33 @@ print(json.dumps({"pandas": sorted(a["key"]), "polars": sorted(b["key"].to_list(
 """
 
 
-def test_pandas_polars_and_duckdb_read_the_ledger_without_the_project(tmp_path):
-    pytest.importorskip("duckdb")
-    pytest.importorskip("polars")
+def _ledger_for_readers(tmp_path) -> list[str]:
     ledger = Ledger(str(tmp_path))
     _fill(ledger, 10)
     ledger.compact()
     _fill(ledger, 4, prefix="m")  # a part and loose records
-    expected = sorted(r["key"] for r in ledger.rows())
+    return sorted(r["key"] for r in ledger.rows())
+
+
+def test_pandas_polars_and_duckdb_read_the_ledger(tmp_path, monkeypatch):
+    """The readers' own code on the files (what the README shows), in this process: the fast check."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("polars")
+    expected = _ledger_for_readers(tmp_path)
+    printed: list[str] = []
+    monkeypatch.setattr(sys, "argv", ["readers", str(tmp_path / "ledger")])
+    exec(compile(EXTERNAL_READERS, "external_readers", "exec"), {"print": printed.append, "__name__": "readers"})
+    got = json.loads(printed[0])
+    assert got["pandas"] == got["polars"] == got["duckdb"] == expected
+
+
+@pytest.mark.slow
+def test_pandas_polars_and_duckdb_read_the_ledger_without_the_project(tmp_path):
+    """The same in a fresh interpreter without the project on its path (slow: a new interpreter
+    importing pandas, Polars and DuckDB is most of this file's default-run time)."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("polars")
+    expected = _ledger_for_readers(tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", EXTERNAL_READERS, str(tmp_path / "ledger")], capture_output=True,
                          text=True, check=True, cwd=tmp_path, env=env)
@@ -253,3 +272,46 @@ def test_cli_cache_and_checkpoints_on_s3_keep_the_scheme(s3_endpoint, tmp_path):
     assert Checkpoints("s3://bkt/cli/study", "trial-a").load()["step"] == 7
     ckpt.remove()
     assert Checkpoints("s3://bkt/cli/study", "trial-a").load() is None
+
+
+@pytest.mark.slow
+def test_the_http_api_serves_studies_from_s3_as_from_a_local_root(s3_endpoint, tmp_path):
+    """`scaling serve --root s3://...`: every read endpoint answers as it does for the same studies on
+    local disk (paths aside)."""
+    pytest.importorskip("fastapi")
+    import uuid
+
+    import pyarrow.fs as pafs
+    from fastapi.testclient import TestClient
+
+    from scaling.server import create_app
+    from test_server import AUTH, TOKEN, make_root
+
+    local = make_root(tmp_path / "studies")
+    prefix = f"bkt/{uuid.uuid4().hex[:12]}"
+    fs, _ = sfs.resolve(f"s3://{prefix}")
+    pafs.copy_files(str(local), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    on_disk, on_s3 = TestClient(create_app(str(local), TOKEN)), TestClient(create_app(f"s3://{prefix}", TOKEN))
+    for path in ["/studies", "/studies/demo", "/studies/demo/trials", "/studies/demo/fits", "/studies/grid/fits",
+                 "/studies/demo/predict?task=lm&variant=oscillator&d_osc=64", "/studies/demo/report.md"]:
+        a, b = on_disk.get(path, headers=AUTH), on_s3.get(path, headers=AUTH)
+        assert a.status_code == b.status_code == 200, (path, a.text[:300], b.text[:300])
+        a_text = a.text.replace(str(local), f"s3://{prefix}")
+        if path.endswith(".md"):
+            assert a_text == b.text, path
+        else:  # JSON objects compare as objects: a listing's order (hence a status's cell order) is the backend's
+            assert _same(json.loads(a_text), json.loads(b.text)), path
+
+
+def _same(a, b) -> bool:
+    """Equal JSON, numbers to 1e-6: the loss law's L-BFGS fit depends on the order of its points at
+    ~1e-9, and the row order is the backend's listing order."""
+    import math
+
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b

@@ -1,5 +1,5 @@
-"""The model: both backbones with every variant, exact parameter counts, FLOPs per token against
-torch's flop counter, heads, and paper A's presets.
+"""The model: both backbones with every variant, exact parameter counts, FLOPs growing as they should
+(against torch's flop counter: tests/test_contracts.py), heads, and paper A's presets.
 
 Legend: B batch, T sequence, D model width, V vocabulary.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from workers.model import ModelConfig, SwiGLU, Transformer
 from workers.presets import PAPER_A, check_task_fields, paper_preset
@@ -37,25 +35,7 @@ def test_param_counts_are_exact(attention, options, backbone):
     assert total - non_embedding == 300 * 64 + 64 * 64  # token table + learned positions
 
 
-def measured_flops_per_token(model: Transformer, T: int) -> float:
-    tokens = torch.randint(0, model.cfg.vocab_size, (2, T))
-    # the math SDPA backend decomposes into matmuls the counter sees (it has no formula for CPU flash)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(tokens)
-    return counter.get_total_flops() / (2 * T)
-
-
-@pytest.mark.parametrize("backbone", ["a", "b"])
-@pytest.mark.parametrize("attention,options", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("T,causal", [(16, True), (64, True), (200, False)])
-def test_flops_per_token_match_torch_flop_counter(attention, options, backbone, T, causal):
-    """Within 10% (in fact exact for these shapes); T = 200 bidirectional runs the linear readout.
-    Not compared: causal T > 128, where the oscillator skips key blocks above the diagonal but the
-    formula counts the full context, as for softmax (see `Transformer.flops_per_token`)."""
-    model = Transformer(config(attention, options, backbone, max_seq_len=T, causal=causal, d_model=32, d_ff=64,
-                               vocab_size=64))
-    formula, measured = model.flops_per_token(T), measured_flops_per_token(model, T)
-    assert abs(formula - measured) <= 0.10 * measured, (formula, measured)
+# FLOPs per token against torch's flop counter: the variant contract (tests/test_contracts.py).
 
 
 def test_flops_grow_with_context_and_d_osc():
@@ -156,3 +136,36 @@ def test_preset_lookup_and_mismatch_messages():
         paper_preset("enwik8")
     with pytest.raises(ValueError, match="vocab_size: paper 10000, data 20000"):
         check_task_fields("wikitext2", {**TASK_FIELDS["wikitext2"], "vocab_size": 20_000})
+
+
+def test_positions_rope_rotates_q_and_k_and_adds_nothing():
+    """`model: {positions: rope}` (accepted by the study schema) is RoPE inside every attention layer."""
+    model = Transformer(config("softmax", positions="rope"))
+    assert model.pos_LD is None and all(block.attn.rotary for block in model.blocks)
+    assert not Transformer(config("softmax", positions="sinusoidal")).blocks[0].attn.rotary
+    with pytest.raises(ValueError, match="need an even head width, but d_model=24 / n_heads=8 = 3"):
+        config("softmax", positions="rope", d_model=24, n_heads=8)
+
+
+def test_every_model_option_the_study_schema_accepts_trains():
+    """Each value of each Literal the schema takes for `model:` builds a model that takes a training step."""
+    from workers.configs import BACKBONES, POSITIONS
+
+    for positions in POSITIONS:
+        for backbone in BACKBONES:
+            model = Transformer(config("oscillator", {"d_osc": 2}, backbone, positions=positions, n_layers=1, d_model=32,
+                                       d_ff=32, max_seq_len=8))
+            tokens = torch.randint(0, 300, (2, 8))
+            loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+            loss.backward()
+            assert torch.isfinite(loss), (positions, backbone)
+
+
+@pytest.mark.slow  # ~7 s (builds the MQAR data); the step above covers the default run
+def test_a_positions_rope_trial_completes(tmp_path):
+    from conftest import tiny_spec
+    from workers import run_trial
+
+    spec = tiny_spec(model={**tiny_spec().model, "positions": "rope"}, train={**tiny_spec().train, "steps": 2, "eval_every": 2})
+    record = run_trial(spec, storage_uri=str(tmp_path / "study"), cache_uri=str(tmp_path / "cache"))
+    assert record.status == "completed", record.error

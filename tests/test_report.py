@@ -227,13 +227,13 @@ def test_paper_a_tables_for_keyword_spotting_and_agreement(tmp_path):
 def test_gap_plot_when_no_gap_is_positive():
     """Every seed's gap <= 0 (the variant beats the baseline): the log panel is empty and says so,
     and drawing does not fail (an empty panel on a log x axis has no range)."""
-    from scaling import fits as F
+    from scaling import fits as fitting
     from scaling.report import plot_gap_vs_dosc
 
     rows = synthetic.gap_study_rows(C=-1.0, alpha=0.5, ds=(2, 4, 8), seeds=range(3), rng=1)
-    data = F.select_rows(rows, "lm")
-    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_loss")
-    fits = F.fit_gap_law(cells, study="s", task="lm", law="gap_vs_dosc", variant="oscillator", baseline="softmax",
-                         metric="val_loss", draws=F.SeedDraws(data.seeds, 1, 0, "lm"))
+    data = fitting.select_rows(rows, "lm")
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_loss")
+    fits = fitting.fit_gap_law(cells, study="s", task="lm", law="gap_vs_dosc", variant="oscillator", baseline="softmax",
+                         metric="val_loss", draws=fitting.SeedDraws(data.seeds, 1, 0, "lm"))
     assert all(v < 0 for p in fits[0].points for v in p["values"].values())
     assert len(plot_gap_vs_dosc("lm", "oscillator", fits)) > 1000  # a PNG, base64

@@ -44,11 +44,34 @@ def test_search_then_replicate_at_the_best_config(tmp_path):
             optuna.storages.journal.JournalFileBackend(f"{study.storage_uri()}/optuna/journal.log")))
         assert sorted(t.value for t in optuna_study.trials) == pytest.approx(sorted(r["metric_value"] for r in search))
         assert json.loads(replicate["hparams_json"]) == optuna_study.best_params
+        # named metric, curves for optuna-dashboard, and the way from an Optuna trial to its run
+        assert optuna_study.metric_names == ["val_loss"]
+        by_key = {r["key"]: r for r in search}
+        for t in optuna_study.trials:
+            assert sorted(t.intermediate_values) == [10, 20, 30, 40]
+            row = by_key[t.user_attrs["trial_key"]]
+            assert t.intermediate_values[row["best_step"]] == pytest.approx(row["metric_value"])
+            assert t.user_attrs["wandb_run_id"] == row["wandb_run_id"] and t.user_attrs["trial_keys"] == {"0": row["key"]}
 
     again = run_study(study, num_cpus=2, progress=False, report=False)
     assert again.ran == 0 and len(Ledger(study.storage_uri()).rows()) == 8
 
 
+def test_an_exhausted_grid_is_not_an_error():
+    """Optuna's GridSampler calls study.stop() once the grid is covered, which raises outside
+    study.optimize (Tune logged "Error stopping trial" per cell); the cell's sampler does not."""
+    from studies.search import make_sampler
+    from studies.spec import SearchEntry
+
+    search = SearchEntry(sampler="grid", space={"lr": {"type": "categorical", "choices": [0.1, 0.01]}})
+    study = optuna.create_study(sampler=make_sampler(search))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_categorical("lr", [0.1, 0.01]))  # raised RuntimeError at the last cell
+    assert sorted(t.params["lr"] for t in study.trials) == [0.01, 0.1]
+
+
+@pytest.mark.slow  # a Ray study with ASHA (~30 s); CI runs make test only
 def test_asha_stops_are_recorded_as_pruned(tmp_path):
     from storage.ledger import Ledger
     from studies.runner import run_study

@@ -40,6 +40,24 @@ def test_counts_are_those_of_the_built_model(variant, options):
     assert shape["d_model"] <= shape["d_ff"] <= 8 * shape["d_model"]
 
 
+@pytest.mark.parametrize("target", [4e5, 1e6])
+def test_kuramoto_with_a_fixed_phase_dim_gets_heads_that_divide_it(target):
+    """softmax's head count at these targets (3 and 5 heads of 32) does not divide phase_dim 32:
+    Kuramoto takes the divisor of d_model nearest it that does, and says it is not the shared shape."""
+    reference = shape_for_target(target, vocab_size=1000, seq_len=128)
+    shape = shape_for_target(target, variant="kuramoto", variant_options={"phase_dim": 32}, vocab_size=1000, seq_len=128)
+    assert 32 % reference["n_heads"] != 0
+    assert 32 % shape["n_heads"] == 0 and shape["d_model"] % shape["n_heads"] == 0
+    assert shape["d_model"] == reference["d_model"] and shape["n_layers"] == reference["n_layers"]
+    assert not shape["shared_shape"] and abs(shape["relative_error"]) <= 0.01
+    others = [h for h in range(1, shape["d_model"] + 1) if shape["d_model"] % h == 0 and 32 % h == 0]
+    assert min(abs(h - reference["n_heads"]) for h in others) == abs(shape["n_heads"] - reference["n_heads"])
+    cfg = ModelConfig(vocab_size=1000, max_seq_len=128, attention="kuramoto", attention_options={"phase_dim": 32},
+                      **model_fields(shape))
+    with torch.device("meta"):
+        assert Transformer(cfg).param_counts() == (shape["params_total"], shape["params_non_embedding"])
+
+
 def test_shape_policy_aspect_ratio_and_ffn_ratio():
     shape = shape_for_target(1e7, vocab_size=256, seq_len=512, backbone="a")
     assert shape["n_layers"] == max(1, round(shape["d_model"] / 64))

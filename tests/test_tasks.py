@@ -705,30 +705,52 @@ def test_cache_build_for_a_study(tmp_path, capsys):
 # ---- one short trial per task ----------------------------------------------------------------------------
 
 
-def _tiny_sources(tmp_path) -> dict[str, dict]:
+def _tiny_text() -> tuple[list[str], list[str]]:
+    """(WikiText lines, TinyStories stories): random draws from a 12-word vocabulary."""
     rng = np.random.default_rng(0)
     words = "the cat dog sat ran on a mat and big small red".split()
     lines = [" ".join(rng.choice(words, 20)) + " ." for _ in range(60)]
+    return lines, [" ".join(rng.choice(words, 30)) for _ in range(60)]
+
+
+def _tiny_wikitext2(tmp_path) -> dict:
     wt2 = tmp_path / "wt2"
     wt2.mkdir()
     for split in ("train", "valid", "test"):
-        (wt2 / f"{split}.txt").write_text("".join(f" {line} \n" for line in lines))
-    ts = write_tinystories(tmp_path / "ts.txt", [" ".join(rng.choice(words, 30)) for _ in range(60)])
+        (wt2 / f"{split}.txt").write_text("".join(f" {line} \n" for line in _tiny_text()[0]))
+    return {"data_dir": str(wt2), "vocab_size": 20, "seq_len": 12}
+
+
+def _tiny_tinystories(tmp_path) -> dict:
+    ts = write_tinystories(tmp_path / "ts.txt", _tiny_text()[1])
+    return {"train_file": str(ts), "val_file": str(ts), "vocab_size": 20, "seq_len": 16}
+
+
+def _tiny_enwik8(tmp_path) -> dict:
     (tmp_path / "enwik8").write_bytes(("<page> some text </page>\n" * 400).encode())
-    return {
-        "wikitext2": {"data_dir": str(wt2), "vocab_size": 20, "seq_len": 12},
-        "tinystories": {"train_file": str(ts), "val_file": str(ts), "vocab_size": 20, "seq_len": 16},
-        "enwik8": {"data_file": str(tmp_path / "enwik8"), "seq_len": 16, "max_eval_tokens": 256},
-        "codeparrot": {"data_dir": os.path.join(sysconfig.get_paths()["stdlib"], "email"),
-                       "split_bytes": [20_000, 4_000, 4_000], "seq_len": 16, "max_eval_tokens": 256},
-        "sva": {"train_examples": 200, "val_examples": 64, "test_examples": 64},
-        "kws": {"data_dir": str(write_speech_commands(tmp_path / "sc")), "words": ["yes", "no"]},
-    }
+    return {"data_file": str(tmp_path / "enwik8"), "seq_len": 16, "max_eval_tokens": 256}
+
+
+# tiny options per task, each writing only its own files under tmp_path (the task contract suite,
+# tests/test_contracts_tasks.py, uses these too: a new task adds its writer here)
+TINY_SOURCES = {
+    "wikitext2": _tiny_wikitext2,
+    "tinystories": _tiny_tinystories,
+    "enwik8": _tiny_enwik8,
+    "codeparrot": lambda tmp_path: {"data_dir": os.path.join(sysconfig.get_paths()["stdlib"], "email"),
+                                    "split_bytes": [20_000, 4_000, 4_000], "seq_len": 16, "max_eval_tokens": 256},
+    "sva": lambda tmp_path: {"train_examples": 200, "val_examples": 64, "test_examples": 64},
+    "kws": lambda tmp_path: {"data_dir": str(write_speech_commands(tmp_path / "sc")), "words": ["yes", "no"]},
+}
+
+
+def _tiny_sources(tmp_path, name: str) -> dict:
+    return TINY_SOURCES[name](tmp_path)
 
 
 @pytest.mark.parametrize("name", REAL_TASKS)
 def test_a_short_trial_runs_on_every_task(name, tmp_path):
-    options = _tiny_sources(tmp_path)[name]
+    options = _tiny_sources(tmp_path, name)
     train = {**tiny_spec().train, "steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 16}
     spec = tiny_spec(task=name, task_options=options, train=train)
     record = run_trial(spec, storage_uri=str(tmp_path / "s"), cache_uri=str(tmp_path / "c"))

@@ -15,17 +15,17 @@ import yaml
 
 from conftest import SHARED, make_record, write_synthetic_study
 from scaling import api, coverage, profile as P, synthetic
-from scaling import fits as F
+from scaling import fits as fitting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _fits(rows, methods=F.GAP_METHODS):
-    data = F.select_rows(rows, "lm")
-    cells = F.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=data.metric)
-    return {f.method: f for f in F.fit_gap_law(cells, study="s", task="lm", law="gap_vs_dosc", variant="oscillator",
+def _fits(rows, methods=fitting.GAP_METHODS):
+    data = fitting.select_rows(rows, "lm")
+    cells = fitting.gap_cells(data.rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric=data.metric)
+    return {f.method: f for f in fitting.fit_gap_law(cells, study="s", task="lm", law="gap_vs_dosc", variant="oscillator",
                                                  baseline="softmax", metric=data.metric,
-                                                 draws=F.SeedDraws(data.seeds, 1, 0, "lm"), methods=methods)}
+                                                 draws=fitting.SeedDraws(data.seeds, 1, 0, "lm"), methods=methods)}
 
 
 # ---- identification ------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_profile_interval_is_exact_for_a_linear_case():
     interval of the linear model, and alpha's profile is minimised near 0."""
     rows = synthetic.gap_study_rows(C=1.0, alpha=0.0, seeds=range(5), seed_effect=0.0, variant_noise=0.1,
                                     baseline_noise=0.1, rng=5)
-    cells = F.gap_cells(rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_loss")
+    cells = fitting.gap_cells(rows, variant="oscillator", baseline="softmax", x_of="d_osc", metric="val_loss")
     runs = P.runs_from_cells(cells.x, cells.variant, cells.baseline, cells.sign)
     prof = P.profile(runs)
     assert abs(prof.alpha_hat) < 0.15

@@ -36,10 +36,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from workers.attention import build_attention, oscillator_attention, oscillator_attention_reference, softmax_attention
+from workers.attention import oscillator_attention_reference
 from workers.model import ModelConfig, Transformer
 from workers.presets import paper_preset
 from workers.runtime import allocator_name, tune_allocator
+from workers.variants import VARIANTS, get_variant, load
 
 TOKENS_PER_STEP = 3200  # the preset's B 64 x T 50
 MAX_ROUNDS_FACTOR = 10  # a time floor (`op_seconds`) adds rounds up to this many times `repeats`
@@ -54,13 +55,19 @@ class Case:
 
 
 def default_cases(d_osc: tuple[int, ...] = (2, 32), naive: bool = True, kuramoto: bool = True) -> list[Case]:
-    cases = [Case("softmax", "softmax")]
-    for d in d_osc:
-        cases.append(Case(f"oscillator d{d}", "oscillator", {"d_osc": d}))
-        if naive:
-            cases.append(Case(f"oscillator-naive d{d}", "oscillator", {"d_osc": d}, naive=True))
-    if kuramoto:
-        cases.append(Case("kuramoto", "kuramoto"))
+    """One case per registered variant with a benchmark (per d_osc where it uses one, and its dense
+    reference formula beside it with `naive`). `kuramoto=False` leaves Kuramoto out."""
+    cases = []
+    for name, variant in VARIANTS.items():
+        if variant.bench is None or (name == "kuramoto" and not kuramoto):
+            continue
+        if not variant.uses_d_osc:
+            cases.append(Case(name, name))
+            continue
+        for d in d_osc:
+            cases.append(Case(f"{name} d{d}", name, {"d_osc": d}))
+            if naive and variant.has_reference:
+                cases.append(Case(f"{name}-naive d{d}", name, {"d_osc": d}, naive=True))
     return cases
 
 
@@ -68,28 +75,17 @@ def default_cases(d_osc: tuple[int, ...] = (2, 32), naive: bool = True, kuramoto
 
 
 def attention_op(case: Case, B: int, T: int, D: int, H: int, device) -> Callable[[], None]:
-    """fwd + bwd of the mixing alone, from its inputs (q, k, v [, anchors]) to its output."""
+    """fwd + bwd of the mixing alone, from its inputs (q, k, v [, anchors]) to its output: the
+    variant's own `bench_op` (registered in workers/variants.py) says what its inputs are."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    K = D // H
 
     def leaf(*shape):
         return torch.randn(*shape, generator=g).to(device).requires_grad_()
 
-    if case.variant == "softmax":
-        q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
-        inputs, fn = (q, k, v), lambda: softmax_attention(q, k, v, causal=True)
-    elif case.variant == "oscillator":
-        q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
-        anchors = F.normalize(torch.randn(H, T, case.options["d_osc"], generator=g), dim=-1).to(device).requires_grad_()
-        attend = oscillator_attention_reference if case.naive else oscillator_attention
-        inputs, fn = (q, k, v, anchors), lambda: attend(q, k, v, anchors, causal=True)[0]
-    elif case.variant == "kuramoto":
-        module = build_attention("kuramoto", d_model=D, n_heads=H, max_seq_len=T, causal=True, **case.options).to(device)
-        P = module.phase_dim // H
-        theta, gate = leaf(B, H, T, P), leaf(B, H, T, P)
-        inputs, fn = (theta, gate), lambda: module.tangent_update(theta, F.softplus(gate), None)
-    else:
-        raise ValueError(f"no benchmark for variant {case.variant!r}")
+    variant = get_variant(case.variant)
+    if variant.bench is None:
+        raise ValueError(f"variant {case.variant!r} registers no benchmark case (`bench` in workers/variants.py)")
+    inputs, fn = load(variant.bench)(case, B, T, D, H, device, leaf)
     upstream = None
 
     def run() -> None:

@@ -1,8 +1,10 @@
 """The transformer around the attention variants, in two backbones, and its task heads.
 
 - backbone "a" (paper A, as its reference code): embedding + positions (sinusoidal | learned |
-  none) + dropout, pre-LayerNorm blocks, FFN = Linear-GELU-Dropout-Linear-Dropout (no dropout on
+  none | rope) + dropout, pre-LayerNorm blocks, FFN = Linear-GELU-Dropout-Linear-Dropout (no dropout on
   the attention branch), final LayerNorm (optional: the KWS model has none), untied head.
+- `positions: rope`: RoPE on q and k inside every attention layer, nothing added to the embedding
+  (the paper-A backbone with paper B's positions).
 - backbone "b" (paper B): RoPE on q and k inside attention, pre-RMSNorm blocks, SwiGLU FFN
   (W_2 (silu(W_1 x) * W_3 x), no biases), dropout on both branches, final RMSNorm, untied head;
   use it with positions "none".
@@ -16,56 +18,13 @@ Legend: B batch, T sequence, D model width, F FFN width, V vocabulary, C classes
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workers.attention import build_attention
-
-POSITIONS = ("sinusoidal", "learned", "none")
-HEADS = ("lm", "classify", "token")
-BACKBONES = ("a", "b")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    d_ff: int = 256
-    dropout: float = 0.1
-    max_seq_len: int = 128
-    positions: str = "sinusoidal"
-    causal: bool = True
-    # lm: next-token logits at every position; classify: mean-pool over non-padding positions, then C
-    # logits; token: C logits read at one given position per example (e.g. SVA's verb)
-    head: str = "lm"
-    num_classes: int = 0
-    input_dim: int | None = None  # None: token ids through an embedding; int: feature vectors through Linear
-    attention: str = "softmax"
-    attention_options: dict[str, Any] = field(default_factory=dict)
-    backbone: str = "a"  # a: paper A (LayerNorm, GELU FFN) | b: paper B (RoPE, SwiGLU, RMSNorm)
-    final_norm: bool = True  # norm before the head (paper A's KWS model has none)
-    padding_idx: int | None = None  # embedding row kept at zero, without gradient (paper A: PAD = 0)
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r}; allowed: {list(BACKBONES)} (a: paper A, b: paper B)")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions={self.positions!r}; allowed: {list(POSITIONS)}")
-        if self.head not in HEADS:
-            raise ValueError(f"head={self.head!r}; allowed: {list(HEADS)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
-            raise ValueError(f"padding_idx={self.padding_idx} is outside the vocabulary [0, {self.vocab_size})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from workers.configs import ModelConfig  # the model's config, declared once (torch-free)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -105,7 +64,7 @@ class Block(nn.Module):
             n_heads=cfg.n_heads,
             max_seq_len=cfg.max_seq_len,
             causal=cfg.causal,
-            rotary=cfg.backbone == "b",
+            rotary=cfg.rotary,
             **cfg.attention_options,
         )
         self.ln_ffn = make_norm(cfg)

@@ -10,7 +10,10 @@ Shape policy (every number a keyword argument with this default):
 - the width D chosen is the candidate whose solved FFN width is nearest the nominal ratio (on a log
   scale) for the softmax model at that target; every variant then keeps that depth, width and
   head count and only re-solves its FFN width (oscillator anchors, Kuramoto gates and couplings
-  are absorbed there), so variants at one target differ only in FFN width. A variant whose FFN
+  are absorbed there), so variants at one target differ only in FFN width. A variant that refuses
+  that head count (Kuramoto with a fixed `phase_dim` the heads do not divide) takes the divisor of
+  D nearest it that it accepts (`shared_shape: False`), and is refused, naming its options, when it
+  accepts none. A variant whose FFN
   width would leave [1, 8] x D (e.g. d_osc 64 anchors at a long max_seq_len in a small model)
   gets its own width by the same rule instead, and says so (`shared_shape: False`).
 - `count`: "total" (default, as papers A and B quote sizes) or "non_embedding" (leaves out token
@@ -67,10 +70,33 @@ def _candidates(head_width: int, aspect_ratio: float, max_width: int) -> list[tu
             for D in range(head_width, max_width + 1, head_width)]
 
 
+def _valid_heads(base: dict[str, Any], D: int, L: int, H: int, d_ff: int) -> tuple[int, str]:
+    """A head count for width D that the variant accepts: H when the model builds with it, else the
+    divisor of D nearest H (log scale; the larger on a tie) with which it builds, e.g. Kuramoto with
+    a fixed `phase_dim` needs heads dividing it. (0, the variant's refusal of H) when none does."""
+    try:
+        count_params(_config(base, D, L, H, d_ff))
+        return H, ""
+    except ValueError as error:
+        refusal = str(error)
+    for other in sorted((h for h in range(1, D + 1) if D % h == 0 and h != H), key=lambda h: (abs(math.log(h / H)), -h)):
+        try:
+            count_params(_config(base, D, L, other, d_ff))
+            return other, ""
+        except ValueError:
+            continue
+    return 0, refusal
+
+
 def _best_shape(base, *, target, which, head_width, aspect_ratio, ffn_ratio, ffn_range, multiple, tolerance,
-                max_width) -> dict[str, Any] | None:
+                max_width, refusals: list[str] | None = None) -> dict[str, Any] | None:
     best, best_score = None, math.inf
     for D, L, H in _candidates(head_width, aspect_ratio, max_width):
+        H, refusal = _valid_heads(base, D, L, H, max(1, int(ffn_range[0] * D)))
+        if not H:
+            if refusals is not None:
+                refusals.append(f"d_model={D}: {refusal}")
+            continue
         minimal = count_params(_config(base, D, L, H, max(1, int(ffn_range[0] * D))))[which]
         if minimal > target * (1 + tolerance):
             break  # wider only grows
@@ -130,15 +156,24 @@ def shape_for_target(
                   max_width=max_width)
     own = {**common, "attention": variant, "attention_options": dict(variant_options or {})}
     reference = _best_shape({**common, "attention": "softmax", "attention_options": {}}, **policy)
-    shape, shared = None, False
+    shape, shared, refusals = None, False, []
     if reference is not None:
         D, L, H = reference["d_model"], reference["n_layers"], reference["n_heads"]
-        d_ff, counts = _solve_ffn(own, D, L, H, target=policy["target"], which=which, multiple=ffn_multiple,
-                                  tolerance=tolerance)
-        if ffn_range[0] * D <= d_ff <= ffn_range[1] * D and abs(counts[which] - target_params) <= tolerance * target_params:
-            shape, shared = {"d_model": D, "n_layers": L, "n_heads": H, "d_ff": d_ff, "counts": counts}, True
+        own_heads, _ = _valid_heads(own, D, L, H, reference["d_ff"])  # the softmax head count, or the nearest valid one
+        if own_heads:
+            d_ff, counts = _solve_ffn(own, D, L, own_heads, target=policy["target"], which=which,
+                                      multiple=ffn_multiple, tolerance=tolerance)
+            if ffn_range[0] * D <= d_ff <= ffn_range[1] * D and abs(counts[which] - target_params) <= tolerance * target_params:
+                shape = {"d_model": D, "n_layers": L, "n_heads": own_heads, "d_ff": d_ff, "counts": counts}
+                shared = own_heads == H
     if shape is None:
-        shape = _best_shape(own, **policy)
+        shape = _best_shape(own, **policy, refusals=refusals)
+    if shape is None and refusals:
+        raise ValueError(
+            f"no shape for {variant} {variant_options or {}} near {target_params:g} {count} parameters: at every "
+            f"width the variant refuses every head count that divides d_model ({refusals[0]}; ...); choose "
+            f"variant options that some head count satisfies (head counts are d_model / head_width, "
+            f"head_width={head_width}, or a divisor of d_model), e.g. leave kuramoto's phase_dim unset (it follows d_model)")
     if shape is None:
         raise ValueError(
             f"no shape for {variant} {variant_options or {}} within {tolerance:.0%} of {target_params:g} "

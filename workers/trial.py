@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import socket
 import time
 import traceback
@@ -23,35 +24,16 @@ from storage import fs as sfs
 from storage.cache import DatasetCache
 from storage.faults import fault_point
 from storage.records import TrialRecord, TrialSpec, canonical_json
+from workers.configs import TrainConfig, train_defaults
 from workers.model import ModelConfig, Transformer
 from workers.tasks import get_task
+from workers import lifecycle
 from workers.runtime import tune_allocator
+from workers.variants import validate_dataclass
 
 CODE_VERSION = "3"  # bump when a change alters what a trial computes: old ledger keys then re-run
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    # budget: `steps`, or `epochs` / `tokens` converted to steps once the data is known
-    "steps": 1000,
-    "epochs": None,
-    "tokens": None,
-    "batch_size": 64,
-    "eval_batch_size": 256,
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "warmup_steps": 0,
-    "schedule": "cosine",  # cosine | constant
-    "grad_clip": 1.0,
-    "eval_every": 100,  # steps between evaluations, or "epoch": after every pass over the train split
-    "optimizer": "adamw",  # adamw | adam
-    # epoch: every epoch is a fresh permutation of the train split, drawn without replacement (the
-    # last batch of an epoch is short, as a DataLoader with shuffle=True); replacement: i.i.d. batches
-    "sampling": "epoch",
-    # best: the trial's result is its best validation evaluation (and the test split is scored with
-    # that model); final: its last evaluation (paper A's SVA)
-    "select": "best",
-}
-SAMPLINGS = ("epoch", "replacement")
-SELECTS = ("best", "final")
+TRAIN_DEFAULTS: dict[str, Any] = train_defaults()  # the recipe's keys and defaults: workers/configs.py TrainConfig
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -61,14 +43,13 @@ def now_iso() -> str:
 
 
 def resolve_train(train: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
+    """The study's recipe and the searched hyperparameters over the defaults, checked against
+    TrainConfig (the values are kept as given: they are part of the trial's key)."""
     merged = {**TRAIN_DEFAULTS, **train, **hparams}
     unknown = set(merged) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ValueError(f"train: unknown option(s) {sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
-    if merged["sampling"] not in SAMPLINGS:
-        raise ValueError(f"train.sampling={merged['sampling']!r}; allowed: {list(SAMPLINGS)}")
-    if merged["select"] not in SELECTS:
-        raise ValueError(f"train.select={merged['select']!r}; allowed: {list(SELECTS)}")
+    validate_dataclass(TrainConfig, merged, "train")
     every = merged["eval_every"]
     if every != "epoch" and not (isinstance(every, int) and every >= 1):
         raise ValueError(f"train.eval_every={every!r}: give a number of steps >= 1, or \"epoch\"")
@@ -179,21 +160,65 @@ def run_trial(
     num_threads: int | None = None,
     wandb_run_id: str | None = None,
     keep_checkpoint: bool = False,
+    log: Reporter | None = None,
+    log_every: int = lifecycle.DEFAULT_LOG_EVERY,
+    checkpoint_every_s: float | None = lifecycle.DEFAULT_CHECKPOINT_SECONDS,
+    progress_every_s: float = lifecycle.DEFAULT_PROGRESS_SECONDS,
+    on_start: Reporter | None = None,
+    node_id: str | None = None,
 ) -> TrialRecord:
     """Train, evaluate, and return the ledger record. Never raises for a failing trial: the
-    exception becomes a `failed` record (with traceback) so the study goes on."""
+    exception becomes a `failed` record (with traceback) so the study goes on.
+
+    `report` gets every evaluation; `log` a row of train metrics (mean loss, lr, grad norm,
+    tokens/s) every `log_every` steps; `on_start` the trial's size once the model is built
+    (parameters, FLOPs, total steps, the step it resumes from). A checkpoint is written at every
+    evaluation and every `checkpoint_every_s` seconds in between. A stop request (SIGTERM, or
+    `workers.lifecycle.request_stop`) saves one at the next step boundary and raises
+    `TrialInterrupted`: not a record, the study resumes the trial from there. While it runs, the
+    trial keeps `<storage>/progress/<key>.json` and appends to `<storage>/logs/<key>.log`."""
     started, t0 = now_iso(), time.perf_counter()
     state: dict[str, Any] = {"params": (0, 0), "flops": 0.0, "step": 0, "tokens": 0}
+    progress = lifecycle.TrialProgress(
+        storage_uri, spec.key, node_id=node_id, every_seconds=progress_every_s,
+        info={"cell": spec.cell, "stage": spec.stage, "seed": spec.seed, "study": spec.study})
+    hooks = {"report": report, "log": log, "on_start": on_start}
+    progress.say(f"start on {progress.state['host']} (pid {os.getpid()}" + (f", Ray node {node_id}" if node_id else "")
+                 + f"): {spec.cell} seed {spec.seed} [{spec.stage}]")
+    progress.update(force=True)
     try:
-        return _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep_checkpoint, started, t0, state)
+        with lifecycle.sigterm_flush(), lifecycle.thread_log(progress):
+            record = _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_checkpoint, started,
+                            t0, state, progress, log_every, checkpoint_every_s, node_id)
+    except SystemExit:  # raised inside a report by a runner that stops the trial (Tune's session)
+        if not lifecycle.stop_requested():  # stopped for good (a scheduler pruned it): no progress left
+            progress.say(f"stopped by the runner at step {state['step']} (pruned)")
+            progress.remove()
+            raise
+        stop = lifecycle.TrialInterrupted(state["step"], lifecycle.stop_reason())
+        progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
+        progress.update(force=True, state="interrupted", step=stop.step)
+        raise stop from None
+    except lifecycle.TrialInterrupted as stop:
+        progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
+        progress.update(force=True, state="interrupted", step=stop.step)
+        raise
     except Exception as exc:  # noqa: BLE001 -- a failure is data
-        return _record(
-            spec, state, "failed", None, {}, None, started, t0, wandb_run_id,
-            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}",
-        )
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        progress.say(f"failed at step {state['step']}: {error}")
+        progress.remove()
+        return _record(spec, state, "failed", None, {}, None, started, t0, wandb_run_id, error=error, node_id=node_id)
+    value = "none" if record.metric_value is None else f"{record.metric_value:.6g}"
+    progress.say(f"finished: {record.status}, {record.metric_name or 'metric'} {value} at step {record.best_step} "
+                 f"after {record.steps} steps, {record.wall_seconds:.1f}s" + (f" ({record.error})" if record.error else ""))
+    progress.remove()
+    return record
 
 
-def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep_checkpoint, started, t0, state):
+def _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_checkpoint, started, t0, state,
+           progress, log_every, checkpoint_every_s, node_id):
+    report, log, on_start = hooks["report"], hooks["log"], hooks["on_start"]
+    policy = lifecycle.CheckpointPolicy(checkpoint_every_s)
     tune_allocator()
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -208,7 +233,8 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     seq_len = task.tokens_per_example(prepared)
     train = resolve_budget(train, len(next(iter(prepared.arrays["train"].values()))), seq_len)
     state["params"] = model.param_counts()
-    flops_per_step = 3 * model.flops_per_token(seq_len) * seq_len * train["batch_size"]  # fwd + bwd
+    flops_per_token = model.flops_per_token(seq_len)
+    flops_per_step = 3 * flops_per_token * seq_len * train["batch_size"]  # fwd + bwd
 
     opt_cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
@@ -227,53 +253,105 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
         if device.type == "cuda" and resumed.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         best, history, start_step = resumed["best"], resumed["history"], resumed["step"]
+        state.update(step=start_step, tokens=order.examples_seen(start_step) * seq_len,
+                     flops=start_step * flops_per_step)
+
+    saved_at = [start_step]
+
+    def save(step: int) -> None:
+        checkpoints.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler": order.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best": best, "history": history, "step": step,
+        })
+        policy.saved()
+        saved_at[0] = step
+
+    total, non_embedding = state["params"]
+    info = {"params_total": int(total), "params_non_embedding": int(non_embedding), "flops_per_token": flops_per_token,
+            "train_flops": flops_per_step * train["steps"], "total_steps": train["steps"], "seq_len": seq_len,
+            "resumed_from_step": start_step, "metric": task.metric, "lower_is_better": task.lower_is_better}
+    if on_start:
+        on_start(dict(info))
+    progress.say(("resumed from the checkpoint at step " if start_step else "training from step ")
+                 + f"{start_step} of {train['steps']}; {total:,} parameters ({non_embedding:,} non-embedding)")
+    progress.update(force=True, state="running", step=start_step, total_steps=train["steps"], metric=task.metric,
+                    params_total=int(total), resumed_from_step=start_step)
 
     sign = 1 if task.lower_is_better else -1
     final = train["select"] == "final"
     status, reason = "completed", None
-    for step in range(start_step, train["steps"]):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train)
-        loss = task.loss(model, task.batch(train_split, order.indices(step)))
-        if not torch.isfinite(loss):
-            status, reason = "diverged", f"non-finite training loss ({loss.item()}) at step {step + 1}"
-            state["step"] = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
-        optimizer.step()
-        state.update(step=step + 1, tokens=order.examples_seen(step + 1) * seq_len, flops=(step + 1) * flops_per_step)
+    window = lifecycle.StepLog(log_every, tokens_per_step=train["batch_size"] * seq_len)
+    latest: dict[str, Any] = {}
+    params = [p for p in model.parameters()]
+    def flush() -> None:
+        """Called from another thread while this one is parked in a report (after a step): save."""
+        if saved_at[0] != state["step"]:
+            save(state["step"])
 
-        last = step + 1 == train["steps"]
-        if (step + 1) % train["eval_every_steps"] == 0 or last:
-            model.eval()
-            metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
-            value = metrics[task.metric]
-            if not math.isfinite(value):
-                status, reason = "diverged", f"non-finite validation {task.metric} ({value}) at step {step + 1}"
+    with lifecycle.running_trainer(flush) as stop:
+        for step in range(start_step, train["steps"]):
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, train)
+            loss = task.loss(model, task.batch(train_split, order.indices(step)))
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                status, reason = "diverged", f"non-finite training loss ({loss_value}) at step {step + 1}"
+                state["step"] = step
                 break
-            if final or best["value"] is None or sign * value < sign * best["value"]:
-                best = {
-                    "value": value,
-                    "step": step + 1,
-                    # the selected model is only needed again for the test split; `final` keeps the live one
-                    "state": None if final else {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "metrics": metrics,
-                }
-            point = {"step": step + 1, "train_loss": loss.item(), "lr": learning_rate(step, train), **metrics}
-            history.append(point)
-            if not last:  # before reporting: a trial killed while reporting resumes from here
-                checkpoints.save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sampler": order.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "best": best, "history": history, "step": step + 1,
-                })
-            if report:
-                report({**point, f"best_{task.metric}": best["value"], "tokens": state["tokens"]})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = None
+            if train["grad_clip"]:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
+            optimizer.step()
+            state.update(step=step + 1, tokens=order.examples_seen(step + 1) * seq_len, flops=(step + 1) * flops_per_step)
+            window.add(loss_value)
+
+            last = step + 1 == train["steps"]
+            if window.due(step + 1, last):
+                if grad_norm is None:  # the norm before the step (no clipping): read, never changed
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                row = window.row(step + 1, learning_rate(step, train), float(grad_norm), state["tokens"])
+                latest.update(row)
+                if log:
+                    log(dict(row))
+            evaluated = (step + 1) % train["eval_every_steps"] == 0 or last
+            if evaluated:
+                model.eval()
+                metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
+                value = metrics[task.metric]
+                if not math.isfinite(value):
+                    status, reason = "diverged", f"non-finite validation {task.metric} ({value}) at step {step + 1}"
+                    break
+                if final or best["value"] is None or sign * value < sign * best["value"]:
+                    best = {
+                        "value": value,
+                        "step": step + 1,
+                        # the selected model is only needed again for the test split; `final` keeps the live one
+                        "state": None if final else {k: v.detach().clone() for k, v in model.state_dict().items()},
+                        "metrics": metrics,
+                    }
+                point = {"step": step + 1, "train_loss": loss_value, "lr": learning_rate(step, train), **metrics}
+                history.append(point)
+                latest.update({task.metric: value, "eval_step": step + 1})
+                if not last:  # before reporting: a trial killed while reporting resumes from here
+                    save(step + 1)
+                progress.say(f"step {step + 1}/{train['steps']}: {task.metric} {value:.6g} "
+                             f"(best {best['value']:.6g} at step {best['step']}), train_loss {loss_value:.6g}")
+                progress.update(force=True, step=step + 1, latest=dict(latest))
+                if report:
+                    report({**point, f"best_{task.metric}": best["value"], "tokens": state["tokens"]})
+            elif not last and policy.due():  # wall-clock checkpoint, or a stop was requested
+                save(step + 1)
+            if not evaluated:
+                progress.update(step=step + 1, latest=dict(latest))  # at most every progress_every_s
+            if stop.is_set() and not last:
+                if saved_at[0] != step + 1:  # the stop came after this step's save decision
+                    save(step + 1)
+                raise lifecycle.TrialInterrupted(step + 1, lifecycle.stop_reason())
 
     metrics = dict(best["metrics"])
     if status == "completed" and best["value"] is not None:
@@ -293,10 +371,11 @@ def _train(spec, storage_uri, cache_uri, report, num_threads, wandb_run_id, keep
     if not keep_checkpoint:
         checkpoints.remove()
     return _record(spec, state, status, best["value"], metrics, best["step"], started, t0, wandb_run_id, task.metric,
-                   error=reason)
+                   error=reason, node_id=node_id)
 
 
-def _record(spec, state, status, value, metrics, best_step, started, t0, wandb_run_id, metric_name="", error=None):
+def _record(spec, state, status, value, metrics, best_step, started, t0, wandb_run_id, metric_name="", error=None,
+            node_id=None):
     total, non_embedding = state["params"]
     return TrialRecord(
         key=spec.key,
@@ -326,4 +405,5 @@ def _record(spec, state, status, value, metrics, best_step, started, t0, wandb_r
         wandb_run_id=wandb_run_id,
         host=socket.gethostname(),
         error=error,
+        node_id=node_id,
     )

@@ -20,7 +20,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-ENWIK8_BYTES = 100_000_000
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-MODES = ("analytic", "euler", "rk45")
-INITS = ("random", "sequential")
+from workers.variants import OscillatorConfig
+
+MODES, INITS = OscillatorConfig.MODES, OscillatorConfig.INITS  # declared once, with the variant's options
 
 # Dormand-Prince 5(4) tableau, as scipy's RK45 (the method the paper's ODE check used).
 _DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)

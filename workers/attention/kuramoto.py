@@ -25,7 +25,6 @@ Paper B publishes only its abstract, so every choice below is an option with a d
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +32,7 @@ from torch import nn
 
 from workers.attention.softmax import apply_rotary, rotary_tables, softmax_attention
 from workers.runtime import in_stacked_forward
-from workers.variant_options import KURAMOTO
-
-GATES = ("softplus", "none")
-GATE_PER = ("coordinate", "head")
-PHASE_DRIFTS = ("rope", "none")
-SCORE_SCALES = ("sqrt", "none")
-READOUTS = ("phase", "delta")
+from workers.variants import KuramotoConfig
 
 
 FUSED_MAX_T = 128  # up to here the (T, T) weights are kept for backward (fastest on CPU); beyond, fused SDPA
@@ -188,51 +181,25 @@ def _cross(x_BHT2P: torch.Tensor, g_BHT2P: torch.Tensor) -> torch.Tensor:
 
 
 class KuramotoAttention(nn.Module):
-    DEFAULTS: dict[str, Any] = dict(KURAMOTO)  # the options and their meaning: workers/variant_options.py
-
-    def __init__(
-        self,
-        *,
-        d_model: int,
-        n_heads: int,
-        max_seq_len: int,
-        causal: bool,
-        rotary: bool = False,  # the backbone's RoPE flag: unused, this variant has its own phase drift
-        phase_dim: int | None = None,
-        gate: str = "softplus",
-        gate_per: str = "coordinate",
-        phase_drift: str = "rope",
-        rope_base: float = 10000.0,
-        score_scale: str = "sqrt",
-        kappa_init: float = 1.0,
-        steps: int = 1,
-        readout: str = "phase",
-    ) -> None:
+    def __init__(self, cfg: KuramotoConfig, *, d_model: int, n_heads: int, max_seq_len: int, causal: bool,
+                 rotary: bool = False) -> None:  # `rotary`, the backbone's RoPE flag: unused, the phase drift is this variant's
         super().__init__()
-        M = d_model if phase_dim is None else int(phase_dim)
-        for name, value, allowed in (("gate", gate, GATES), ("gate_per", gate_per, GATE_PER),
-                                     ("phase_drift", phase_drift, PHASE_DRIFTS),
-                                     ("score_scale", score_scale, SCORE_SCALES), ("readout", readout, READOUTS)):
-            if value not in allowed:
-                raise ValueError(f"kuramoto {name}={value!r}; allowed: {list(allowed)}")
+        M = d_model if cfg.phase_dim is None else int(cfg.phase_dim)
         if M < n_heads or M % n_heads:
             raise ValueError(f"kuramoto phase_dim={M} must be a positive multiple of n_heads={n_heads}")
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"kuramoto steps={steps} must be an integer >= 1")
-        if not float(rope_base) > 1:
-            raise ValueError(f"kuramoto rope_base={rope_base} must be > 1")
-        self.n_heads, self.causal, self.phase_dim, self.steps = n_heads, causal, M, int(steps)
+        gate, gate_per, readout = cfg.gate, cfg.gate_per, cfg.readout
+        self.n_heads, self.causal, self.phase_dim, self.steps = n_heads, causal, M, int(cfg.steps)
         self.gate, self.gate_per, self.readout = gate, gate_per, readout
-        self.scale = None if score_scale == "sqrt" else 1.0
+        self.scale = None if cfg.score_scale == "sqrt" else 1.0
         self.w_in = nn.Linear(d_model, M, bias=False)
         self.w_g = None
         if gate != "none":
             self.w_g = nn.Linear(d_model, M if gate_per == "coordinate" else n_heads, bias=False)
-        self.kappa_M = nn.Parameter(torch.full((M,), float(kappa_init)))
+        self.kappa_M = nn.Parameter(torch.full((M,), float(cfg.kappa_init)))
         self.w_out = nn.Linear(2 * M if readout == "phase" else M, d_model, bias=True)
-        self.drift = phase_drift == "rope"
+        self.drift = cfg.phase_drift == "rope"
         if self.drift:
-            cos_LP, sin_LP = rotary_tables(max_seq_len, 2 * (M // n_heads), base=float(rope_base))
+            cos_LP, sin_LP = rotary_tables(max_seq_len, 2 * (M // n_heads), base=float(cfg.rope_base))
             self.register_buffer("rope_cos_LP", cos_LP, persistent=False)
             self.register_buffer("rope_sin_LP", sin_LP, persistent=False)
 
@@ -267,9 +234,6 @@ class KuramotoAttention(nn.Module):
         return kuramoto_tangent(theta_BHTP, gate_BHTP, cos_TP, sin_TP, causal=self.causal,
                                 key_padding_BT=key_padding_BT, scale=self.scale)
 
-    def extra_params(self) -> int:
-        return 0
-
     def projection_flops_per_token(self, d_model: int) -> float:
         M = self.phase_dim
         gate = 0 if self.w_g is None else self.w_g.out_features
@@ -279,3 +243,13 @@ class KuramotoAttention(nn.Module):
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
         """SDPA over E = 2M/H features per head, scores and values, full context, per step."""
         return self.steps * 2 * 2 * (2 * self.phase_dim) * seq_len
+
+
+def bench_op(case, B: int, T: int, D: int, H: int, device, leaf):
+    """The benchmark's case (workers/bench.py): fwd + bwd of the tangent update from the phases and gates."""
+    from workers.variants import get_variant
+
+    module = get_variant("kuramoto").build(d_model=D, n_heads=H, max_seq_len=T, causal=True, **case.options).to(device)
+    P = module.phase_dim // H
+    theta, gate = leaf(B, H, T, P), leaf(B, H, T, P)
+    return (theta, gate), lambda: module.tangent_update(theta, F.softplus(gate), None)

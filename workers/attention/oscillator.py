@@ -10,9 +10,9 @@ z_i* = h_i/|h_i|, h_i = sum_j w_ij r_j; the readout s_ij = max(0, 1 + <z_i*, r_j
 j weights the values. With p = 1 the attention matrix has rank <= d + 1 per head.
 
 Two implementations of the same function:
-- `oscillator_attention_reference`: the dense formula, line by line (the test oracle; also what
-  `return_weights=True` and p != 1 use for the readout).
-- `oscillator_attention` (fast path): the quadratic coupling stage is one autograd Function that
+- `oscillator_attention_reference` (workers/attention/oscillator_reference.py): the dense formula,
+  line by line (the test oracle; also what `return_weights=True` and p != 1 use for the readout).
+- `oscillator_attention` (fast paths, chosen in one place: `choose_path`): the quadratic coupling stage is one autograd Function that
   keeps two (T, S) tensors per block for backward (the couplings and their slope, so backward has
   no transcendental and no mask) and, past T = 128, skips key blocks above the causal diagonal.
   The readout and value stage (p = 1) is either one autograd Function over a (T, T) matrix with a
@@ -37,87 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attention.dynamics import INITS, MODES, integrate_fixed_points
+from workers.attention.dynamics import MODES, integrate_fixed_points
+from workers.attention.oscillator_reference import oscillator_attention_reference, readout_dense
 from workers.attention.softmax import SoftmaxAttention
 from workers.runtime import in_stacked_forward
-from workers.variant_options import OSCILLATOR
+from workers.variants import OscillatorConfig
 
-ANCHOR_NORMS = ("init", "always")
 READOUTS = ("auto", "dense", "linear")
 DENSE_READOUT_MAX_T = 128  # up to here one (T, T) readout matrix beats chunked prefix sums on CPU
 SPARSE_CORRECTION_PER_QUERY = 32  # clamp corrections gathered pair by pair up to this many per query
 NARROW_D = 8  # d_osc up to here: products with the anchors go narrow operand first; above: _DenseOscillator
 LINEAR_CHUNK = 32  # keys per chunk of the linear readout: best or near it on CPU at T 256 and 1024, d 2 and 32
-
-
-def allowed_keys(T: int, *, causal: bool, key_padding_BT: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean mask broadcastable to (B, H, T, T): True where query i may use key j."""
-    allowed = None
-    if causal:
-        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-    if key_padding_BT is not None:
-        keys = ~key_padding_BT[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
-    return allowed
-
-
-# ---- reference (dense) implementation --------------------------------------------------------
-
-
-def oscillator_attention_reference(
-    q_BHTK: torch.Tensor,
-    k_BHTK: torch.Tensor,
-    v_BHTK: torch.Tensor,
-    anchors_HLd: torch.Tensor,
-    *,
-    causal: bool,
-    key_padding_BT: torch.Tensor | None = None,
-    p: float = 1.0,
-    readout_padding_mask: bool = True,
-    eps: float = 1e-8,
-    return_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dense formula of VARIANTS.md section 2, analytic fixed point. Returns (out, weights|None)."""
-    T, K = q_BHTK.shape[-2], q_BHTK.shape[-1]
-    r_1HTd = anchors_HLd[None, :, :T]
-    allowed = allowed_keys(T, causal=causal, key_padding_BT=key_padding_BT, device=q_BHTK.device)
-    # 1. coupling: positive, causal, padding keys contribute nothing; no row normalisation
-    w_BHTT = F.softplus(q_BHTK @ k_BHTK.transpose(-1, -2) / math.sqrt(K))
-    if allowed is not None:
-        w_BHTT = w_BHTT.masked_fill(~allowed, 0.0)
-    # 2-4. the stable fixed point of dz/dt = (I - z z^T) h
-    h_BHTd = w_BHTT @ r_1HTd
-    z_BHTd = h_BHTd / h_BHTd.norm(dim=-1, keepdim=True).clamp_min(eps)
-    out_BHTK, a_BHTT = readout_dense(
-        z_BHTd, anchors_HLd, v_BHTK, causal=causal, key_padding_BT=key_padding_BT, p=p,
-        readout_padding_mask=readout_padding_mask,
-    )
-    return out_BHTK, (a_BHTT if return_weights else None)
-
-
-def readout_dense(
-    z_BHTd: torch.Tensor,
-    anchors_HLd: torch.Tensor,
-    v_BHTK: torch.Tensor,
-    *,
-    causal: bool,
-    key_padding_BT: torch.Tensor | None,
-    p: float,
-    readout_padding_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items 5-6 as a (T, T) matrix: any p, any |z|. Returns (out, attention weights)."""
-    T = z_BHTd.shape[-2]
-    r_1HTd = anchors_HLd[None, :, :T]
-    s_BHTT = (1.0 + z_BHTd @ r_1HTd.transpose(-1, -2)).clamp_min(0.0)
-    if p != 1:
-        s_BHTT = s_BHTT.pow(p)
-    # the reference code masks the readout only causally; the padding mask is on by default
-    pad = key_padding_BT if readout_padding_mask else None
-    readout_allowed = allowed_keys(T, causal=causal, key_padding_BT=pad, device=z_BHTd.device)
-    if readout_allowed is not None:
-        s_BHTT = s_BHTT.masked_fill(~readout_allowed, 0.0)
-    a_BHTT = s_BHTT / s_BHTT.sum(dim=-1, keepdim=True).clamp_min(1e-8)
-    return a_BHTT @ v_BHTK, a_BHTT
 
 
 # ---- fast path: coupling stage ---------------------------------------------------------------
@@ -519,6 +449,36 @@ def _clamp_correction(z_BHTd, r_bHTd, v_BHTK, keep_bT, *, causal: bool) -> torch
 
 # ---- the variant ------------------------------------------------------------------------------
 
+PATHS = ("fused", "dense", "linear", "reference")
+
+
+def choose_path(T: int, d_osc: int, *, causal: bool, mode: str = "analytic", p: float = 1.0,
+                return_weights: bool = False, readout: str = "auto", block_size: int | None = None) -> str:
+    """Which implementation computes the variant, the one place that decides (the forward pass and
+    the FLOP count both ask here):
+
+    - `reference`: coupling kernel, then the dense formula's readout (p != 1, or weights requested);
+    - `linear`: coupling kernel, then the chunked linear-time readout (p = 1, T > 128 by default);
+    - `fused`: the whole analytic variant as one (T, T) autograd Function (`_DenseOscillator`), for
+      d_osc > 8 when the coupling is one block (T <= 128 by default);
+    - `dense`: coupling kernel, then the (T, T) readout Function (`_DenseReadout`).
+    `readout` (auto | dense | linear) forces the readout form; auto takes the linear one only past
+    T = 128 in the analytic mode (its clamp check assumes |z| <= 1, exact only for the closed form)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout={readout!r}; allowed: {list(READOUTS)}")
+    if readout == "auto":
+        readout = "dense" if T <= DENSE_READOUT_MAX_T or mode != "analytic" else "linear"
+    if return_weights or p != 1:
+        return "reference"
+    if readout == "linear":
+        return "linear"
+    if mode == "analytic" and d_osc > NARROW_D and len(_coupling_blocks(T, causal, block_size)) == 1:
+        return "fused"
+    return "dense"
+
+
 
 def oscillator_attention(
     q_BHTK: torch.Tensor,
@@ -546,33 +506,35 @@ def oscillator_attention(
     block_size: int | None = None,
     chunk_size: int | None = None,
     readout: str = "auto",
+    path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (output_BHTK, attention_BHTT or None). `key_padding_BT` is True at padding keys.
+
+    `path` (default: `choose_path`) is the implementation that runs; with a `stats` dict it is
+    recorded there as stats["path"].
 
     mode: `analytic` uses the closed-form fixed point; `euler` / `rk45` integrate the dynamics to
     `t_max` from `init` starts (random | sequential) and use z(t_max); then the gradient is the
     fixed point's (implicit-function) gradient, exact where the oscillator converged. In ODE modes
     the convergence statistics are written into `stats` when a dict is given."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-    if readout not in READOUTS:
-        raise ValueError(f"readout={readout!r}; allowed: {list(READOUTS)}")
     T = q_BHTK.shape[-2]
+    if path is None:
+        path = choose_path(T, anchors_HLd.shape[-1], causal=causal, mode=mode, p=p, return_weights=return_weights,
+                           readout=readout, block_size=block_size)
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}; allowed: {list(PATHS)}")
+    if stats is not None:
+        stats["path"] = path
     r_1HTd = anchors_HLd[None, :, :T]
     keep_BT = None if key_padding_BT is None else (~key_padding_BT).to(q_BHTK.dtype)
     keep_read = keep_BT if readout_padding_mask else None  # False: the reference code's readout
-    if readout == "auto":
-        # the linear form's clamp check assumes |z| <= 1, exact only for the closed form
-        readout = "dense" if T <= DENSE_READOUT_MAX_T or mode != "analytic" else "linear"
-    if (mode == "analytic" and p == 1 and not return_weights and readout == "dense"
-            and anchors_HLd.shape[-1] > NARROW_D and len(_coupling_blocks(T, causal, block_size)) == 1):
+    if path == "fused":
         bias_bTT = _score_bias(T, causal, key_padding_BT, q_BHTK)
-        out = _DenseOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], bias_bTT, keep_read, causal, eps)
-        return out, None
+        return _DenseOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], bias_bTT, keep_read, causal, eps), None
     r_coupling = r_1HTd if keep_BT is None else r_1HTd * keep_BT[:, None, :, None]  # padding keys: r = 0
     r_read = r_coupling if readout_padding_mask else r_1HTd
     h_BHTd = coupling_field(q_BHTK, k_BHTK, r_coupling, causal=causal, block_size=block_size)
-    if mode == "analytic" and p == 1 and not return_weights and readout == "dense":
+    if path == "dense" and mode == "analytic":
         return _DenseReadout.apply(h_BHTd, r_read, v_BHTK, keep_read, causal, eps), None  # normalises h itself
     z_BHTd = h_BHTd / h_BHTd.square().sum(-1, keepdim=True).clamp_min(eps * eps).sqrt()  # no NaN grad at h = 0
     if mode != "analytic":
@@ -584,11 +546,11 @@ def oscillator_attention(
         if stats is not None:
             stats.update(ode_stats)
         z_BHTd = z_ode + (z_BHTd - z_BHTd.detach())  # value z(t_max), gradient of the fixed point
-    if return_weights or p != 1:
+    if path == "reference":
         out, a_BHTT = readout_dense(z_BHTd, anchors_HLd, v_BHTK, causal=causal, key_padding_BT=key_padding_BT, p=p,
                                     readout_padding_mask=readout_padding_mask)
         return out, (a_BHTT if return_weights else None)
-    if readout == "dense":
+    if path == "dense":
         return _DenseReadout.apply(z_BHTd, r_read, v_BHTK, keep_read, causal, 0.0), None
     return readout_linear(z_BHTd, r_read, v_BHTK, keep_read, causal=causal, chunk_size=chunk_size), None
 
@@ -596,49 +558,15 @@ def oscillator_attention(
 class OscillatorAttention(SoftmaxAttention):
     """The softmax projections plus learned anchors r of shape (H, max_seq_len, d_osc)."""
 
-    DEFAULTS: dict[str, Any] = dict(OSCILLATOR)  # the options and their meaning: workers/variant_options.py
-
-    def __init__(
-        self,
-        *,
-        d_model: int,
-        n_heads: int,
-        max_seq_len: int,
-        causal: bool,
-        rotary: bool = False,
-        d_osc: int = 2,
-        p: float = 1.0,
-        anchor_norm: str = "init",
-        readout_padding_mask: bool = True,
-        mode: str = "analytic",
-        init: str = "random",
-        t_max: float = 30.0,
-        dt: float = 0.05,
-        rtol: float = 1e-4,
-        atol: float = 1e-4,
-        jitter: float = 0.05,
-    ) -> None:
+    def __init__(self, cfg: OscillatorConfig, *, d_model: int, n_heads: int, max_seq_len: int, causal: bool,
+                 rotary: bool = False) -> None:
         super().__init__(d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, causal=causal, rotary=rotary)
-        if int(d_osc) != d_osc or int(d_osc) < 2:
-            raise ValueError(f"d_osc={d_osc} must be an integer >= 2 (the oscillator lives on the sphere S^(d_osc-1))")
-        if anchor_norm not in ANCHOR_NORMS:
-            raise ValueError(f"anchor_norm={anchor_norm!r}; allowed: {list(ANCHOR_NORMS)}")
-        if not float(p) > 0:
-            raise ValueError(f"p={p}: the readout exponent must be > 0 (1 in the paper)")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-        if init not in INITS:
-            raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
-        for name, value in (("t_max", t_max), ("dt", dt), ("rtol", rtol), ("atol", atol)):
-            if not float(value) > 0:
-                raise ValueError(f"{name}={value} must be > 0")
-        if float(jitter) < 0:
-            raise ValueError(f"jitter={jitter} must be >= 0")
-        self.d_osc, self.p = int(d_osc), float(p)
-        self.anchor_norm, self.readout_padding_mask = anchor_norm, bool(readout_padding_mask)
-        self.ode = {"mode": mode, "init": init, "t_max": float(t_max), "dt": float(dt), "rtol": float(rtol),
-                    "atol": float(atol), "jitter": float(jitter)}
+        self.d_osc, self.p = int(cfg.d_osc), float(cfg.p)
+        self.anchor_norm, self.readout_padding_mask = cfg.anchor_norm, bool(cfg.readout_padding_mask)
+        self.ode = {"mode": cfg.mode, "init": cfg.init, "t_max": float(cfg.t_max), "dt": float(cfg.dt),
+                    "rtol": float(cfg.rtol), "atol": float(cfg.atol), "jitter": float(cfg.jitter)}
         self.last_stats: dict[str, Any] | None = None  # ODE modes: convergence statistics of the last forward
+        self.last_path: str | None = None  # the implementation the last forward took (`choose_path`)
         anchors = torch.randn(n_heads, max_seq_len, self.d_osc)
         self.anchors_HLd = nn.Parameter(anchors / anchors.norm(dim=-1, keepdim=True))
 
@@ -653,24 +581,29 @@ class OscillatorAttention(SoftmaxAttention):
         q, k, v = self.project(x_BTD)
         stats: dict[str, Any] | None = {} if self.ode["mode"] != "analytic" else None
         if in_stacked_forward():  # under vmap (stacked seeds): the dense formula, no autograd Functions
+            self.last_path = "stacked-reference"
             o_BHTK, a_BHTT = oscillator_attention_reference(
                 q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
                 readout_padding_mask=self.readout_padding_mask, return_weights=return_weights)
             out = self.w_o(self.merge_heads(o_BHTK))
             return (out, a_BHTT) if return_weights else out
+        self.last_path = self.path(x_BTD.shape[1], return_weights)
         o_BHTK, a_BHTT = oscillator_attention(
             q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
             readout_padding_mask=self.readout_padding_mask, return_weights=return_weights, stats=stats, **self.ode,
+            path=self.last_path,
         )
         self.last_stats = stats
         out = self.w_o(self.merge_heads(o_BHTK))
         return (out, a_BHTT) if return_weights else out
 
-    def extra_params(self) -> int:
-        return self.anchors_HLd.numel()
+    def path(self, seq_len: int, return_weights: bool = False) -> str:
+        """The implementation a forward pass at this length takes (`choose_path`)."""
+        return choose_path(seq_len, self.d_osc, causal=self.causal, mode=self.ode["mode"], p=self.p,
+                           return_weights=return_weights)
 
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
-        """Forward matmul FLOPs of the mixing per token, for the algorithm `oscillator_attention` runs,
+        """Forward matmul FLOPs of the mixing per token, for the path `oscillator_attention` takes,
         counting the full context even when causal (as `SoftmaxAttention`).
 
         Coupling: q.k over K and w.r over d: 2 T (D + H d). Readout: dense (T <= 128, p != 1, or an
@@ -681,11 +614,20 @@ class OscillatorAttention(SoftmaxAttention):
         T, H, d = seq_len, self.n_heads, self.d_osc
         K = d_model // H
         coupling = 2 * T * (d_model + H * d)
-        dense = self.p != 1 or self.ode["mode"] != "analytic" or T <= DENSE_READOUT_MAX_T
-        if dense:
+        if self.path(T) != "linear":  # fused, dense and reference readouts: (T, T) products
             readout = 2 * T * (H * d + d_model)
         elif self.causal:
             readout = 2 * min(T, LINEAR_CHUNK) * H * (d + K) + 4 * H * d * K
         else:
             readout = 4 * H * d * K + 2 * H * d
         return coupling + readout
+
+
+def bench_op(case, B: int, T: int, D: int, H: int, device, leaf):
+    """The benchmark's case (workers/bench.py): fwd + bwd of the mixing from q, k, v and the anchors;
+    `case.naive` times the dense reference formula instead of the fast path."""
+    K = D // H
+    q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
+    anchors = F.normalize(leaf(H, T, case.options["d_osc"]).detach(), dim=-1).requires_grad_()
+    attend = oscillator_attention_reference if case.naive else oscillator_attention
+    return (q, k, v, anchors), lambda: attend(q, k, v, anchors, causal=True)[0]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.runtime import in_stacked_forward
+from workers.variants import SoftmaxConfig
 
 ROPE_BASE = 10000.0
 
@@ -80,9 +81,8 @@ def _attention_math(q_BHTK, k_BHTK, v_BHTK, *, causal: bool, key_padding_BT, sca
 class SoftmaxAttention(nn.Module):
     """W_q, W_k, W_v without bias, W_o with bias (paper A's projections); RoPE on q, k if `rotary`."""
 
-    DEFAULTS: dict = {}
-
-    def __init__(self, *, d_model: int, n_heads: int, max_seq_len: int, causal: bool, rotary: bool = False) -> None:
+    def __init__(self, cfg: SoftmaxConfig | None = None, *, d_model: int, n_heads: int, max_seq_len: int, causal: bool,
+                 rotary: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -116,10 +116,6 @@ class SoftmaxAttention(nn.Module):
         o_BHTK = softmax_attention(q, k, v, causal=self.causal, key_padding_BT=key_padding_BT)
         return self.w_o(self.merge_heads(o_BHTK))
 
-    def extra_params(self) -> int:
-        """Parameters beyond the four D x D projections and W_o's bias (for the sizing formula)."""
-        return 0
-
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
         """Forward matmul FLOPs of the mixing per token: q.k and a.v over D, 2 per multiply-add.
 
@@ -129,3 +125,10 @@ class SoftmaxAttention(nn.Module):
 
     def projection_flops_per_token(self, d_model: int) -> float:
         return 2 * 4 * d_model * d_model
+
+
+def bench_op(case, B: int, T: int, D: int, H: int, device, leaf):
+    """The benchmark's case (workers/bench.py): fwd + bwd of the mixing from q, k, v."""
+    K = D // H
+    q, k, v = leaf(B, H, T, K), leaf(B, H, T, K), leaf(B, H, T, K)
+    return (q, k, v), lambda: softmax_attention(q, k, v, causal=True)

@@ -1,5 +1,5 @@
 """What `scaling cache build` and `scaling cache verify --rebuild` run (they need the task code,
-hence torch); the command-line parsing lives in `storage.cache_cli`."""
+hence torch); the command-line parsing lives in `scaling.cache_cli`."""
 
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ def _print_rows(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m storage.cache_cli cache ...`: the same commands without the rest of the `scaling` CLI."""
+    """`python -m scaling.cache_cli cache ...`: the same commands without the rest of the `scaling` CLI."""
     parser = argparse.ArgumentParser(prog="scaling")
     add_cache_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
