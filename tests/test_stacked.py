@@ -148,6 +148,8 @@ STACKED_SHAPES = {
     "kuramoto-b-learned": (dict(attention="kuramoto", backbone="b", positions="learned", vocab_size=11), "tokens"),
     "kuramoto-head-gate-padding": (dict(attention="kuramoto", attention_options={"gate_per": "head", "readout": "delta"},
                                         vocab_size=11, head="classify", num_classes=3, causal=False), "padded"),
+    "oscillator-d4-rope": (dict(attention="oscillator", attention_options={"d_osc": 4}, positions="rope", vocab_size=11),
+                           "tokens"),
     "softmax-features-classify": (dict(attention="softmax", input_dim=5, head="classify", num_classes=3, causal=False,
                                        positions="none", final_norm=False, vocab_size=1), "features"),
 }
