@@ -58,13 +58,3 @@ def tune_allocator() -> bool:
 def allocator_name() -> str:
     """How the process allocates host memory, for benchmark records."""
     return "glibc, freed memory kept (workers.runtime)" if _state.get("tuned") else "default"
-
-
-# ---- stacked seeds -------------------------------------------------------------------------------
-# Set while `workers.stacked` runs a pack's forward under torch.func.vmap: the attention variants
-# then take their pure-PyTorch formulas (their hand-written autograd Functions have no batching rule).
-_STACKED: list[bool] = []
-
-
-def in_stacked_forward() -> bool:
-    return bool(_STACKED)

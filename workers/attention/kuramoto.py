@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.softmax import apply_rotary, rotary_tables, softmax_attention
-from workers.runtime import in_stacked_forward
 from workers.variants import KuramotoConfig
 
 
@@ -62,10 +61,9 @@ def kuramoto_tangent_reference(theta_BHTP, gate_BHTG, cos_TP, sin_TP, *, causal:
 def kuramoto_tangent(theta_BHTP, gate_BHTG, cos_TP, sin_TP, *, causal: bool,
                      key_padding_BT: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """The same function as `kuramoto_tangent_reference`; up to FUSED_MAX_T positions (float32/64) one
-    autograd Function with a hand-written backward (`_FusedTangent`), else (and under the vmap of
-    stacked seeds) the reference."""
+    autograd Function with a hand-written backward (`_FusedTangent`), else the reference."""
     T = theta_BHTP.shape[-2]
-    if T > FUSED_MAX_T or theta_BHTP.dtype not in (torch.float32, torch.float64) or in_stacked_forward():
+    if T > FUSED_MAX_T or theta_BHTP.dtype not in (torch.float32, torch.float64):
         return kuramoto_tangent_reference(theta_BHTP, gate_BHTG, cos_TP, sin_TP, causal=causal,
                                           key_padding_BT=key_padding_BT, scale=scale)
     P = theta_BHTP.shape[-1]

@@ -40,7 +40,6 @@ from torch import nn
 from workers.attention.dynamics import MODES, integrate_fixed_points
 from workers.attention.oscillator_reference import oscillator_attention_reference, readout_dense
 from workers.attention.softmax import SoftmaxAttention
-from workers.runtime import in_stacked_forward
 from workers.variants import OscillatorConfig
 
 READOUTS = ("auto", "dense", "linear")
@@ -580,13 +579,6 @@ class OscillatorAttention(SoftmaxAttention):
     ):
         q, k, v = self.project(x_BTD)
         stats: dict[str, Any] | None = {} if self.ode["mode"] != "analytic" else None
-        if in_stacked_forward():  # under vmap (stacked seeds): the dense formula, no autograd Functions
-            self.last_path = "stacked-reference"
-            o_BHTK, a_BHTT = oscillator_attention_reference(
-                q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
-                readout_padding_mask=self.readout_padding_mask, return_weights=return_weights)
-            out = self.w_o(self.merge_heads(o_BHTK))
-            return (out, a_BHTT) if return_weights else out
         self.last_path = self.path(x_BTD.shape[1], return_weights)
         o_BHTK, a_BHTT = oscillator_attention(
             q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.runtime import in_stacked_forward
 from workers.variants import SoftmaxConfig
 
 ROPE_BASE = 10000.0
@@ -45,8 +44,6 @@ def softmax_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Multi-head SDPA. `key_padding_BT` is True where a key is padding (never attended to)."""
-    if in_stacked_forward():  # under vmap (stacked seeds): SDPA's CPU kernel has no batching rule
-        return _attention_math(q_BHTK, k_BHTK, v_BHTK, causal=causal, key_padding_BT=key_padding_BT, scale=scale)
     if key_padding_BT is None:
         return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=causal, scale=scale)
     T = q_BHTK.shape[-2]
@@ -59,23 +56,6 @@ def softmax_attention(
     # A query whose every key is padding would give NaN; let it attend to itself instead.
     allowed_B1TT = allowed_B1TT | torch.eye(T, dtype=torch.bool, device=q_BHTK.device)
     return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, attn_mask=allowed_B1TT, scale=scale)
-
-
-def _attention_math(q_BHTK, k_BHTK, v_BHTK, *, causal: bool, key_padding_BT, scale: float | None) -> torch.Tensor:
-    """The same function as `softmax_attention` from plain batched ops (the same masks)."""
-    T = q_BHTK.shape[-2]
-    scale = q_BHTK.shape[-1] ** -0.5 if scale is None else scale
-    scores_BHTT = (q_BHTK @ k_BHTK.transpose(-1, -2)) * scale
-    allowed = None
-    if causal:
-        allowed = torch.ones(T, T, dtype=torch.bool, device=q_BHTK.device).tril()
-    if key_padding_BT is not None:
-        keys_B11T = ~key_padding_BT[:, None, None, :]
-        allowed = keys_B11T if allowed is None else keys_B11T & allowed
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=q_BHTK.device)
-    if allowed is not None:
-        scores_BHTT = scores_BHTT.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores_BHTT, dim=-1) @ v_BHTK
 
 
 class SoftmaxAttention(nn.Module):
