@@ -3,17 +3,25 @@ process of its embedded Ray goes with it.
 
 Ray fate-shares its GCS and raylet with the driver that started them, but the agents the raylet
 starts (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`, sometimes idle `default_worker`s) outlive a
-killed driver for minutes. So before `ray.init` the driver sets a fresh token in its environment,
-which every process of that Ray instance inherits (GCS, raylet, agents, workers), takes it out again
-once Ray is up, and starts this watchdog in its own session with the read end of a pipe. The
-watchdog blocks on the pipe; the kernel closes the driver's end however the driver ends, and then
-the watchdog terminates every process that carries the token (SIGTERM, then SIGKILL after a grace
-period). Only processes of this user with this run's token are touched: other Ray instances on the
-machine, and the user's shell, are not.
+killed driver for minutes. So the driver starts this watchdog in its own session with the read end
+of a pipe, and marks what it owns two ways:
 
-    owner = RayOwner.start()   # before ray.init
+- a fresh token in its environment before `ray.init`, which every process of that Ray instance
+  inherits (GCS, raylet, agents, workers); it leaves the driver's environment once Ray is up;
+- the Ray session directory, written to the pipe once Ray is up: every process of that instance
+  keeps its log files there open.
+
+The token alone is not enough: the agents set their process title (`ray::DashboardAgent`) with
+setproctitle, which may overwrite the memory that /proc/PID/environ reads, so on some runs their
+token is simply gone from it. Open files in the session directory, which is unique to the run, are
+not touched by that. The watchdog blocks on the pipe; the kernel closes the driver's end however the
+driver ends, and then the watchdog terminates every process of this user that carries the token or
+holds a file in the session directory (SIGTERM, then SIGKILL after a grace period). Other Ray
+instances on the machine, and the user's shell, are not touched.
+
+    owner = RayOwner.start()           # before ray.init
     ray.init(...)
-    owner.started()            # the token leaves the driver's environment
+    owner.started(session_dir)         # the token leaves the driver's environment
     ...
     ray.shutdown(); owner.close()   # a normal end: stragglers are reaped too
 """
@@ -31,10 +39,34 @@ TOKEN_ENV = "SCALING_RAY_OWNER"
 GRACE_S = 3.0
 
 
-def marked_processes(token: str, exclude: set[int] | None = None) -> list[int]:
-    """PIDs of this user's processes whose environment carries `TOKEN_ENV=token`."""
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + os.sep) for d in dirs)
+
+
+def _holds_file_under(pid: str, dirs: tuple[str, ...]) -> bool:
+    """Whether /proc/<pid> has a file open (or its working directory) under one of `dirs`."""
+    if not dirs:
+        return False
+    try:
+        if _under(os.readlink(f"/proc/{pid}/cwd"), dirs):
+            return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if _under(os.readlink(f"/proc/{pid}/fd/{fd}"), dirs):
+                    return True
+            except OSError:
+                continue
+    except OSError:  # gone, or another user's process
+        return False
+    return False
+
+
+def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: tuple[str, ...] = ()) -> list[int]:
+    """PIDs of this user's processes whose environment carries `TOKEN_ENV=token`, or that hold a file
+    open under one of `session_dirs` (the Ray session directories of the run)."""
     needle = f"{TOKEN_ENV}={token}".encode()
     exclude = exclude or set()
+    dirs = tuple(os.path.realpath(d) for d in session_dirs if d)
     found: list[int] = []
     if os.path.isdir("/proc"):
         for name in os.listdir("/proc"):
@@ -45,10 +77,10 @@ def marked_processes(token: str, exclude: set[int] | None = None) -> list[int]:
                     environ = f.read()
             except OSError:  # gone, or another user's process
                 continue
-            if needle in environ.split(b"\0"):
+            if needle in environ.split(b"\0") or _holds_file_under(name, dirs):
                 found.append(int(name))
         return found
-    try:  # macOS and others: psutil reads other processes' environments where the OS allows it
+    try:  # macOS and others: psutil reads other processes' environments and files where the OS allows it
         import psutil
     except ImportError:
         return found
@@ -56,19 +88,20 @@ def marked_processes(token: str, exclude: set[int] | None = None) -> list[int]:
         if proc.pid in exclude:
             continue
         try:
-            if proc.environ().get(TOKEN_ENV) == token:
+            if proc.environ().get(TOKEN_ENV) == token or any(_under(f.path, dirs) for f in proc.open_files()):
                 found.append(proc.pid)
         except (psutil.Error, OSError):
             continue
     return found
 
 
-def reap(token: str, exclude: set[int] | None = None, grace_s: float = GRACE_S) -> list[int]:
+def reap(token: str, exclude: set[int] | None = None, grace_s: float = GRACE_S,
+         session_dirs: tuple[str, ...] = ()) -> list[int]:
     """SIGTERM every marked process, SIGKILL what is left after `grace_s`; returns the PIDs signalled."""
     exclude = set(exclude or ()) | {os.getpid()}
     signalled: list[int] = []
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
-        pids = marked_processes(token, exclude)
+        pids = marked_processes(token, exclude, session_dirs)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -77,7 +110,7 @@ def reap(token: str, exclude: set[int] | None = None, grace_s: float = GRACE_S) 
                 pass
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
-            pids = marked_processes(token, exclude)
+            pids = marked_processes(token, exclude, session_dirs)
             if pids:
                 time.sleep(0.1)
         if not pids:
@@ -91,6 +124,7 @@ class RayOwner:
     def __init__(self, token: str, watchdog: subprocess.Popen | None) -> None:
         self.token = token
         self.watchdog = watchdog
+        self.session_dirs: tuple[str, ...] = ()
 
     @classmethod
     def start(cls) -> "RayOwner":
@@ -109,13 +143,22 @@ class RayOwner:
         os.environ[TOKEN_ENV] = token
         return cls(token, watchdog)
 
-    def started(self) -> None:
-        """Ray is up: later children of the driver (report browsers, other runs) are not Ray's."""
+    def started(self, session_dir: str | None = None) -> None:
+        """Ray is up: later children of the driver (report browsers, other runs) are not Ray's. The
+        watchdog learns the session directory, whose open files mark this run's processes."""
         if os.environ.get(TOKEN_ENV) == self.token:
             del os.environ[TOKEN_ENV]
+        if session_dir and session_dir not in self.session_dirs:
+            self.session_dirs += (session_dir,)
+            if self.watchdog is not None and self.watchdog.stdin is not None:
+                try:
+                    self.watchdog.stdin.write(os.path.realpath(session_dir).encode() + b"\n")
+                    self.watchdog.stdin.flush()
+                except OSError:
+                    pass
 
     def processes(self) -> list[int]:
-        return marked_processes(self.token, {os.getpid()})
+        return marked_processes(self.token, {os.getpid()}, self.session_dirs)
 
     def close(self) -> None:
         """After ray.shutdown(): the watchdog reaps what shutdown left behind, then exits."""
@@ -129,13 +172,49 @@ class RayOwner:
             pass
 
 
-def _watch(token: str, driver_pid: int) -> None:
+def _ray_temp_root() -> str:
+    """Where an embedded Ray puts its session directories (ray._common.utils, without importing Ray)."""
+    if "RAY_TMPDIR" in os.environ:
+        base = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        base = os.environ["TMPDIR"]
+    else:
+        base = "/tmp"
+    return os.path.join(base, "ray")
+
+
+def _sessions_of(driver_pid: int, since: float) -> list[str]:
+    """Session directories Ray named after this driver (`session_<date>_<pid>`) since the watchdog
+    started: what a driver killed inside `ray.init`, before it could write its own, leaves."""
+    root = _ray_temp_root()
+    found = []
     try:
-        while sys.stdin.buffer.read(65536):
-            pass  # the driver never writes; EOF means it closed the pipe or died
+        names = os.listdir(root)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith("session_") and name.endswith(f"_{driver_pid}"):
+            path = os.path.join(root, name)
+            try:
+                if os.stat(path).st_mtime >= since - 1 and not os.path.islink(path):
+                    found.append(os.path.realpath(path))
+            except OSError:
+                continue
+    return found
+
+
+def _watch(token: str, driver_pid: int) -> None:
+    since = time.time()
+    dirs: list[str] = []
+    try:
+        for line in sys.stdin.buffer:  # the driver writes its Ray session directory; EOF: it closed the pipe or died
+            path = line.decode(errors="replace").strip()
+            if path and os.path.isabs(path):
+                dirs.append(path)
     except OSError:
         pass
-    reap(token, exclude={driver_pid} if _alive(driver_pid) else set())
+    dirs += [d for d in _sessions_of(driver_pid, since) if d not in dirs]
+    reap(token, exclude={driver_pid} if _alive(driver_pid) else set(), session_dirs=tuple(dirs))
 
 
 def _alive(pid: int) -> bool:

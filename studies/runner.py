@@ -249,12 +249,15 @@ def _study_trainable(ctx: dict[str, Any]):
 
 def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial that trains several seeds of one cell together (workers.stacked.run_pack):
-    every seed keeps its own W&B run and ledger record; seeds already in the ledger are left out."""
+    every seed keeps its own W&B run (config, train-metrics rows, evaluations), progress file, log and
+    ledger record; seeds already in the ledger are left out. Stop and save as `_trainable`."""
+    import ray
     from ray import tune
 
     from studies.spec import WandbEntry
     from workers.stacked import run_pack
 
+    lifecycle.clear_stop()  # a reused worker process: the last trial's stop request is spent
     ledger = Ledger(ctx["storage"])
     specs = [s for s in (TrialSpec.from_dict(d) for d in config["trials"]) if not ledger.contains(s.key)]
     if not specs:  # a retry after every record was written
@@ -263,25 +266,65 @@ def _trainable_pack(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from workers.tasks import get_task
 
     sign = 1 if get_task(specs[0].task).lower_is_better else -1
+    where = {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
     trackers = [tracking.TrialTracker(s, WandbEntry(**ctx["wandb"]), ctx["wandb_dir"]) for s in specs]
     bests: dict[int, float] = {}
+    size: dict[str, Any] = {"pack_size": len(specs)}
+    last_report = [time.monotonic()]
+
+    def on_start(index: int, info: dict[str, Any]) -> None:
+        size.update(total_steps=info["total_steps"], params_total=info["params_total"],
+                    params_non_embedding=info["params_non_embedding"])
+        trackers[index].configure(info)
+
+    rows: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+
+    def pack_mean(per_seed: dict[int, dict[str, Any]], step: Any) -> dict[str, Any]:
+        """The driver's progress line for a pack: the mean over its seeds at this step (tokens/s summed)."""
+        now = [m for m in per_seed.values() if m.get("step") == step]
+        out: dict[str, Any] = {}
+        for name in now[0] if now else ():
+            values = [m[name] for m in now if isinstance(m.get(name), (int, float))]
+            if name != "step" and len(values) == len(now):
+                out[name] = sum(values) if name == "tokens_per_s" else sum(values) / len(values)
+        return out
+
+    def log(index: int, row: dict[str, Any]) -> None:
+        """A seed's row of train metrics: to its W&B run always, to the driver every progress_seconds."""
+        size["step"] = row["step"]
+        trackers[index].log(row, step=int(row["step"]))
+        rows[index] = row
+        if index == len(specs) - 1 and time.monotonic() - last_report[0] >= ctx["progress_seconds"]:
+            last_report[0] = time.monotonic()
+            tune.report({**pack_mean(rows, row["step"]), "step": row["step"], **size, "trial_key": specs[index].key,
+                         **where})
 
     def report(index: int, metrics: dict[str, Any]) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         trackers[index].log(scalars, step=int(scalars.get("step", 0)))
+        evals[index] = scalars
         best = next((v for k, v in scalars.items() if k.startswith("best_")), None)
         if best is not None:
             bests[index] = sign * best
         if index == len(specs) - 1 and bests:  # Tune wants the objective in every report: the pack's mean
-            tune.report({OBJECTIVE: sum(bests.values()) / len(bests), "step": scalars.get("step", 0),
-                         "pack_size": len(specs)})
+            last_report[0] = time.monotonic()
+            step = scalars.get("step", 0)
+            tune.report({**pack_mean(evals, step), OBJECTIVE: sum(bests.values()) / len(bests), "step": step,
+                         **size, "trial_key": specs[index].key, "evaluation": 1, **where})
 
     try:
         records = run_pack(specs, storage_uri=ctx["storage"], cache_uri=ctx["cache"], report=report,
-                           num_threads=ctx["threads"], wandb_run_ids=[t.intended_id for t in trackers])
+                           num_threads=ctx["threads"], wandb_run_ids=[t.intended_id for t in trackers],
+                           log=log, log_every=ctx["log_every"], checkpoint_every_s=ctx["checkpoint_every_s"],
+                           progress_every_s=ctx["progress_seconds"], on_start=on_start, node_id=where["node_id"])
+    except lifecycle.TrialInterrupted as stop:
+        for tracker in trackers:
+            tracker.interrupted(stop.step)
+        raise RuntimeError(f"pack {specs[0].key} (+{len(specs) - 1} seeds) {stop}") from None
     except BaseException:
         for tracker in trackers:
-            tracker.finish({"status": "failed"}, exit_code=1)
+            tracker.interrupted(int(size.get("step", 0)))
         raise
     failed = []
     for tracker, record in zip(trackers, records):
@@ -519,9 +562,19 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
     except BaseException:
         owner.close()
         raise
-    owner.started()
+    owner.started(_session_dir())
     fault_point("driver.ray_started")
     return owner
+
+
+def _session_dir() -> str | None:
+    """The embedded Ray's session directory (its processes keep their logs there open)."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_session_dir_path()
+    except Exception:  # another Ray version: the owner token still marks the processes
+        return None
 
 
 def _trial_dirname(trial) -> str:

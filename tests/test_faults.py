@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import tiny_study_dict
+from test_fault_injection import _remove_ray_temp_dirs  # noqa: F401 (autouse: each run's own Ray temp dir goes)
 
 pytestmark = pytest.mark.ray
 ROOT = pathlib.Path(__file__).resolve().parents[1]
