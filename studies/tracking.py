@@ -65,7 +65,7 @@ def trial_config(spec: TrialSpec, info: dict[str, Any] | None = None) -> dict[st
         "target_params": spec.target_params, **shape,
         "shape": " ".join(f"{k}={v}" for k, v in shape.items()),
         **{k: info[k] for k in ("params_total", "params_non_embedding", "flops_per_token", "train_flops",
-                                "total_steps", "seq_len", "metric") if k in info},
+                                "total_steps", "seq_len", "metric", "pack_size") if k in info},
     }
 
 

@@ -135,5 +135,17 @@ def test_a_study_with_stacked_seeds_records_every_seed_under_its_own_key(tmp_pat
         assert row["status"] == "completed"
         note = json.loads(row["metrics_json"])["pack"]
         assert note["size"] == 3 and note["seeds"] == [0, 1, 2] and row["key"] in note["keys"]
+        assert row["node_id"] and row["host"]
+    # every seed its own W&B run, as a trial run alone: train rows every 10 steps, its config
+    from studies import wandb_files
+
+    steps = study.train.steps
+    for row in rows:
+        (run_dir,) = wandb_files.offline_runs(str(study.storage_uri()) + "/wandb", row["wandb_run_id"])
+        run = wandb_files.read_run(wandb_files.run_file(run_dir))
+        assert [h["_step"] for h in run["history"]] == list(range(10, steps + 1, 10))
+        assert all({"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(h) for h in run["history"])
+        assert run["config"]["trial_key"] == row["key"] and run["config"]["pack_size"] == 3
+        assert run["config"]["params_total"] == row["params_total"]
     again = run_study(study, num_cpus=2, study_file=str(path))
     assert again.ran == 0

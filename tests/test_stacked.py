@@ -220,3 +220,70 @@ def test_an_attention_module_the_stacked_forward_does_not_know_runs_seed_by_seed
     fallback = StackedModel(models, generators)
     fallback.forward.attention = [_per_seed_attention] * len(models[0].blocks)
     torch.testing.assert_close(fallback.forward(inputs, **kwargs), out_native, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pack_saves_on_the_clock_and_on_sigterm_and_resumes_to_the_unbroken_result(tmp_path, one_thread):
+    """Packs operate as single trials (workers/lifecycle.py): a train-metrics row per seed every
+    `log_every` steps, a wall-clock checkpoint between evaluations, and SIGTERM at a named step (sent
+    from the log hook, so it lands at the same point every run) saves every seed there and raises
+    TrialInterrupted; the re-run resumes from that step to the unbroken pack's result. Each seed
+    keeps its own progress file and log."""
+    import os
+    import signal
+
+    from workers import lifecycle
+
+    specs = [small_spec(seed, steps=30, eval_every=10) for seed in (0, 1)]
+    cache = str(tmp_path / "c")
+    full = run_pack(specs, storage_uri=str(tmp_path / "full"), cache_uri=cache)
+    storage = str(tmp_path / "part")
+    rows, starts = [], []
+
+    def sigterm_at_15(i, row):
+        rows.append((i, row))
+        if row["step"] == 15 and i == len(specs) - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(lifecycle.TrialInterrupted) as stopped:
+            run_pack(specs, storage_uri=storage, cache_uri=cache, log=sigterm_at_15, log_every=5,
+                     on_start=lambda i, info: starts.append((i, info)))
+    finally:
+        lifecycle.clear_stop()
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert stopped.value.step == 15 and stopped.value.reason == "SIGTERM"
+    assert [(i, r["step"]) for i, r in rows] == [(0, 5), (1, 5), (0, 10), (1, 10), (0, 15), (1, 15)]
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(rows[-1][1])
+    assert rows[0][1]["train_loss"] != rows[1][1]["train_loss"]  # each seed's own window
+    assert [i for i, _ in starts] == [0, 1] and starts[0][1]["pack_size"] == 2 and starts[0][1]["total_steps"] == 30
+    assert [Checkpoints(storage, s.key).load()["step"] for s in specs] == [15, 15]  # not the evaluation at 10
+    for spec in specs:
+        progress = json.loads((tmp_path / "part" / "progress" / f"{spec.key}.json").read_text())
+        assert progress["state"] == "interrupted" and progress["step"] == 15 and progress["pack"] == [0, 1]
+
+    crashed_at = []
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_23(i, row):
+        if row["step"] == 23:
+            crashed_at.append(i)
+            raise Crash
+
+    crashed = run_pack(specs, storage_uri=storage, cache_uri=cache, log=crash_at_23, log_every=1, checkpoint_every_s=1e-9)
+    assert all(r.status == "failed" and "Crash" in r.error for r in crashed)
+    assert [Checkpoints(storage, s.key).load()["step"] for s in specs] == [22, 22]  # every step saved on the clock
+    resumed = run_pack(specs, storage_uri=storage, cache_uri=cache, on_start=lambda i, info: starts.append((i, info)))
+    assert starts[-1][1]["resumed_from_step"] == 22
+    for a, b in zip(resumed, full):
+        assert a.status == "completed"
+        assert a.metric_value == pytest.approx(b.metric_value, rel=1e-6)
+        hist_a, hist_b = json.loads(a.metrics_json)["history"], json.loads(b.metrics_json)["history"]
+        assert [p["train_loss"] for p in hist_a] == pytest.approx([p["train_loss"] for p in hist_b], rel=1e-6)
+    for spec in specs:
+        assert not (tmp_path / "part" / "progress" / f"{spec.key}.json").exists()  # removed when done
+        log = (tmp_path / "part" / "logs" / f"{spec.key}.log").read_text()
+        assert "packed with seeds [0, 1]" in log and "interrupted at step 15 (SIGTERM)" in log
+        assert "resumed from the checkpoint at step 22" in log and "finished: completed" in log

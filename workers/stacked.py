@@ -19,7 +19,11 @@ Stacking never changes what a trial means. Each seed keeps, from its own seed al
   language modelling the same mean over the seed's scored tokens from one stacked cross-entropy);
 - its optimizer state (Adam is elementwise, so a stacked Adam is S independent ones) and its
   gradient clipping (the norm is taken per seed);
-- its evaluation, checkpoint (under its own trial key), ledger record and W&B run.
+- its evaluation, checkpoint (under its own trial key), ledger record and W&B run;
+- its operations, as `run_trial`'s: a progress file and log under its own key, a train-metrics row
+  every `log_every` steps (its own mean loss and gradient norm), a checkpoint every
+  `checkpoint_every_s` seconds besides evaluations, and a stop request (SIGTERM, Tune stopping the
+  trial) saves every seed at the step it is on and raises `TrialInterrupted`.
 A seed whose loss stops being finite is recorded `diverged` and drops out of the pack's updates;
 the others go on. A stacked seed's training loss matches the same seed run alone to float32
 rounding (the batched GEMMs sum in a different order; tests/test_stacked.py checks 1e-4 over
@@ -29,6 +33,7 @@ rounding (the batched GEMMs sum in a different order; tests/test_stacked.py chec
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from typing import Any, Callable
@@ -39,6 +44,7 @@ from torch import nn
 
 from storage.cache import DatasetCache
 from storage.records import TrialRecord, TrialSpec
+from workers import lifecycle
 from workers.runtime import tune_allocator
 from workers.stacked_forward import StackedForward
 from workers.tasks import get_task
@@ -106,16 +112,26 @@ class StackedModel:
                     named[name].copy_(value[s])
 
 
-def _clip_per_seed(params: list[torch.Tensor], max_norm: float, active: torch.Tensor) -> None:
-    """`clip_grad_norm_` for every seed alone: its norm over all its gradients, its own scale."""
+def _seed_norms(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Every seed's gradient norm over all its gradients (what `clip_grad_norm_` returns for it)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return
-    norms_S = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+        return None
+    return torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+
+
+def _clip_per_seed(params: list[torch.Tensor], max_norm: float, active: torch.Tensor) -> torch.Tensor | None:
+    """`clip_grad_norm_` for every seed alone: its norm over all its gradients, its own scale.
+    Returns the norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms_S = _seed_norms(params)
+    if norms_S is None:
+        return None
     coef_S = torch.clamp(max_norm / (norms_S + 1e-6), max=1.0)
     coef_S = torch.where(active, coef_S, torch.zeros_like(coef_S))
     for g in grads:
         g.mul_(coef_S.view(-1, *([1] * (g.dim() - 1))))
+    return norms_S
 
 
 def _seed_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], s: int) -> dict[str, Any]:
@@ -153,9 +169,18 @@ def run_pack(
     num_threads: int | None = None,
     wandb_run_ids: list[str | None] | None = None,
     keep_checkpoint: bool = False,
+    log: PackReporter | None = None,
+    log_every: int = lifecycle.DEFAULT_LOG_EVERY,
+    checkpoint_every_s: float | None = lifecycle.DEFAULT_CHECKPOINT_SECONDS,
+    progress_every_s: float = lifecycle.DEFAULT_PROGRESS_SECONDS,
+    on_start: PackReporter | None = None,
+    node_id: str | None = None,
 ) -> list[TrialRecord]:
     """Train `specs` (one cell, different seeds) as one stacked model; one record per seed, in order.
-    Never raises for a failing pack: every seed then gets a `failed` record with the traceback."""
+    Never raises for a failing pack: every seed then gets a `failed` record with the traceback.
+    The hooks are `run_trial`'s, with the seed's index in the pack first: `report(i, evaluation)`,
+    `log(i, train-metrics row)` every `log_every` steps, `on_start(i, size)`. A stop request saves
+    every seed's checkpoint and raises `lifecycle.TrialInterrupted` (not a record)."""
     if not specs:
         return []
     keys = {pack_key(s) for s in specs}
@@ -170,19 +195,62 @@ def run_pack(
     ids = list(wandb_run_ids or [None] * len(specs))
     started, t0 = now_iso(), time.perf_counter()
     states = [{"params": (0, 0), "flops": 0.0, "step": 0, "tokens": 0} for _ in specs]
+    progresses = [lifecycle.TrialProgress(storage_uri, spec.key, node_id=node_id, every_seconds=progress_every_s,
+                                          info={"cell": spec.cell, "stage": spec.stage, "seed": spec.seed,
+                                                "study": spec.study, "pack": seeds})
+                  for spec in specs]
+    for spec, progress in zip(specs, progresses):
+        progress.say(f"start on {progress.state['host']} (pid {os.getpid()}" + (f", Ray node {node_id}" if node_id else "")
+                     + f"): {spec.cell} seed {spec.seed} [{spec.stage}], packed with seeds {seeds}")
+        progress.update(force=True)
+    hooks = {"report": report, "log": log, "on_start": on_start, "log_every": log_every,
+             "checkpoint_every_s": checkpoint_every_s, "node_id": node_id}
+
+    def interrupted(step: int, reason: str) -> None:
+        for progress in progresses:
+            progress.say(f"interrupted at step {step} ({reason}); checkpoint saved, re-run the study to resume")
+            progress.update(force=True, state="interrupted", step=step)
+
     try:
-        return _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_checkpoint, started, t0, states)
+        with lifecycle.sigterm_flush(), lifecycle.thread_log(progresses[0]):
+            records = _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_checkpoint, started,
+                                  t0, states, progresses)
+    except SystemExit:  # raised inside a report by a runner that stops the trial (Tune's session)
+        step = max(int(state["step"]) for state in states)
+        if not lifecycle.stop_requested():
+            for progress in progresses:
+                progress.say(f"stopped by the runner at step {step}")
+                progress.remove()
+            raise
+        interrupted(step, lifecycle.stop_reason())
+        raise lifecycle.TrialInterrupted(step, lifecycle.stop_reason()) from None
+    except lifecycle.TrialInterrupted as stop:
+        interrupted(stop.step, stop.reason)
+        raise
     except Exception as exc:  # noqa: BLE001 -- a failure is data
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-        return [_record(spec, state, "failed", None, {"pack": _pack_note(specs)}, None, started, t0, rid, error=error)
+        for progress, state in zip(progresses, states):
+            progress.say(f"failed at step {state['step']}: {error}")
+            progress.remove()
+        return [_record(spec, state, "failed", None, {"pack": _pack_note(specs)}, None, started, t0, rid, error=error,
+                        node_id=node_id)
                 for spec, state, rid in zip(specs, states, ids)]
+    for progress, record in zip(progresses, records):
+        value = "none" if record.metric_value is None else f"{record.metric_value:.6g}"
+        progress.say(f"finished: {record.status}, {record.metric_name or 'metric'} {value} at step {record.best_step} "
+                     f"after {record.steps} steps, {record.wall_seconds:.1f}s" + (f" ({record.error})" if record.error else ""))
+        progress.remove()
+    return records
 
 
 def _pack_note(specs: list[TrialSpec]) -> dict[str, Any]:
     return {"size": len(specs), "seeds": [s.seed for s in specs], "keys": [s.key for s in specs]}
 
 
-def _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_checkpoint, started, t0, states):
+def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_checkpoint, started, t0, states,
+                progresses):
+    report, log, on_start = hooks["report"], hooks["log"], hooks["on_start"]
+    policy = lifecycle.CheckpointPolicy(hooks["checkpoint_every_s"])
     tune_allocator()
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -218,11 +286,15 @@ def _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_ch
         for i, r in enumerate(resumed):
             groups.setdefault(0 if r is None else int(r["step"]), []).append(i)
         out: list[TrialRecord | None] = [None] * S
+
+        def sub(hook, idx):
+            return None if hook is None else (lambda j, m: hook(idx[j], m))
+
         for idx in groups.values():
-            sub_report = None if report is None else (lambda j, m, idx=idx: report(idx[j], m))
-            for i, rec in zip(idx, run_pack([specs[i] for i in idx], storage_uri=storage_uri, cache_uri=cache_uri,
-                                            report=sub_report, num_threads=num_threads,
-                                            wandb_run_ids=[ids[i] for i in idx], keep_checkpoint=keep_checkpoint)):
+            sub_hooks = {**hooks, "report": sub(report, idx), "log": sub(log, idx), "on_start": sub(on_start, idx)}
+            for i, rec in zip(idx, _train_pack([specs[i] for i in idx], storage_uri, cache_uri, sub_hooks, num_threads,
+                                               [ids[i] for i in idx], keep_checkpoint, started, t0,
+                                               [states[i] for i in idx], [progresses[i] for i in idx])):
                 out[i] = rec
         return out
     start_step = start_steps.pop()
@@ -232,87 +304,165 @@ def _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_ch
             orders[s].generator.set_state(r["sampler"])
             generators[s].set_state(r["dropout_rng"])
             bests[s], histories[s] = r["best"], r["history"]
+            states[s].update(step=start_step, tokens=orders[s].examples_seen(start_step) * seq_len)
 
     stacked = StackedModel(models, generators)
     params = stacked.parameters()
     for s in range(S):
         states[s]["params"] = models[s].param_counts()
-    flops_per_step = 3 * models[0].flops_per_token(seq_len) * seq_len * train["batch_size"]
+    flops_per_token = models[0].flops_per_token(seq_len)
+    flops_per_step = 3 * flops_per_token * seq_len * train["batch_size"]
+    for s in range(S):
+        states[s]["flops"] = start_step * flops_per_step
     opt_cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
     for s, r in enumerate(resumed):
         if r is not None:
             _load_seed_state(optimizer, params, s, r["optimizer"])
 
+    total, non_embedding = states[0]["params"]
+    info = {"params_total": int(total), "params_non_embedding": int(non_embedding), "flops_per_token": flops_per_token,
+            "train_flops": flops_per_step * train["steps"], "total_steps": train["steps"], "seq_len": seq_len,
+            "resumed_from_step": start_step, "metric": task.metric, "lower_is_better": task.lower_is_better,
+            "pack_size": S}
+    for s, progress in enumerate(progresses):
+        if on_start:
+            on_start(s, dict(info))
+        progress.say(("resumed from the checkpoint at step " if start_step else "training from step ")
+                     + f"{start_step} of {train['steps']}; {total:,} parameters ({non_embedding:,} non-embedding)")
+        progress.update(force=True, state="running", step=start_step, total_steps=train["steps"], metric=task.metric,
+                        params_total=int(total), resumed_from_step=start_step)
+
     sign = 1 if task.lower_is_better else -1
     final = train["select"] == "final"
     status = ["completed"] * S
     reasons: list[str | None] = [None] * S
     active = [True] * S
-    for step in range(start_step, train["steps"]):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train)
-        batches = [task.batch(train_split, orders[s].indices(step)) for s in range(S)]
-        batch_S = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
-        losses_S = stacked.losses(task, batch_S, batches, active)
-        finite_S = torch.isfinite(losses_S.detach())
-        for s in range(S):
-            if active[s] and not bool(finite_S[s]):
-                active[s] = False
-                status[s], reasons[s] = "diverged", f"non-finite training loss ({losses_S[s].item()}) at step {step + 1}"
-                states[s]["step"] = step
-        if not any(active):
-            break
-        live = torch.tensor(active, device=device)
-        optimizer.zero_grad(set_to_none=True)
-        torch.where(live, losses_S, torch.zeros_like(losses_S)).sum().backward()
-        if train["grad_clip"]:
-            _clip_per_seed(params, train["grad_clip"], live)
-        else:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(live.view(-1, *([1] * (p.dim() - 1))).to(p.dtype))
-        frozen = {}
-        if not all(active):  # a diverged seed keeps its last parameters (AdamW would still decay them)
-            frozen = {i: p.detach()[~live].clone() for i, p in enumerate(params)}
-        optimizer.step()
-        for i, saved in frozen.items():
-            with torch.no_grad():
-                params[i][~live] = saved
+    windows = [lifecycle.StepLog(hooks["log_every"], tokens_per_step=train["batch_size"] * seq_len) for _ in specs]
+    latest: list[dict[str, Any]] = [{} for _ in specs]
+    saved_at = [start_step]
+    synced = [False]
+
+    def save(s: int, step: int) -> None:
+        checkpoints[s].save({
+            "model": models[s].state_dict(), "optimizer": _seed_state(optimizer, params, s),
+            "sampler": orders[s].generator.get_state(), "dropout_rng": generators[s].get_state(),
+            "best": bests[s], "history": histories[s], "step": step, "pack": _pack_note(specs),
+        })
+
+    def save_all(step: int) -> None:
+        """Every live seed's checkpoint at `step` (a diverged seed keeps its last one)."""
+        if not synced[0]:
+            stacked.sync_to_models()
         for s in range(S):
             if active[s]:
-                states[s].update(step=step + 1, tokens=orders[s].examples_seen(step + 1) * seq_len,
-                                 flops=(step + 1) * flops_per_step)
+                save(s, step)
+        policy.saved()
+        saved_at[0] = step
 
-        last = step + 1 == train["steps"]
-        if (step + 1) % train["eval_every_steps"] == 0 or last:
-            stacked.sync_to_models()
+    def flush() -> None:
+        """Called from another thread while this one is parked in a report (after a step): save."""
+        step = max(int(state["step"]) for state in states)
+        if saved_at[0] != step:
+            save_all(step)
+
+    with lifecycle.running_trainer(flush) as stop:
+        for step in range(start_step, train["steps"]):
+            synced[0] = False
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, train)
+            batches = [task.batch(train_split, orders[s].indices(step)) for s in range(S)]
+            batch_S = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
+            losses_S = stacked.losses(task, batch_S, batches, active)
+            loss_values = losses_S.detach().tolist()
             for s in range(S):
-                if not active[s]:
-                    continue
-                model = models[s]
-                model.eval()
-                metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
-                value = metrics[task.metric]
-                if not math.isfinite(value):
+                if active[s] and not math.isfinite(loss_values[s]):
                     active[s] = False
-                    status[s], reasons[s] = "diverged", f"non-finite validation {task.metric} ({value}) at step {step + 1}"
-                    continue
-                if final or bests[s]["value"] is None or sign * value < sign * bests[s]["value"]:
-                    bests[s] = {"value": value, "step": step + 1, "metrics": metrics,
-                                "state": None if final else {k: v.detach().clone() for k, v in model.state_dict().items()}}
-                point = {"step": step + 1, "train_loss": losses_S[s].item(), "lr": learning_rate(step, train), **metrics}
-                histories[s].append(point)
-                if not last:
-                    checkpoints[s].save({
-                        "model": model.state_dict(), "optimizer": _seed_state(optimizer, params, s),
-                        "sampler": orders[s].generator.get_state(), "dropout_rng": generators[s].get_state(),
-                        "best": bests[s], "history": histories[s], "step": step + 1, "pack": _pack_note(specs),
-                    })
-                if report:
-                    report(s, {**point, f"best_{task.metric}": bests[s]["value"], "tokens": states[s]["tokens"]})
+                    status[s], reasons[s] = "diverged", f"non-finite training loss ({loss_values[s]}) at step {step + 1}"
+                    states[s]["step"] = step
             if not any(active):
                 break
+            live = torch.tensor(active, device=device)
+            optimizer.zero_grad(set_to_none=True)
+            torch.where(live, losses_S, torch.zeros_like(losses_S)).sum().backward()
+            if train["grad_clip"]:
+                norms_S = _clip_per_seed(params, train["grad_clip"], live)
+            else:
+                norms_S = None
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(live.view(-1, *([1] * (p.dim() - 1))).to(p.dtype))
+            last = step + 1 == train["steps"]
+            frozen = {}
+            if not all(active):  # a diverged seed keeps its last parameters (AdamW would still decay them)
+                frozen = {i: p.detach()[~live].clone() for i, p in enumerate(params)}
+            optimizer.step()
+            for i, saved in frozen.items():
+                with torch.no_grad():
+                    params[i][~live] = saved
+            for s in range(S):
+                if active[s]:
+                    states[s].update(step=step + 1, tokens=orders[s].examples_seen(step + 1) * seq_len,
+                                     flops=(step + 1) * flops_per_step)
+            logging_now = [False] * S
+            for s in range(S):
+                if active[s]:
+                    windows[s].add(loss_values[s])
+                    logging_now[s] = windows[s].due(step + 1, last)
+            if any(logging_now) and norms_S is None:  # the norm before the step (no clipping): read, never changed
+                norms_S = _seed_norms(params)
+            for s in range(S):
+                if logging_now[s]:
+                    norm = float(norms_S[s]) if norms_S is not None else 0.0
+                    row = windows[s].row(step + 1, learning_rate(step, train), norm, states[s]["tokens"])
+                    latest[s].update(row)
+                    if log:
+                        log(s, dict(row))
+
+            evaluated = (step + 1) % train["eval_every_steps"] == 0 or last
+            if evaluated:
+                stacked.sync_to_models()
+                synced[0] = True
+                for s in range(S):
+                    if not active[s]:
+                        continue
+                    model = models[s]
+                    model.eval()
+                    metrics = task.evaluate(model, val_split, train["eval_batch_size"], "val")
+                    value = metrics[task.metric]
+                    if not math.isfinite(value):
+                        active[s] = False
+                        status[s], reasons[s] = "diverged", f"non-finite validation {task.metric} ({value}) at step {step + 1}"
+                        continue
+                    if final or bests[s]["value"] is None or sign * value < sign * bests[s]["value"]:
+                        bests[s] = {"value": value, "step": step + 1, "metrics": metrics,
+                                    "state": None if final else {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                    point = {"step": step + 1, "train_loss": loss_values[s], "lr": learning_rate(step, train), **metrics}
+                    histories[s].append(point)
+                    latest[s].update({task.metric: value, "eval_step": step + 1})
+                if not last:  # before reporting: a pack killed while reporting resumes from here
+                    save_all(step + 1)
+                for s in range(S):
+                    if not active[s] or not histories[s] or histories[s][-1]["step"] != step + 1:
+                        continue
+                    best = bests[s]
+                    progresses[s].say(f"step {step + 1}/{train['steps']}: {task.metric} {histories[s][-1][task.metric]:.6g} "
+                                      f"(best {best['value']:.6g} at step {best['step']}), train_loss {loss_values[s]:.6g}")
+                    progresses[s].update(force=True, step=step + 1, latest=dict(latest[s]))
+                    if report:
+                        report(s, {**histories[s][-1], f"best_{task.metric}": best["value"], "tokens": states[s]["tokens"]})
+                if not any(active):
+                    break
+            elif not last and policy.due():  # wall-clock checkpoint, or a stop was requested
+                save_all(step + 1)
+            if not evaluated:
+                for s in range(S):
+                    if active[s]:
+                        progresses[s].update(step=step + 1, latest=dict(latest[s]))  # at most every progress_every_s
+            if stop.is_set() and not last:
+                if saved_at[0] != step + 1:  # the stop came after this step's save decision
+                    save_all(step + 1)
+                raise lifecycle.TrialInterrupted(step + 1, lifecycle.stop_reason())
 
     stacked.sync_to_models()
     records = []
@@ -337,5 +487,5 @@ def _train_pack(specs, storage_uri, cache_uri, report, num_threads, ids, keep_ch
         if not keep_checkpoint:
             checkpoints[s].remove()
         records.append(_record(spec, states[s], status[s], best["value"], metrics, best["step"], started, t0, ids[s],
-                               task.metric, error=reasons[s]))
+                               task.metric, error=reasons[s], node_id=hooks["node_id"]))
     return records
