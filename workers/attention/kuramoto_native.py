@@ -45,25 +45,28 @@ SOURCE = r"""
 template <typename S> struct V;
 template <> struct V<float> { typedef float v __attribute__((vector_size(32))); static const int W = 8; };
 template <> struct V<double> { typedef double v __attribute__((vector_size(32))); static const int W = 4; };
+typedef int vi8 __attribute__((vector_size(32)));
 
 #define INL inline __attribute__((always_inline))
+#define R __restrict
 
 static INL int roundup(int x, int m) { return (x + m - 1) / m * m; }
 
-// C[r, 0:ncols] = sum_{kk in [k0, k1)} A[r, kk] B[kk, 0:ncols] for MR rows; ncols a multiple of 2W,
-// B rows 32-byte aligned.
-template <typename S, int MR>
-static INL void gemm_rows(const S* A, int lda, const S* B, int ldb, S* C, int ldc, int k0, int k1, int ncols) {
+// C[r, 0:ncols] = sum_{kk in [k0, k1)} A(r, kk) B[kk, 0:ncols] for MR rows, A(r, kk) = A[r lda + kk]
+// (TA: A[kk lda + r], A transposed); ncols a multiple of W, B and C rows 32-byte aligned.
+template <typename S, int MR, bool TA>
+static INL void gemm_rows(const S* R A, int lda, const S* R B, int ldb, S* R C, int ldc, int k0, int k1, int ncols) {
   typedef typename V<S>::v vec;
   const int W = V<S>::W;
-  for (int j = 0; j < ncols; j += 2 * W) {
+  int j = 0;
+  for (; j + 2 * W <= ncols; j += 2 * W) {
     vec acc[MR][2];
-    for (int r = 0; r < MR; ++r) { acc[r][0] = vec{} ; acc[r][1] = vec{}; }
+    for (int r = 0; r < MR; ++r) { acc[r][0] = vec{}; acc[r][1] = vec{}; }
     for (int kk = k0; kk < k1; ++kk) {
       const vec b0 = *(const vec*)(B + (size_t)kk * ldb + j);
       const vec b1 = *(const vec*)(B + (size_t)kk * ldb + j + W);
       for (int r = 0; r < MR; ++r) {
-        const S a = A[(size_t)r * lda + kk];
+        const S a = TA ? A[(size_t)kk * lda + r] : A[(size_t)r * lda + kk];
         acc[r][0] += a * b0;
         acc[r][1] += a * b1;
       }
@@ -73,50 +76,56 @@ static INL void gemm_rows(const S* A, int lda, const S* B, int ldb, S* C, int ld
       *(vec*)(C + (size_t)r * ldc + j + W) = acc[r][1];
     }
   }
+  if (j < ncols) {  // one last W-wide column chunk
+    vec acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = vec{};
+    for (int kk = k0; kk < k1; ++kk) {
+      const vec b0 = *(const vec*)(B + (size_t)kk * ldb + j);
+      for (int r = 0; r < MR; ++r) acc[r] += (TA ? A[(size_t)kk * lda + r] : A[(size_t)r * lda + kk]) * b0;
+    }
+    for (int r = 0; r < MR; ++r) *(vec*)(C + (size_t)r * ldc + j) = acc[r];
+  }
 }
 
-// Rows [0, M) of C = A B with a per-row-block contraction range and column count:
-// kind 0: k in [0, K), columns Ncols (every row);
-// kind 1 (causal "rows see keys <= row"): k in [0, min(K, r0 + MR)), columns Ncols;
-// kind 2 (causal, transposed): k in [r0, K), columns Ncols;
-// kind 3 (causal scores): k in [0, K), columns roundup(min(r0 + MR, Ncols_true), 2W) (at most Ncols).
-template <typename S>
+// Rows [0, M) of C = op(A) B, op(A) (M x K) = A or (TA) A^T, B (K x Ncols), with a per-row-block
+// contraction range and width:
+// kind 0: k in [0, K), every column;
+// kind 1 (causal, "row t sees keys u <= t"): k in [0, min(K, r0 + MR));
+// kind 2 (causal, transposed: "row u gets queries t >= u"): k in [r0, K);
+// kind 3 (causal scores): columns up to roundup(r0 + MR, W).
+template <typename S, bool TA = false>
 static void gemm(int kind, int M, int K, int Ncols, const S* A, int lda, const S* B, int ldb, S* C, int ldc) {
-  const int W2 = 2 * V<S>::W;
+  const int W = V<S>::W;
   int r0 = 0;
   for (; r0 + 4 <= M; r0 += 4) {
     int k0 = 0, k1 = K, nc = Ncols;
     if (kind == 1) k1 = std::min(K, r0 + 4);
     else if (kind == 2) k0 = r0;
-    else if (kind == 3) nc = std::min(Ncols, roundup(r0 + 4, W2));
-    gemm_rows<S, 4>(A + (size_t)r0 * lda, lda, B, ldb, C + (size_t)r0 * ldc, ldc, k0, k1, nc);
+    else if (kind == 3) nc = std::min(Ncols, roundup(r0 + 4, W));
+    gemm_rows<S, 4, TA>(TA ? A + r0 : A + (size_t)r0 * lda, lda, B, ldb, C + (size_t)r0 * ldc, ldc, k0, k1, nc);
   }
   for (; r0 < M; ++r0) {
     int k0 = 0, k1 = K, nc = Ncols;
     if (kind == 1) k1 = std::min(K, r0 + 1);
     else if (kind == 2) k0 = r0;
-    else if (kind == 3) nc = std::min(Ncols, roundup(r0 + 1, W2));
-    gemm_rows<S, 1>(A + (size_t)r0 * lda, lda, B, ldb, C + (size_t)r0 * ldc, ldc, k0, k1, nc);
+    else if (kind == 3) nc = std::min(Ncols, roundup(r0 + 1, W));
+    gemm_rows<S, 1, TA>(TA ? A + r0 : A + (size_t)r0 * lda, lda, B, ldb, C + (size_t)r0 * ldc, ldc, k0, k1, nc);
   }
 }
 
-// exp(x) for x <= 0 (x - rowmax), 0 below -87 (and for -inf); float: Cephes' polynomial, ~1 ulp.
-static INL void exp_nonpos(float* x, int n) {
+// x <- exp(x) on W-aligned chunks, x <= 0 (x - rowmax); 0 below -87 (and for -inf). float: Cephes' expf.
+static INL void exp_nonpos(float* R x, int n) {
   typedef V<float>::v vec;
-  typedef int vi __attribute__((vector_size(32)));
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
+  for (int i = 0; i < n; i += 8) {
     vec v = *(vec*)(x + i);
-    vi keep = v > -87.0f;
+    vi8 keep = v > -87.0f;
     v = keep ? v : vec{} - 87.0f;
-    vec fx = v * 1.44269504088896341f + 0.5f;          // n = round(x / ln2): |r| <= ln2 / 2
-    vi n_i = __builtin_convertvector(fx, vi);            // truncation toward 0
+    vec fx = v * 1.44269504088896341f + 0.5f;  // n = round(x / ln2): |r| <= ln2 / 2
+    vi8 n_i = __builtin_convertvector(fx, vi8);  // truncation toward 0 ...
     vec n_f = __builtin_convertvector(n_i, vec);
-    vi gt = n_f > fx;                                      // round toward -inf
-    n_i += gt;                                             // gt is -1 where true: floor
+    n_i += (vi8)(n_f > fx);                      // ... then floor (a true comparison is -1)
     n_f = __builtin_convertvector(n_i, vec);
-    // x - n ln2, ln2 in two parts (Cody-Waite), then |r| <= ln2: exp(r) = 1 + r + r^2 p(r)
-    vec r = v - n_f * 0.693359375f;
+    vec r = v - n_f * 0.693359375f;             // x - n ln2, ln2 in two parts (Cody-Waite)
     r = r - n_f * -2.12194440e-4f;
     vec p = vec{} + 1.9875691500E-4f;
     p = p * r + 1.3981999507E-3f;
@@ -125,16 +134,53 @@ static INL void exp_nonpos(float* x, int n) {
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
     p = p * r * r + r + 1.0f;
-    vi bits = (n_i + 127) << 23;
-    vec scale2;
-    std::memcpy(&scale2, &bits, sizeof(vec));
-    p = p * scale2;
+    vi8 bits = (n_i + 127) << 23;
+    vec two_n;
+    std::memcpy(&two_n, &bits, sizeof(vec));
+    p = p * two_n;
     *(vec*)(x + i) = keep ? p : vec{};
   }
-  for (; i < n; ++i) x[i] = x[i] > -87.0f ? std::exp(x[i]) : 0.0f;
 }
-static INL void exp_nonpos(double* x, int n) {
+static INL void exp_nonpos(double* R x, int n) {
   for (int i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// c, s <- cos x, sin x. float: Cephes' sinf / cosf (reduction by pi/4 in three parts, exact enough
+// for |x| < 8192; larger |x|, rare, go through libm).
+static void sincos_row(const float* R x, float* R c, float* R s, int n) {
+  typedef V<float>::v vec;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vec v; std::memcpy(&v, x + i, sizeof(vec));
+    vec ax = v < 0 ? -v : v;
+    vi8 big = ax > 8192.0f;
+    vi8 j = __builtin_convertvector(ax * 1.27323954473516f, vi8);  // floor(|x| 4 / pi)
+    j = (j + 1) & ~1;                                                 // even octant
+    vec y = __builtin_convertvector(j, vec);
+    vec z = ((ax - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+    vec zz = z * z;
+    vec ps = ((vec{} - 1.9515295891E-4f) * zz + 8.3321608736E-3f) * zz - 1.6666654611E-1f;
+    ps = ps * zz * z + z;
+    vec pc = ((vec{} + 2.443315711809948E-005f) * zz - 1.388731625493765E-003f) * zz + 4.166664568298827E-002f;
+    pc = pc * zz * zz - 0.5f * zz + 1.0f;
+    vi8 q = j & 7;                                  // 0, 2, 4, 6
+    vi8 swap = (q == 2) | (q == 6);
+    vec sv = swap ? pc : ps, cv = swap ? ps : pc;
+    vi8 sneg = (q >= 4) ^ (v < 0);                  // sin: sign flips in octants 4, 6 and for x < 0
+    vi8 cneg = (q == 2) | (q == 4);                 // cos: negative in octants 2, 4
+    sv = sneg ? -sv : sv;
+    cv = cneg ? -cv : cv;
+    std::memcpy(c + i, &cv, sizeof(vec));
+    std::memcpy(s + i, &sv, sizeof(vec));
+    bool any_big = false;
+    for (int l = 0; l < 8; ++l) any_big |= big[l] != 0;
+    if (any_big)
+      for (int l = 0; l < 8; ++l) if (big[l]) { c[i + l] = std::cos(x[i + l]); s[i + l] = std::sin(x[i + l]); }
+  }
+  for (; i < n; ++i) { c[i] = std::cos(x[i]); s[i] = std::sin(x[i]); }
+}
+static void sincos_row(const double* R x, double* R c, double* R s, int n) {
+  for (int i = 0; i < n; ++i) { c[i] = std::cos(x[i]); s[i] = std::sin(x[i]); }
 }
 
 template <typename S>
@@ -147,9 +193,10 @@ template <typename S>
 struct Args {
   int N, H, T, P, G, causal;
   S scale;
-  Strided<S> c, s, gate;           // gate.p null: no gate
+  Strided<S> theta, gate;          // gate.p null: no gate
   const S* rc; const S* rs;        // (T, P) drift tables, null: none
   const S* bias; int64_t bias_sb;  // (B?, T, T) additive bias, null: none
+  S* c; S* s;                      // (N, T, P): cos, sin theta (forward writes, backward reads)
   S* delta; S* dot; S* A;          // forward outputs: (N, T, P), (N, T, P), (N, T, Tp)
   const S* grad;                   // backward: dL/d delta, (N, T, P)
   S* gtheta; S* ggate;             // backward outputs: (N, T, P), (N, T, G)
@@ -163,76 +210,137 @@ static S* aligned(size_t n) {
   return p;
 }
 
-// e, k, q rows (T x Ep, zero padded) of head n; eT / kT (Ep x Tp) when asked.
+// Y[j][t0 + i] = X[i][j] for i < 8, j < ncols (a multiple of 8): eight feature rows into columns.
+static INL void transpose8(const float* R X, int ldx, float* R Y, int ldy, int ncols) {
+  typedef V<float>::v vec;
+  for (int j = 0; j < ncols; j += 8) {
+    vec r[8];
+    for (int i = 0; i < 8; ++i) std::memcpy(&r[i], X + (size_t)i * ldx + j, sizeof(vec));
+    vec t0 = __builtin_shufflevector(r[0], r[1], 0, 8, 1, 9, 4, 12, 5, 13);
+    vec t1 = __builtin_shufflevector(r[0], r[1], 2, 10, 3, 11, 6, 14, 7, 15);
+    vec t2 = __builtin_shufflevector(r[2], r[3], 0, 8, 1, 9, 4, 12, 5, 13);
+    vec t3 = __builtin_shufflevector(r[2], r[3], 2, 10, 3, 11, 6, 14, 7, 15);
+    vec t4 = __builtin_shufflevector(r[4], r[5], 0, 8, 1, 9, 4, 12, 5, 13);
+    vec t5 = __builtin_shufflevector(r[4], r[5], 2, 10, 3, 11, 6, 14, 7, 15);
+    vec t6 = __builtin_shufflevector(r[6], r[7], 0, 8, 1, 9, 4, 12, 5, 13);
+    vec t7 = __builtin_shufflevector(r[6], r[7], 2, 10, 3, 11, 6, 14, 7, 15);
+    vec u0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+    vec u1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+    vec u2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+    vec u3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    vec u4 = __builtin_shufflevector(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
+    vec u5 = __builtin_shufflevector(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+    vec u6 = __builtin_shufflevector(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
+    vec u7 = __builtin_shufflevector(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+    vec o[8] = {__builtin_shufflevector(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11),
+                __builtin_shufflevector(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11),
+                __builtin_shufflevector(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11),
+                __builtin_shufflevector(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11),
+                __builtin_shufflevector(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15),
+                __builtin_shufflevector(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15),
+                __builtin_shufflevector(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15),
+                __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15)};
+    for (int i = 0; i < 8; ++i) std::memcpy(Y + (size_t)(j + i) * ldy, &o[i], sizeof(vec));
+  }
+}
+
+// XT (Ep x Tp) = X (T x Ep) transposed
 template <typename S>
-static void features(const Args<S>& a, int n, int Ep, int Tp, S* e, S* k, S* q, S* eT, S* kT, S* gs) {
+static void transpose_rows(const S* R X, S* R XT, int T, int Ep, int Tp) {
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < Ep; ++j) XT[(size_t)j * Tp + t] = X[(size_t)t * Ep + j];
+}
+template <>
+void transpose_rows<float>(const float* R X, float* R XT, int T, int Ep, int Tp) {
+  int t = 0;
+  for (; t + 8 <= T; t += 8) transpose8(X + (size_t)t * Ep, Ep, XT + t, Tp, Ep);
+  for (; t < T; ++t)
+    for (int j = 0; j < Ep; ++j) XT[(size_t)j * Tp + t] = X[(size_t)t * Ep + j];
+}
+
+// Head n's rows (T x Ep, zero padded): e = [c, s], k = e rotated by the drift, q = scale gate k, and
+// gs = scale gate per phase; eT / kT (Ep x Tp) too when asked.
+template <typename S>
+static void features(const Args<S>& a, int n, int Ep, int Tp, S* e, S* k, S* R q, S* eT, S* kT, S* R gs) {
   const int b = n / a.H, h = n % a.H, P = a.P;
+  const S* cn = a.c + (size_t)n * a.T * P;
+  const S* sn = a.s + (size_t)n * a.T * P;
   for (int t = 0; t < a.T; ++t) {
-    const S* c = a.c.row(b, h, t);
-    const S* s = a.s.row(b, h, t);
-    S* er = e + (size_t)t * Ep; S* kr = k + (size_t)t * Ep; S* qr = q + (size_t)t * Ep;
-    S* gr = gs + (size_t)t * P;
+    const S* R c = cn + (size_t)t * P;
+    const S* R s = sn + (size_t)t * P;
+    S* R er = e + (size_t)t * Ep; S* R kr = k + (size_t)t * Ep; S* R qr = q + (size_t)t * Ep;
+    S* R gr = gs + (size_t)t * P;
     if (a.gate.p) {
-      const S* g = a.gate.row(b, h, t);
-      if (a.G == 1) for (int m = 0; m < P; ++m) gr[m] = a.scale * g[0];
+      const S* R g = a.gate.row(b, h, t);
+      if (a.G == 1) { const S g0 = a.scale * g[0]; for (int m = 0; m < P; ++m) gr[m] = g0; }
       else for (int m = 0; m < P; ++m) gr[m] = a.scale * g[m];
     } else {
       for (int m = 0; m < P; ++m) gr[m] = a.scale;
     }
+    for (int m = 0; m < P; ++m) { er[m] = c[m]; er[P + m] = s[m]; }
     if (a.rc) {
-      const S* rc = a.rc + (size_t)t * P; const S* rs = a.rs + (size_t)t * P;
+      const S* R rc = a.rc + (size_t)t * P; const S* R rs = a.rs + (size_t)t * P;
       for (int m = 0; m < P; ++m) {
-        er[m] = c[m]; er[P + m] = s[m];
-        const S kc = c[m] * rc[m] - s[m] * rs[m], ks = s[m] * rc[m] + c[m] * rs[m];
-        kr[m] = kc; kr[P + m] = ks; qr[m] = gr[m] * kc; qr[P + m] = gr[m] * ks;
+        kr[m] = c[m] * rc[m] - s[m] * rs[m];
+        kr[P + m] = s[m] * rc[m] + c[m] * rs[m];
       }
     } else {
-      for (int m = 0; m < P; ++m) {
-        er[m] = c[m]; er[P + m] = s[m]; kr[m] = c[m]; kr[P + m] = s[m];
-        qr[m] = gr[m] * c[m]; qr[P + m] = gr[m] * s[m];
-      }
+      for (int m = 0; m < P; ++m) { kr[m] = c[m]; kr[P + m] = s[m]; }
     }
-    if (eT) for (int j = 0; j < 2 * P; ++j) eT[(size_t)j * Tp + t] = er[j];
-    if (kT) for (int j = 0; j < 2 * P; ++j) kT[(size_t)j * Tp + t] = kr[j];
+    for (int m = 0; m < P; ++m) { qr[m] = gr[m] * kr[m]; qr[P + m] = gr[m] * kr[P + m]; }
   }
+  if (eT) transpose_rows(e, eT, a.T, Ep, Tp);
+  if (kT) transpose_rows(k, kT, a.T, Ep, Tp);
+}
+
+// softmax over row[0:U) (already biased), zeros on [U, Tp)
+template <typename S>
+static INL void softmax_row(S* R row, int U, int Tp) {
+  const int W = V<S>::W;
+  const int Uw = roundup(U, W);
+  for (int u = U; u < Uw; ++u) row[u] = -INFINITY;
+  S mx = row[0];
+  for (int u = 1; u < U; ++u) mx = row[u] > mx ? row[u] : mx;
+  for (int u = 0; u < Uw; ++u) row[u] -= mx;
+  exp_nonpos(row, Uw);
+  S sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int u = 0; u < Uw; ++u) sum += row[u];
+  const S inv = S(1) / sum;
+  for (int u = 0; u < Uw; ++u) row[u] *= inv;
+  for (int u = Uw; u < Tp; ++u) row[u] = 0;
 }
 
 template <typename S>
 static void forward_heads(const Args<S>& a, int n0, int n1) {
-  const int T = a.T, P = a.P, E = 2 * P, W2 = 2 * V<S>::W;
-  const int Tp = roundup(T, W2), Ep = roundup(E, W2);
+  const int T = a.T, P = a.P, E = 2 * P, W = V<S>::W;
+  const int Tp = roundup(T, W), Ep = roundup(E, W);
   S* e = aligned<S>((size_t)T * Ep); S* k = aligned<S>((size_t)T * Ep); S* q = aligned<S>((size_t)T * Ep);
   S* kT = aligned<S>((size_t)Ep * Tp); S* O = aligned<S>((size_t)T * Ep); S* gs = aligned<S>((size_t)T * P);
   for (int n = n0; n < n1; ++n) {
-    const int b = n / a.H;
+    const int b = n / a.H, h = n % a.H;
+    for (int t = 0; t < T; ++t)
+      sincos_row(a.theta.row(b, h, t), a.c + ((size_t)n * T + t) * P, a.s + ((size_t)n * T + t) * P, P);
     features(a, n, Ep, Tp, e, k, q, (S*)nullptr, kT, gs);
     S* An = a.A + (size_t)n * T * Tp;
     gemm<S>(a.causal ? 3 : 0, T, E, Tp, q, Ep, kT, Tp, An, Tp);  // scores
     for (int t = 0; t < T; ++t) {
-      S* row = An + (size_t)t * Tp;
+      S* R row = An + (size_t)t * Tp;
       const int U = a.causal ? t + 1 : T;
       if (a.bias) {
-        const S* br = a.bias + b * a.bias_sb + (size_t)t * T;
+        const S* R br = a.bias + b * a.bias_sb + (size_t)t * T;
         for (int u = 0; u < U; ++u) row[u] += br[u];
       }
-      S mx = row[0];
-      for (int u = 1; u < U; ++u) mx = std::max(mx, row[u]);
-      for (int u = 0; u < U; ++u) row[u] -= mx;
-      exp_nonpos(row, U);
-      S sum = 0;
-      for (int u = 0; u < U; ++u) sum += row[u];
-      const S inv = S(1) / sum;
-      for (int u = 0; u < U; ++u) row[u] *= inv;
-      for (int u = U; u < Tp; ++u) row[u] = 0;
+      softmax_row(row, U, Tp);
     }
     gemm<S>(a.causal ? 1 : 0, T, T, Ep, An, Tp, e, Ep, O, Ep);  // circular mean (C, S)
-    S* dl = a.delta + (size_t)n * T * P; S* dt = a.dot + (size_t)n * T * P;
+    S* R dl = a.delta + (size_t)n * T * P; S* R dt = a.dot + (size_t)n * T * P;
     for (int t = 0; t < T; ++t) {
-      const S* er = e + (size_t)t * Ep; const S* orow = O + (size_t)t * Ep;
+      const S* R er = e + (size_t)t * Ep; const S* R orow = O + (size_t)t * Ep;
+      S* R dlr = dl + (size_t)t * P; S* R dtr = dt + (size_t)t * P;
       for (int m = 0; m < P; ++m) {
-        const S c = er[m], s = er[P + m], C = orow[m], Sv = orow[P + m];
-        dl[(size_t)t * P + m] = c * Sv - s * C;
-        dt[(size_t)t * P + m] = c * C + s * Sv;
+        dlr[m] = er[m] * orow[P + m] - er[P + m] * orow[m];
+        dtr[m] = er[m] * orow[m] + er[P + m] * orow[P + m];
       }
     }
   }
@@ -241,12 +349,11 @@ static void forward_heads(const Args<S>& a, int n0, int n1) {
 
 template <typename S>
 static void backward_heads(const Args<S>& a, int n0, int n1) {
-  const int T = a.T, P = a.P, E = 2 * P, W2 = 2 * V<S>::W;
-  const int Tp = roundup(T, W2), Ep = roundup(E, W2);
+  const int T = a.T, P = a.P, E = 2 * P, W = V<S>::W;
+  const int Tp = roundup(T, W), Ep = roundup(E, W);
   S* e = aligned<S>((size_t)T * Ep); S* k = aligned<S>((size_t)T * Ep); S* q = aligned<S>((size_t)T * Ep);
   S* eT = aligned<S>((size_t)Ep * Tp); S* gs = aligned<S>((size_t)T * P);
-  S* dO = aligned<S>((size_t)T * Ep); S* D = aligned<S>((size_t)T * Tp); S* AT = aligned<S>((size_t)T * Tp);
-  S* DT = aligned<S>((size_t)T * Tp); S* dQ = aligned<S>((size_t)T * Ep); S* dK = aligned<S>((size_t)T * Ep);
+  S* dO = aligned<S>((size_t)T * Ep); S* D = aligned<S>((size_t)T * Tp); S* dQ = aligned<S>((size_t)T * Ep); S* dK = aligned<S>((size_t)T * Ep);
   S* dV = aligned<S>((size_t)T * Ep); S* rowsum = aligned<S>(T);
   for (int n = n0; n < n1; ++n) {
     features(a, n, Ep, Tp, e, k, q, eT, (S*)nullptr, gs);
@@ -254,50 +361,49 @@ static void backward_heads(const Args<S>& a, int n0, int n1) {
     const S* g = a.grad + (size_t)n * T * P;
     const S* dl = a.delta + (size_t)n * T * P;
     for (int t = 0; t < T; ++t) {  // dO = g (-s, c); rowsum(dA A) = rowsum(dO O) = sum_m g delta
-      const S* er = e + (size_t)t * Ep; S* r = dO + (size_t)t * Ep;
+      const S* R er = e + (size_t)t * Ep; S* R r = dO + (size_t)t * Ep;
+      const S* R gt = g + (size_t)t * P; const S* R dlt = dl + (size_t)t * P;
       S acc = 0;
-      for (int m = 0; m < P; ++m) {
-        const S gm = g[(size_t)t * P + m];
-        r[m] = -er[P + m] * gm; r[P + m] = er[m] * gm;
-        acc += gm * dl[(size_t)t * P + m];
-      }
+      for (int m = 0; m < P; ++m) { r[m] = -er[P + m] * gt[m]; r[P + m] = er[m] * gt[m]; }
+#pragma omp simd reduction(+ : acc)
+      for (int m = 0; m < P; ++m) acc += gt[m] * dlt[m];
       rowsum[t] = acc;
     }
     gemm<S>(a.causal ? 3 : 0, T, E, Tp, dO, Ep, eT, Tp, D, Tp);  // dA
     for (int t = 0; t < T; ++t) {  // dS = A (dA - rowsum), zero past the causal range
-      const S* ar = An + (size_t)t * Tp; S* dr = D + (size_t)t * Tp;
-      const int U = a.causal ? t + 1 : T;
+      const S* R ar = An + (size_t)t * Tp; S* R dr = D + (size_t)t * Tp;
+      const int Uw = a.causal ? std::min(Tp, roundup(t + 1, W)) : Tp;  // A is 0 on [t + 1, Uw)
       const S rs = rowsum[t];
-      for (int u = 0; u < U; ++u) dr[u] = ar[u] * (dr[u] - rs);
-      for (int u = U; u < Tp; ++u) dr[u] = 0;
+      for (int u = 0; u < Uw; ++u) dr[u] = ar[u] * (dr[u] - rs);
+      for (int u = Uw; u < Tp; ++u) dr[u] = 0;
     }
-    for (int t = 0; t < T; ++t)
-      for (int u = 0; u < T; ++u) { AT[(size_t)u * Tp + t] = An[(size_t)t * Tp + u]; DT[(size_t)u * Tp + t] = D[(size_t)t * Tp + u]; }
     gemm<S>(a.causal ? 1 : 0, T, T, Ep, D, Tp, k, Ep, dQ, Ep);
-    gemm<S>(a.causal ? 2 : 0, T, T, Ep, DT, Tp, q, Ep, dK, Ep);
-    gemm<S>(a.causal ? 2 : 0, T, T, Ep, AT, Tp, dO, Ep, dV, Ep);
-    S* gt = a.gtheta + (size_t)n * T * P;
+    gemm<S, true>(a.causal ? 2 : 0, T, T, Ep, D, Tp, q, Ep, dK, Ep);   // dS^T q
+    gemm<S, true>(a.causal ? 2 : 0, T, T, Ep, An, Tp, dO, Ep, dV, Ep);  // A^T dO
+    S* gth = a.gtheta + (size_t)n * T * P;
     const S* dt = a.dot + (size_t)n * T * P;
     for (int t = 0; t < T; ++t) {
-      const S* er = e + (size_t)t * Ep; const S* kr = k + (size_t)t * Ep;
-      const S* qg = dQ + (size_t)t * Ep; const S* kg = dK + (size_t)t * Ep; const S* vg = dV + (size_t)t * Ep;
-      const S* gr = gs + (size_t)t * P;
-      S gate_sum = 0;
+      const S* R er = e + (size_t)t * Ep; const S* R kr = k + (size_t)t * Ep;
+      const S* R qg = dQ + (size_t)t * Ep; const S* R kg = dK + (size_t)t * Ep; const S* R vg = dV + (size_t)t * Ep;
+      const S* R gr = gs + (size_t)t * P; const S* R gt = g + (size_t)t * P; const S* R dtr = dt + (size_t)t * P;
+      S* R out = gth + (size_t)t * P;
       for (int m = 0; m < P; ++m) {
-        const S c = er[m], s = er[P + m], kc = kr[m], ks = kr[P + m];
-        const S gqc = qg[m], gqs = qg[P + m];
-        const S gkc = kg[m] + gr[m] * gqc, gks = kg[P + m] + gr[m] * gqs;
-        const S gg = a.scale * (gqc * kc + gqs * ks);
-        if (a.ggate && a.G > 1) a.ggate[((size_t)n * T + t) * P + m] = gg;
-        gate_sum += gg;
-        gt[(size_t)t * P + m] = (c * vg[P + m] - s * vg[m]) + (kc * gks - ks * gkc)
-                                - g[(size_t)t * P + m] * dt[(size_t)t * P + m];
+        const S gkc = kg[m] + gr[m] * qg[m], gks = kg[P + m] + gr[m] * qg[P + m];
+        out[m] = (er[m] * vg[P + m] - er[P + m] * vg[m]) + (kr[m] * gks - kr[P + m] * gkc) - gt[m] * dtr[m];
       }
-      if (a.ggate && a.G == 1) a.ggate[(size_t)n * T + t] = gate_sum;
+      if (a.ggate && a.G > 1) {
+        S* R gg = a.ggate + ((size_t)n * T + t) * P;
+        for (int m = 0; m < P; ++m) gg[m] = a.scale * (qg[m] * kr[m] + qg[P + m] * kr[P + m]);
+      } else if (a.ggate) {
+        S acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int m = 0; m < P; ++m) acc += qg[m] * kr[m] + qg[P + m] * kr[P + m];
+        a.ggate[(size_t)n * T + t] = a.scale * acc;
+      }
     }
   }
   std::free(e); std::free(k); std::free(q); std::free(eT); std::free(gs); std::free(dO); std::free(D);
-  std::free(AT); std::free(DT); std::free(dQ); std::free(dK); std::free(dV); std::free(rowsum);
+  std::free(dQ); std::free(dK); std::free(dV); std::free(rowsum);
 }
 
 template <typename S, bool FWD>
@@ -316,31 +422,29 @@ static void run(const Args<S>& a, int threads) {
 
 template <typename S>
 static Args<S> make_args(int N, int H, int T, int P, int G, int causal, double scale,
-                         const S* c, const int64_t* cst, const S* s, const int64_t* sst,
-                         const S* gate, const int64_t* gst, const S* rc, const S* rs,
-                         const S* bias, int64_t bias_sb, S* delta, S* dot, S* A,
-                         const S* grad, S* gtheta, S* ggate) {
+                         const S* theta, const int64_t* tst, const S* gate, const int64_t* gst,
+                         const S* rc, const S* rs, const S* bias, int64_t bias_sb, S* c, S* s,
+                         S* delta, S* dot, S* A, const S* grad, S* gtheta, S* ggate) {
   Args<S> a;
   a.N = N; a.H = H; a.T = T; a.P = P; a.G = G; a.causal = causal; a.scale = (S)scale;
-  a.c = {c, cst[0], cst[1], cst[2]}; a.s = {s, sst[0], sst[1], sst[2]};
+  a.theta = {theta, theta ? tst[0] : 0, theta ? tst[1] : 0, theta ? tst[2] : 0};
   a.gate = {gate, gate ? gst[0] : 0, gate ? gst[1] : 0, gate ? gst[2] : 0};
-  a.rc = rc; a.rs = rs; a.bias = bias; a.bias_sb = bias_sb;
+  a.rc = rc; a.rs = rs; a.bias = bias; a.bias_sb = bias_sb; a.c = c; a.s = s;
   a.delta = delta; a.dot = dot; a.A = A; a.grad = grad; a.gtheta = gtheta; a.ggate = ggate;
   return a;
 }
 
 #define EXPORT(S, SUF) \
 extern "C" void kuramoto_forward_##SUF(int N, int H, int T, int P, int G, int causal, double scale, \
-    const S* c, const int64_t* cst, const S* s, const int64_t* sst, const S* gate, const int64_t* gst, \
-    const S* rc, const S* rs, const S* bias, int64_t bias_sb, S* delta, S* dot, S* A, int threads) { \
-  run<S, true>(make_args<S>(N, H, T, P, G, causal, scale, c, cst, s, sst, gate, gst, rc, rs, bias, bias_sb, \
-                            delta, dot, A, nullptr, nullptr, nullptr), threads); } \
+    const S* theta, const int64_t* tst, const S* gate, const int64_t* gst, const S* rc, const S* rs, \
+    const S* bias, int64_t bias_sb, S* c, S* s, S* delta, S* dot, S* A, int threads) { \
+  run<S, true>(make_args<S>(N, H, T, P, G, causal, scale, theta, tst, gate, gst, rc, rs, bias, bias_sb, \
+                            c, s, delta, dot, A, nullptr, nullptr, nullptr), threads); } \
 extern "C" void kuramoto_backward_##SUF(int N, int H, int T, int P, int G, int causal, double scale, \
-    const S* c, const int64_t* cst, const S* s, const int64_t* sst, const S* gate, const int64_t* gst, \
-    const S* rc, const S* rs, const S* delta, const S* dot, const S* A, const S* grad, S* gtheta, S* ggate, \
-    int threads) { \
-  run<S, false>(make_args<S>(N, H, T, P, G, causal, scale, c, cst, s, sst, gate, gst, rc, rs, nullptr, 0, \
-                             (S*)delta, (S*)dot, (S*)A, grad, gtheta, ggate), threads); }
+    const S* gate, const int64_t* gst, const S* rc, const S* rs, const S* c, const S* s, \
+    const S* delta, const S* dot, const S* A, const S* grad, S* gtheta, S* ggate, int threads) { \
+  run<S, false>(make_args<S>(N, H, T, P, G, causal, scale, nullptr, nullptr, gate, gst, rc, rs, nullptr, 0, \
+                             (S*)c, (S*)s, (S*)delta, (S*)dot, (S*)A, grad, gtheta, ggate), threads); }
 
 EXPORT(float, f32)
 EXPORT(double, f64)
@@ -353,7 +457,7 @@ _P, _I64P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread"]
+    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
@@ -400,22 +504,22 @@ def load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(_build(compiler, _flags()))
         except (OSError, subprocess.SubprocessError):
             return None
-        common = [ctypes.c_int] * 6 + [ctypes.c_double] + [_P, _I64P, _P, _I64P, _P, _I64P, _P, _P]
+        shape = [ctypes.c_int] * 6 + [ctypes.c_double]
         for suffix in ("f32", "f64"):
             fwd = getattr(lib, f"kuramoto_forward_{suffix}")
-            fwd.argtypes = common + [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int]
+            fwd.argtypes = shape + [_P, _I64P, _P, _I64P, _P, _P, _P, ctypes.c_int64] + [_P] * 5 + [ctypes.c_int]
             fwd.restype = None
             bwd = getattr(lib, f"kuramoto_backward_{suffix}")
-            bwd.argtypes = common + [_P, _P, _P, _P, _P, _P, ctypes.c_int]
+            bwd.argtypes = shape + [_P, _I64P] + [_P] * 10 + [ctypes.c_int]
             bwd.restype = None
         _lib = lib
         return lib
 
 
 def padded_len(T: int, dtype: torch.dtype) -> int:
-    """T rounded up to 2W (the kernel's row length of the saved weights)."""
-    w2 = 16 if dtype == torch.float32 else 8
-    return (T + w2 - 1) // w2 * w2
+    """T rounded up to W lanes (the kernel's row length of the saved weights)."""
+    w = 8 if dtype == torch.float32 else 4
+    return (T + w - 1) // w * w
 
 
 def _ptr(x: torch.Tensor | None):
@@ -440,45 +544,43 @@ def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
 class NativeTangent(torch.autograd.Function):
     """`_FusedTangent` (kuramoto.py) on the compiled kernel. Inputs: theta (B, H, T, P), gate (B, H, T, G)
     or None (G = P or 1), the drift tables (T, P) or None, an additive score bias ((T, T) or (B, 1, T, T))
-    or None, scale, causal. float32 / float64 on the CPU, T and P as the caller allows."""
+    or None, scale, causal (the kernel then skips the keys past each query). float32 / float64, CPU."""
 
     @staticmethod
     def forward(ctx, theta_BHTP, gate_BHTG, cos_TP, sin_TP, bias, scale, causal):
         lib = load()
         B, H, T, P = theta_BHTP.shape
         dtype = theta_BHTP.dtype
-        c_BHTP, s_BHTP = _rows(theta_BHTP.cos()), _rows(theta_BHTP.sin())
-        gate = _rows(gate_BHTG)
+        theta, gate = _rows(theta_BHTP), _rows(gate_BHTG)
         G = 0 if gate is None else gate.shape[-1]
         if cos_TP is not None:
             cos_TP, sin_TP = (x.to(dtype).contiguous() for x in (cos_TP, sin_TP))
+        bias_sb = 0
         if bias is not None:
             bias = bias.to(dtype).contiguous()
             bias_sb = 0 if bias.dim() == 2 else T * T
-        else:
-            bias_sb = 0
-        delta = torch.empty(B, H, T, P, dtype=dtype)
-        dot = torch.empty_like(delta)
+        c, s, delta, dot = (torch.empty(B, H, T, P, dtype=dtype) for _ in range(4))
         weights = torch.empty(B * H, T, padded_len(T, dtype), dtype=dtype)
         fwd = lib.kuramoto_forward_f32 if dtype == torch.float32 else lib.kuramoto_forward_f64
-        fwd(B * H, H, T, P, G, int(causal), float(scale), _ptr(c_BHTP), _strides(c_BHTP), _ptr(s_BHTP),
-            _strides(s_BHTP), _ptr(gate), _strides(gate), _ptr(cos_TP), _ptr(sin_TP), _ptr(bias), bias_sb,
-            _ptr(delta), _ptr(dot), _ptr(weights), torch.get_num_threads())
-        ctx.save_for_backward(c_BHTP, s_BHTP, gate, cos_TP, sin_TP, delta, dot, weights)
+        fwd(B * H, H, T, P, G, int(causal), float(scale), _ptr(theta), _strides(theta), _ptr(gate), _strides(gate),
+            _ptr(cos_TP), _ptr(sin_TP), _ptr(bias), bias_sb, _ptr(c), _ptr(s), _ptr(delta), _ptr(dot),
+            _ptr(weights), torch.get_num_threads())
+        ctx.save_for_backward(gate, cos_TP, sin_TP, c, s, delta, dot, weights)
         ctx.meta = (G, int(causal), float(scale))
         return delta
 
     @staticmethod
     def backward(ctx, g_delta_BHTP):
-        c_BHTP, s_BHTP, gate, cos_TP, sin_TP, delta, dot, weights = ctx.saved_tensors
+        gate, cos_TP, sin_TP, c, s, delta, dot, weights = ctx.saved_tensors
         G, causal, scale = ctx.meta
-        B, H, T, P = c_BHTP.shape
-        dtype = c_BHTP.dtype
+        B, H, T, P = c.shape
+        dtype = c.dtype
         grad = g_delta_BHTP.to(dtype).contiguous()
         g_theta = torch.empty(B, H, T, P, dtype=dtype)
-        g_gate = None if gate is None else torch.empty(B, H, T, G, dtype=dtype)
-        bwd = load().kuramoto_backward_f32 if dtype == torch.float32 else load().kuramoto_backward_f64
-        bwd(B * H, H, T, P, G, causal, scale, _ptr(c_BHTP), _strides(c_BHTP), _ptr(s_BHTP), _strides(s_BHTP),
-            _ptr(gate), _strides(gate), _ptr(cos_TP), _ptr(sin_TP), _ptr(delta), _ptr(dot), _ptr(weights),
-            _ptr(grad), _ptr(g_theta), _ptr(g_gate), torch.get_num_threads())
+        g_gate = torch.empty(B, H, T, G, dtype=dtype) if gate is not None and ctx.needs_input_grad[1] else None
+        lib = load()
+        bwd = lib.kuramoto_backward_f32 if dtype == torch.float32 else lib.kuramoto_backward_f64
+        bwd(B * H, H, T, P, G, causal, scale, _ptr(gate), _strides(gate), _ptr(cos_TP), _ptr(sin_TP), _ptr(c),
+            _ptr(s), _ptr(delta), _ptr(dot), _ptr(weights), _ptr(grad), _ptr(g_theta), _ptr(g_gate),
+            torch.get_num_threads())
         return g_theta, g_gate, None, None, None, None, None
