@@ -158,6 +158,75 @@ def test_short_sequence_paths_equal_dense_formula_with_gradients(causal, d_osc, 
         torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padding,readout_padding", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("anchor_scale", [1.0, 1.6])
+def test_oscillator_compiled_kernel_matches_the_pytorch_path_in_float32(causal, padding, readout_padding, anchor_scale,
+                                                                      native_kernel):
+    """The compiled kernel (`NativeOscillator`) against `_DenseOscillator` at the preset's head shape
+    (T 50, K 32, d 32) and at odd sizes (T 19, K 6, d 12), anchors at and past norm 1 (the clamp),
+    value and gradients, on two threads (the kernel splits the heads and sums the anchors' gradient)."""
+    import workers.attention.oscillator as osc
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for Bq, Hq, Tq, K, d in ((3, 4, 50, 32, 32), (2, 2, 19, 6, 12)):
+            torch.manual_seed(4)
+            q, k, v = ((torch.randn(Bq, Hq, Tq, K) * 1.5).requires_grad_() for _ in range(3))
+            anchors = (F.normalize(torch.randn(Hq, Tq + 2, d), dim=-1) * anchor_scale).requires_grad_()
+            pad = keep = None
+            if padding:
+                pad = torch.zeros(Bq, Tq, dtype=torch.bool)
+                pad[0, -4:] = True
+                pad[-1, :3] = True
+                keep = (~pad).float()
+            keep_read = keep if readout_padding else None
+            r = anchors[:, :Tq]
+            native = native_kernel.NativeOscillator.apply(q, k, v, r, keep, keep_read, causal, 1e-8)
+            torch_path = osc._DenseOscillator.apply(q, k, v, r, osc._score_bias(Tq, causal, pad, q), keep_read, causal, 1e-8)
+            torch.testing.assert_close(native, torch_path, atol=2e-6, rtol=1e-5)
+            upstream = torch.randn_like(native)
+            for got, want in zip(torch.autograd.grad(native, (q, k, v, anchors), upstream),
+                                 torch.autograd.grad(torch_path, (q, k, v, anchors), upstream)):
+                torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_oscillator_compiled_kernel_passes_gradcheck_in_float64(causal, native_kernel, one_thread):
+    q, k, v, anchors = qkv_anchors(5, T_=6, anchor_scale=1.4, Bq=2)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    keep = (~pad).double()
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_, r_: native_kernel.NativeOscillator.apply(q_, k_, v_, r_[:, :6], keep, keep, causal, 1e-8),
+        tensors)
+
+
+def test_oscillator_layer_is_the_same_with_and_without_the_compiled_kernel(native_kernel, monkeypatch, one_thread):
+    """The module in float32 at d_osc 16 (the fused path), kernel against the `_DenseOscillator`
+    fallback taken when the kernel is unavailable."""
+    torch.manual_seed(0)
+    module = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=T, causal=True, d_osc=16)
+    x = torch.randn(3, T, D)
+    pad = torch.zeros(3, T, dtype=torch.bool)
+    pad[1, -2:] = True
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setattr(native_kernel, "load", lambda: None)
+        out = module(x, pad)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(module.parameters()))))
+        assert module.last_path == "fused"
+    (out_native, grads_native), (out_torch, grads_torch) = results
+    torch.testing.assert_close(out_native, out_torch, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_native, grads_torch):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("per_query", [32, 0], ids=["sparse-pairs", "dense-columns"])
 def test_clamp_correction_both_ways(per_query, monkeypatch):
     import workers.attention.oscillator as osc
@@ -342,11 +411,11 @@ def test_kuramoto_fused_tangent_matches_the_reference_in_value_and_gradient(gate
 
 @pytest.fixture
 def native_kernel():
-    from workers.attention import kuramoto_native
+    from workers.attention import native
 
-    if kuramoto_native.load() is None:
-        pytest.skip("no C++ compiler: the compiled kuramoto kernel is not built (the PyTorch path runs)")
-    return kuramoto_native
+    if native.load() is None:
+        pytest.skip("no C++ compiler: the compiled attention kernels are not built (the PyTorch paths run)")
+    return native
 
 
 def _tangent_case(dtype, Bq, Hq, Tq, P, gate_per, drift, padding, seed=5, theta_scale=2.0):
@@ -431,7 +500,7 @@ def test_kuramoto_compiled_kernel_handles_large_phases_and_strided_inputs(native
                                                                           "readout": "delta"}])
 def test_kuramoto_layer_is_the_same_with_and_without_the_compiled_kernel(options, native_kernel, monkeypatch, one_thread):
     """The whole layer (steps > 1 included) in float32, kernel against the PyTorch fallback taken when
-    the kernel is unavailable (`load()` None: no compiler, a failed build or SCALING_NATIVE_KURAMOTO=0)."""
+    the kernel is unavailable (`load()` None: no compiler, a failed build or SCALING_NATIVE_KERNELS=0)."""
     torch.manual_seed(0)
     module = build_attention("kuramoto", d_model=D, n_heads=H, max_seq_len=T, causal=True, **options)
     x = torch.randn(3, T, D)
@@ -556,13 +625,14 @@ PATH_CASES = [  # T, d_osc, p, return_weights, readout, mode, causal -> path
 
 @pytest.mark.parametrize("T_,d,p,weights,readout,mode,causal,expected", PATH_CASES)
 def test_the_chosen_path_is_the_one_that_runs(T_, d, p, weights, readout, mode, causal, expected, monkeypatch):
-    """`choose_path` decides; spies on the kernels show that exactly that one ran."""
+    """`choose_path` decides; spies on the kernels show that exactly that one ran (the fused path on
+    the compiled kernel where it builds, else on `_DenseOscillator`)."""
     import workers.attention.oscillator as osc
 
     ran = []
-    spies = {"fused": (osc._DenseOscillator, "apply"), "dense": (osc._DenseReadout, "apply"),
-             "linear": (osc, "readout_linear"), "reference": (osc, "readout_dense")}
-    for path, (owner, name) in spies.items():
+    spies = [("fused", osc._DenseOscillator, "apply"), ("fused", osc.native.NativeOscillator, "apply"),
+             ("dense", osc._DenseReadout, "apply"), ("linear", osc, "readout_linear"), ("reference", osc, "readout_dense")]
+    for path, owner, name in spies:
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _p=path, **k: (ran.append(_p), _f(*a, **k))[1])
     assert osc.choose_path(T_, d, causal=causal, mode=mode, p=p, return_weights=weights, readout=readout) == expected

@@ -113,33 +113,36 @@ static void gemm(int kind, int M, int K, int Ncols, const S* A, int lda, const S
   }
 }
 
-// x <- exp(x) on W-aligned chunks, x <= 0 (x - rowmax); 0 below -87 (and for -inf). float: Cephes' expf.
+// exp(v) for v <= 0 (0 below -87 and at -inf). Cephes' expf, ~1 ulp.
+static INL V<float>::v exp_vec(V<float>::v v) {
+  typedef V<float>::v vec;
+  vi8 keep = v > -87.0f;
+  v = keep ? v : vec{} - 87.0f;
+  vec fx = v * 1.44269504088896341f + 0.5f;  // n = round(x / ln2): |r| <= ln2 / 2
+  vi8 n_i = __builtin_convertvector(fx, vi8);  // truncation toward 0 ...
+  vec n_f = __builtin_convertvector(n_i, vec);
+  n_i += (vi8)(n_f > fx);                      // ... then floor (a true comparison is -1)
+  n_f = __builtin_convertvector(n_i, vec);
+  vec r = v - n_f * 0.693359375f;             // x - n ln2, ln2 in two parts (Cody-Waite)
+  r = r - n_f * -2.12194440e-4f;
+  vec p = vec{} + 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  vi8 bits = (n_i + 127) << 23;
+  vec two_n;
+  std::memcpy(&two_n, &bits, sizeof(vec));
+  p = p * two_n;
+  return keep ? p : vec{};
+}
+
+// x <- exp(x) on W-aligned chunks, x <= 0 (x - rowmax)
 static INL void exp_nonpos(float* R x, int n) {
   typedef V<float>::v vec;
-  for (int i = 0; i < n; i += 8) {
-    vec v = *(vec*)(x + i);
-    vi8 keep = v > -87.0f;
-    v = keep ? v : vec{} - 87.0f;
-    vec fx = v * 1.44269504088896341f + 0.5f;  // n = round(x / ln2): |r| <= ln2 / 2
-    vi8 n_i = __builtin_convertvector(fx, vi8);  // truncation toward 0 ...
-    vec n_f = __builtin_convertvector(n_i, vec);
-    n_i += (vi8)(n_f > fx);                      // ... then floor (a true comparison is -1)
-    n_f = __builtin_convertvector(n_i, vec);
-    vec r = v - n_f * 0.693359375f;             // x - n ln2, ln2 in two parts (Cody-Waite)
-    r = r - n_f * -2.12194440e-4f;
-    vec p = vec{} + 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
-    vi8 bits = (n_i + 127) << 23;
-    vec two_n;
-    std::memcpy(&two_n, &bits, sizeof(vec));
-    p = p * two_n;
-    *(vec*)(x + i) = keep ? p : vec{};
-  }
+  for (int i = 0; i < n; i += 8) *(vec*)(x + i) = exp_vec(*(vec*)(x + i));
 }
 static INL void exp_nonpos(double* R x, int n) {
   for (int i = 0; i < n; ++i) x[i] = std::exp(x[i]);
@@ -448,6 +451,282 @@ extern "C" void kuramoto_backward_##SUF(int N, int H, int T, int P, int G, int c
 
 EXPORT(float, f32)
 EXPORT(double, f64)
+
+// ---- the oscillator (paper A): the fused analytic p = 1 path ------------------------------------
+
+// log u for u in [1, 2] (Cephes' logf)
+static INL V<float>::v log_1_2(V<float>::v u) {
+  typedef V<float>::v vec;
+  vi8 big = u > 1.41421356f;
+  vec x = big ? u * 0.5f : u;
+  vec e = big ? vec{} + 1.0f : vec{};
+  x = x - 1.0f;
+  vec z = x * x;
+  vec y = vec{} + 7.0376836292E-2f;
+  y = y * x - 1.1514610310E-1f; y = y * x + 1.1676998740E-1f; y = y * x - 1.2420140846E-1f;
+  y = y * x + 1.4249322787E-1f; y = y * x - 1.6668057665E-1f; y = y * x + 2.0000714765E-1f;
+  y = y * x - 2.4999993993E-1f; y = y * x + 3.3333331174E-1f;
+  y = y * x * z;
+  y += e * -2.12194440e-4f;
+  y += z * -0.5f;
+  x = x + y;
+  x += e * 0.693359375f;
+  return x;
+}
+
+// s <- softplus(s), sl <- scale sigmoid(s) over W-aligned chunks (s = -inf: 0, 0)
+static INL void softplus_slope(float* R s, float* R sl, int n, float scale) {
+  typedef V<float>::v vec;
+  for (int i = 0; i < n; i += 8) {
+    vec x = *(vec*)(s + i);
+    vec ax = x < 0 ? -x : x;
+    vec y = exp_vec(-ax);  // exp(-|x|) in [0, 1]
+    vec u = 1.0f + y;
+    vec um1 = u - 1.0f;   // exact
+    vec l1p = um1 == 0 ? y : log_1_2(u) * (y / (um1 == 0 ? vec{} + 1.0f : um1));  // log1p(y)
+    *(vec*)(s + i) = (x > 0 ? x : vec{}) + l1p;
+    vec inv = 1.0f / u;
+    *(vec*)(sl + i) = (x >= 0 ? inv : y * inv) * scale;
+  }
+}
+static INL void softplus_slope(double* R s, double* R sl, int n, double scale) {  // as torch
+  for (int i = 0; i < n; ++i) {
+    const double x = s[i];
+    s[i] = x > 20.0 ? x : std::log1p(std::exp(x));
+    sl[i] = scale / (1.0 + std::exp(-x));
+  }
+}
+
+template <typename S>
+struct OArgs {
+  int N, H, T, K, d, causal;
+  S scale, eps;
+  Strided<S> q, k, v;                    // (B, H, T, K)
+  const S* r; int64_t r_sh, r_st;         // (H, T, d) anchors
+  const S* key_keep; const S* read_keep;  // (B, T) 1 / 0, null: every key
+  S* out;                                 // (N, T, K)
+  S* w; S* slope; S* A;                   // (N, T, Tp) saved
+  S* z; S* norm; S* den;                  // (N, T, d), (N, T), (N, T) saved
+  const S* gout;                          // (N, T, K)
+  S* dq; S* dk; S* dv;                    // (N, T, K)
+  S* dr;                                  // (H, T, d), accumulated over the batch
+};
+
+template <typename S>
+static INL void load_rows(const Strided<S>& x, int b, int h, int T, int K, int Kp, S* R dst, S mul) {
+  for (int t = 0; t < T; ++t) {
+    const S* R src = x.row(b, h, t);
+    S* R o = dst + (size_t)t * Kp;
+    for (int j = 0; j < K; ++j) o[j] = mul * src[j];
+  }
+}
+
+template <typename S>
+static void osc_forward_heads(const OArgs<S>& a, int n0, int n1) {
+  const int T = a.T, K = a.K, d = a.d, W = V<S>::W;
+  const int Tp = roundup(T, W), Kp = roundup(K, W), dp = roundup(d, W);
+  S* qb = aligned<S>((size_t)T * Kp); S* kb = aligned<S>((size_t)T * Kp); S* vb = aligned<S>((size_t)T * Kp);
+  S* kT = aligned<S>((size_t)Kp * Tp); S* rb = aligned<S>((size_t)T * dp); S* rT = aligned<S>((size_t)dp * Tp);
+  S* hb = aligned<S>((size_t)T * dp); S* ob = aligned<S>((size_t)T * Kp);
+  int rh = -1;
+  for (int n = n0; n < n1; ++n) {
+    const int b = n / a.H, h = n % a.H;
+    if (h != rh) {  // this head's anchors, rows and columns
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < d; ++j) rb[(size_t)t * dp + j] = a.r[h * a.r_sh + t * a.r_st + j];
+      transpose_rows(rb, rT, T, dp, Tp);
+      rh = h;
+    }
+    load_rows(a.q, b, h, T, K, Kp, qb, a.scale);
+    load_rows(a.k, b, h, T, K, Kp, kb, S(1));
+    load_rows(a.v, b, h, T, K, Kp, vb, S(1));
+    transpose_rows(kb, kT, T, Kp, Tp);
+    S* Wn = a.w + (size_t)n * T * Tp; S* Sl = a.slope + (size_t)n * T * Tp; S* An = a.A + (size_t)n * T * Tp;
+    gemm<S>(a.causal ? 3 : 0, T, Kp, Tp, qb, Kp, kT, Tp, Wn, Tp);  // scale q k^T
+    const S* kk = a.key_keep ? a.key_keep + (size_t)b * T : nullptr;
+    const S* rk = a.read_keep ? a.read_keep + (size_t)b * T : nullptr;
+    for (int t = 0; t < T; ++t) {
+      S* R row = Wn + (size_t)t * Tp; S* R sl = Sl + (size_t)t * Tp;
+      const int U = a.causal ? t + 1 : T, Uw = roundup(U, W);
+      if (kk) for (int u = 0; u < U; ++u) if (kk[u] == 0) row[u] = -INFINITY;
+      for (int u = U; u < Uw; ++u) row[u] = -INFINITY;
+      softplus_slope(row, sl, Uw, a.scale);
+      for (int u = Uw; u < Tp; ++u) { row[u] = 0; sl[u] = 0; }
+    }
+    gemm<S>(a.causal ? 1 : 0, T, T, dp, Wn, Tp, rb, dp, hb, dp);  // h = w r
+    S* zn = a.z + (size_t)n * T * d; S* nn = a.norm + (size_t)n * T;
+    for (int t = 0; t < T; ++t) {  // z = h / max(|h|, eps), in place (hb holds z from here)
+      S* R hr = hb + (size_t)t * dp;
+      S ss = 0;
+      for (int j = 0; j < d; ++j) ss += hr[j] * hr[j];
+      const S nrm = std::sqrt(ss), inv = S(1) / std::max(nrm, a.eps);
+      for (int j = 0; j < d; ++j) { hr[j] *= inv; zn[(size_t)t * d + j] = hr[j]; }
+      nn[t] = nrm;
+    }
+    gemm<S>(a.causal ? 3 : 0, T, dp, Tp, hb, dp, rT, Tp, An, Tp);  // z r^T
+    S* dn = a.den + (size_t)n * T;
+    for (int t = 0; t < T; ++t) {  // A = max(0, 1 + z.r) on the readout's keys, den = rowsum
+      S* R row = An + (size_t)t * Tp;
+      const int U = a.causal ? t + 1 : T;
+      S sum = 0;
+      if (rk) {
+        for (int u = 0; u < U; ++u) { const S x = S(1) + row[u]; row[u] = x > 0 && rk[u] != 0 ? x : S(0); }
+      } else {
+        for (int u = 0; u < U; ++u) { const S x = S(1) + row[u]; row[u] = x > 0 ? x : S(0); }
+      }
+#pragma omp simd reduction(+ : sum)
+      for (int u = 0; u < U; ++u) sum += row[u];
+      for (int u = U; u < Tp; ++u) row[u] = 0;
+      dn[t] = std::max(sum, S(1e-8));
+    }
+    gemm<S>(a.causal ? 1 : 0, T, T, Kp, An, Tp, vb, Kp, ob, Kp);  // A v
+    S* on = a.out + (size_t)n * T * K;
+    for (int t = 0; t < T; ++t) {
+      const S inv = S(1) / dn[t];
+      for (int j = 0; j < K; ++j) on[(size_t)t * K + j] = ob[(size_t)t * Kp + j] * inv;
+    }
+  }
+  std::free(qb); std::free(kb); std::free(vb); std::free(kT); std::free(rb); std::free(rT); std::free(hb); std::free(ob);
+}
+
+template <typename S>
+static void osc_backward_heads(const OArgs<S>& a, int n0, int n1, S* drloc) {
+  const int T = a.T, K = a.K, d = a.d, W = V<S>::W;
+  const int Tp = roundup(T, W), Kp = roundup(K, W), dp = roundup(d, W);
+  S* qb = aligned<S>((size_t)T * Kp); S* kb = aligned<S>((size_t)T * Kp); S* vb = aligned<S>((size_t)T * Kp);
+  S* vT = aligned<S>((size_t)Kp * Tp); S* rb = aligned<S>((size_t)T * dp); S* rT = aligned<S>((size_t)dp * Tp);
+  S* gb = aligned<S>((size_t)T * Kp); S* zb = aligned<S>((size_t)T * dp); S* dzb = aligned<S>((size_t)T * dp);
+  S* tmp = aligned<S>((size_t)T * std::max(Kp, dp)); S* D = aligned<S>((size_t)T * Tp); S* c = aligned<S>(T);
+  int rh = -1;
+  for (int n = n0; n < n1; ++n) {
+    const int b = n / a.H, h = n % a.H;
+    if (h != rh) {
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < d; ++j) rb[(size_t)t * dp + j] = a.r[h * a.r_sh + t * a.r_st + j];
+      transpose_rows(rb, rT, T, dp, Tp);
+      rh = h;
+    }
+    load_rows(a.q, b, h, T, K, Kp, qb, S(1));
+    load_rows(a.k, b, h, T, K, Kp, kb, S(1));
+    load_rows(a.v, b, h, T, K, Kp, vb, S(1));
+    transpose_rows(vb, vT, T, Kp, Tp);
+    const S* Wn = a.w + (size_t)n * T * Tp; const S* Sl = a.slope + (size_t)n * T * Tp;
+    const S* An = a.A + (size_t)n * T * Tp;
+    const S* on = a.out + (size_t)n * T * K; const S* go = a.gout + (size_t)n * T * K;
+    const S* dn = a.den + (size_t)n * T; const S* nn = a.norm + (size_t)n * T; const S* zn = a.z + (size_t)n * T * d;
+    S* drh = drloc + (size_t)h * T * dp;
+    for (int t = 0; t < T; ++t) {  // g = dout / den, c = g.out
+      const S inv = S(1) / dn[t];
+      S acc = 0;
+      for (int j = 0; j < K; ++j) {
+        const S gj = go[(size_t)t * K + j] * inv;
+        gb[(size_t)t * Kp + j] = gj;
+        acc += gj * on[(size_t)t * K + j];
+      }
+      c[t] = acc;
+      for (int j = 0; j < d; ++j) zb[(size_t)t * dp + j] = zn[(size_t)t * d + j];
+    }
+    gemm<S, true>(a.causal ? 2 : 0, T, T, Kp, An, Tp, gb, Kp, tmp, Kp);  // dv = A^T g
+    S* dvn = a.dv + (size_t)n * T * K;
+    for (int t = 0; t < T; ++t) for (int j = 0; j < K; ++j) dvn[(size_t)t * K + j] = tmp[(size_t)t * Kp + j];
+    gemm<S>(a.causal ? 3 : 0, T, Kp, Tp, gb, Kp, vT, Tp, D, Tp);  // g v^T
+    for (int t = 0; t < T; ++t) {  // dA = (g.v - c) where A > 0
+      S* R dr = D + (size_t)t * Tp; const S* R ar = An + (size_t)t * Tp;
+      const int Uw = a.causal ? std::min(Tp, roundup(t + 1, W)) : Tp;
+      const S ct = c[t];
+      for (int u = 0; u < Uw; ++u) dr[u] = ar[u] > 0 ? dr[u] - ct : S(0);
+      for (int u = Uw; u < Tp; ++u) dr[u] = 0;
+    }
+    gemm<S>(a.causal ? 1 : 0, T, T, dp, D, Tp, rb, dp, dzb, dp);  // dz = dA r
+    gemm<S, true>(a.causal ? 2 : 0, T, T, dp, D, Tp, zb, dp, tmp, dp);  // dA^T z
+    for (size_t i = 0; i < (size_t)T * dp; ++i) drh[i] += tmp[i];
+    for (int t = 0; t < T; ++t) {  // dh = (dz - z (z.dz) [|h| > eps]) / max(|h|, eps), in dzb
+      S* R dz = dzb + (size_t)t * dp; const S* R z = zb + (size_t)t * dp;
+      S rad = 0;
+      for (int j = 0; j < d; ++j) rad += z[j] * dz[j];
+      if (!(nn[t] > a.eps)) rad = 0;
+      const S inv = S(1) / std::max(nn[t], a.eps);
+      for (int j = 0; j < d; ++j) dz[j] = (dz[j] - z[j] * rad) * inv;
+    }
+    gemm<S>(a.causal ? 3 : 0, T, dp, Tp, dzb, dp, rT, Tp, D, Tp);  // dh r^T
+    for (int t = 0; t < T; ++t) {  // ds = (dh.r) scale sigmoid(scores)
+      S* R dr = D + (size_t)t * Tp; const S* R sl = Sl + (size_t)t * Tp;
+      const int Uw = a.causal ? std::min(Tp, roundup(t + 1, W)) : Tp;
+      for (int u = 0; u < Uw; ++u) dr[u] *= sl[u];
+      for (int u = Uw; u < Tp; ++u) dr[u] = 0;
+    }
+    gemm<S>(a.causal ? 1 : 0, T, T, Kp, D, Tp, kb, Kp, tmp, Kp);  // dq = ds k
+    S* dqn = a.dq + (size_t)n * T * K;
+    for (int t = 0; t < T; ++t) for (int j = 0; j < K; ++j) dqn[(size_t)t * K + j] = tmp[(size_t)t * Kp + j];
+    gemm<S, true>(a.causal ? 2 : 0, T, T, Kp, D, Tp, qb, Kp, tmp, Kp);  // dk = ds^T q
+    S* dkn = a.dk + (size_t)n * T * K;
+    for (int t = 0; t < T; ++t) for (int j = 0; j < K; ++j) dkn[(size_t)t * K + j] = tmp[(size_t)t * Kp + j];
+    gemm<S, true>(a.causal ? 2 : 0, T, T, dp, Wn, Tp, dzb, dp, tmp, dp);  // w^T dh
+    for (size_t i = 0; i < (size_t)T * dp; ++i) drh[i] += tmp[i];
+  }
+  std::free(qb); std::free(kb); std::free(vb); std::free(vT); std::free(rb); std::free(rT); std::free(gb);
+  std::free(zb); std::free(dzb); std::free(tmp); std::free(D); std::free(c);
+}
+
+template <typename S, bool FWD>
+static void osc_run(const OArgs<S>& a, int threads) {
+  threads = std::max(1, std::min(threads, a.N));
+  const int dp = roundup(a.d, V<S>::W);
+  std::vector<S*> drloc(threads, nullptr);
+  auto part = [&](int i) {
+    const int n0 = (int)((int64_t)a.N * i / threads), n1 = (int)((int64_t)a.N * (i + 1) / threads);
+    if (FWD) { osc_forward_heads(a, n0, n1); return; }
+    drloc[i] = aligned<S>((size_t)a.H * a.T * dp);
+    osc_backward_heads(a, n0, n1, drloc[i]);
+  };
+  if (threads == 1) part(0);
+  else {
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; ++i) pool.emplace_back(part, i);
+    part(0);
+    for (auto& th : pool) th.join();
+  }
+  if (FWD) return;
+  for (int i = 0; i < threads; ++i) {
+    for (int h = 0; h < a.H; ++h)
+      for (int t = 0; t < a.T; ++t)
+        for (int j = 0; j < a.d; ++j)
+          a.dr[((size_t)h * a.T + t) * a.d + j] += drloc[i][((size_t)h * a.T + t) * dp + j];
+    std::free(drloc[i]);
+  }
+}
+
+template <typename S>
+static OArgs<S> make_oargs(int N, int H, int T, int K, int d, int causal, double scale, double eps,
+                           const S* q, const int64_t* qst, const S* k, const int64_t* kst, const S* v, const int64_t* vst,
+                           const S* r, int64_t r_sh, int64_t r_st, const S* key_keep, const S* read_keep,
+                           S* out, S* w, S* slope, S* A, S* z, S* norm, S* den,
+                           const S* gout, S* dq, S* dk, S* dv, S* dr) {
+  OArgs<S> a;
+  a.N = N; a.H = H; a.T = T; a.K = K; a.d = d; a.causal = causal; a.scale = (S)scale; a.eps = (S)eps;
+  a.q = {q, qst[0], qst[1], qst[2]}; a.k = {k, kst[0], kst[1], kst[2]}; a.v = {v, vst[0], vst[1], vst[2]};
+  a.r = r; a.r_sh = r_sh; a.r_st = r_st; a.key_keep = key_keep; a.read_keep = read_keep;
+  a.out = out; a.w = w; a.slope = slope; a.A = A; a.z = z; a.norm = norm; a.den = den;
+  a.gout = gout; a.dq = dq; a.dk = dk; a.dv = dv; a.dr = dr;
+  return a;
+}
+
+#define EXPORT_OSC(S, SUF) \
+extern "C" void oscillator_forward_##SUF(int N, int H, int T, int K, int d, int causal, double scale, double eps, \
+    const S* q, const int64_t* qst, const S* k, const int64_t* kst, const S* v, const int64_t* vst, \
+    const S* r, int64_t r_sh, int64_t r_st, const S* key_keep, const S* read_keep, \
+    S* out, S* w, S* slope, S* A, S* z, S* norm, S* den, int threads) { \
+  osc_run<S, true>(make_oargs<S>(N, H, T, K, d, causal, scale, eps, q, qst, k, kst, v, vst, r, r_sh, r_st, \
+                   key_keep, read_keep, out, w, slope, A, z, norm, den, nullptr, nullptr, nullptr, nullptr, nullptr), threads); } \
+extern "C" void oscillator_backward_##SUF(int N, int H, int T, int K, int d, int causal, double scale, double eps, \
+    const S* q, const int64_t* qst, const S* k, const int64_t* kst, const S* v, const int64_t* vst, \
+    const S* r, int64_t r_sh, int64_t r_st, const S* out, const S* w, const S* slope, const S* A, const S* z, \
+    const S* norm, const S* den, const S* gout, S* dq, S* dk, S* dv, S* dr, int threads) { \
+  osc_run<S, false>(make_oargs<S>(N, H, T, K, d, causal, scale, eps, q, qst, k, kst, v, vst, r, r_sh, r_st, \
+                    nullptr, nullptr, (S*)out, (S*)w, (S*)slope, (S*)A, (S*)z, (S*)norm, (S*)den, gout, dq, dk, dv, dr), threads); }
+
+EXPORT_OSC(float, f32)
+EXPORT_OSC(double, f64)
 """
 
 _lock = threading.Lock()
@@ -470,7 +749,7 @@ def _cache_dir() -> str:
 
 def _build(compiler: str, flags: list[str]) -> str:
     key = hashlib.sha256("\0".join([SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"kuramoto_{key}.so")
+    path = os.path.join(_cache_dir(), f"attention_{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -487,7 +766,7 @@ def _build(compiler: str, flags: list[str]) -> str:
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, built once per machine and source (cached under ~/.cache/oscillator-scaling);
-    None when disabled (`SCALING_NATIVE_KURAMOTO=0`), no C++ compiler is found, or the build fails."""
+    None when disabled (`SCALING_NATIVE_KERNELS=0`), no C++ compiler is found, or the build fails."""
     global _lib, _tried
     if _tried:
         return _lib
@@ -495,7 +774,7 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("SCALING_NATIVE_KURAMOTO", "1") == "0":
+        if os.environ.get("SCALING_NATIVE_KERNELS", "1") == "0":
             return None
         compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
         if compiler is None:
@@ -512,6 +791,13 @@ def load() -> ctypes.CDLL | None:
             bwd = getattr(lib, f"kuramoto_backward_{suffix}")
             bwd.argtypes = shape + [_P, _I64P] + [_P] * 10 + [ctypes.c_int]
             bwd.restype = None
+            ofwd = getattr(lib, f"oscillator_forward_{suffix}")
+            oshape = [ctypes.c_int] * 6 + [ctypes.c_double] * 2 + [_P, _I64P] * 3 + [_P, ctypes.c_int64, ctypes.c_int64]
+            ofwd.argtypes = oshape + [_P] * 9 + [ctypes.c_int]
+            ofwd.restype = None
+            obwd = getattr(lib, f"oscillator_backward_{suffix}")
+            obwd.argtypes = oshape + [_P] * 12 + [ctypes.c_int]
+            obwd.restype = None
         _lib = lib
         return lib
 
@@ -584,3 +870,48 @@ class NativeTangent(torch.autograd.Function):
             _ptr(s), _ptr(delta), _ptr(dot), _ptr(weights), _ptr(grad), _ptr(g_theta), _ptr(g_gate),
             torch.get_num_threads())
         return g_theta, g_gate, None, None, None, None, None
+
+
+class NativeOscillator(torch.autograd.Function):
+    """`oscillator._DenseOscillator` (the analytic p = 1 oscillator over (T, T) tensors) on the compiled
+    kernel: w = softplus(q k^T / sqrt K) on allowed keys, h = w r, z = h / max(|h|, eps),
+    A = max(0, 1 + z r^T) on the readout's keys, out = A v / rowsum(A). Inputs: q, k, v (B, H, T, K),
+    anchors r (H, T, d), `key_keep_BT` (float 1 / 0: the coupling's keys) and `read_keep_BT` (the
+    readout's) or None, causal, eps. Saves w, sigmoid(scores) and A, so backward has no transcendental."""
+
+    @staticmethod
+    def forward(ctx, q_BHTK, k_BHTK, v_BHTK, r_HTd, key_keep_BT, read_keep_BT, causal, eps):
+        lib = load()
+        B, H, T, K = q_BHTK.shape
+        d = r_HTd.shape[-1]
+        dtype = q_BHTK.dtype
+        q, k, v, r = (_rows(x) for x in (q_BHTK, k_BHTK, v_BHTK, r_HTd))
+        key_keep, read_keep = (None if x is None else x.to(dtype).contiguous() for x in (key_keep_BT, read_keep_BT))
+        Tp = padded_len(T, dtype)
+        out = torch.empty(B, H, T, K, dtype=dtype)
+        w, slope, weights = (torch.empty(B * H, T, Tp, dtype=dtype) for _ in range(3))
+        z = torch.empty(B * H, T, d, dtype=dtype)
+        norm, den = torch.empty(B * H, T, dtype=dtype), torch.empty(B * H, T, dtype=dtype)
+        fwd = lib.oscillator_forward_f32 if dtype == torch.float32 else lib.oscillator_forward_f64
+        fwd(B * H, H, T, K, d, int(causal), K ** -0.5, float(eps), _ptr(q), _strides(q), _ptr(k), _strides(k),
+            _ptr(v), _strides(v), _ptr(r), r.stride(0), r.stride(1), _ptr(key_keep), _ptr(read_keep), _ptr(out),
+            _ptr(w), _ptr(slope), _ptr(weights), _ptr(z), _ptr(norm), _ptr(den), torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, r, out, w, slope, weights, z, norm, den)
+        ctx.meta = (int(causal), float(eps))
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out_BHTK):
+        q, k, v, r, out, w, slope, weights, z, norm, den = ctx.saved_tensors
+        causal, eps = ctx.meta
+        B, H, T, K = q.shape
+        dtype = q.dtype
+        grad = g_out_BHTK.to(dtype).contiguous()
+        dq, dk, dv = (torch.empty(B, H, T, K, dtype=dtype) for _ in range(3))
+        dr = torch.zeros(r.shape, dtype=dtype)
+        lib = load()
+        bwd = lib.oscillator_backward_f32 if dtype == torch.float32 else lib.oscillator_backward_f64
+        bwd(B * H, H, T, K, r.shape[-1], causal, K ** -0.5, eps, _ptr(q), _strides(q), _ptr(k), _strides(k),
+            _ptr(v), _strides(v), _ptr(r), r.stride(0), r.stride(1), _ptr(out), _ptr(w), _ptr(slope), _ptr(weights),
+            _ptr(z), _ptr(norm), _ptr(den), _ptr(grad), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dr), torch.get_num_threads())
+        return dq, dk, dv, dr, None, None, None, None
