@@ -25,7 +25,9 @@ Two implementations of the same function:
   added. Both equal the dense formula to float rounding, gradients included (tests/test_attention.py).
   For T <= 128 and d_osc > 8, coupling and readout are instead one autograd Function in (H, B, T, .)
   layout (`_DenseOscillator`), where every product with the anchors, which the batch shares, is one
-  large GEMM per head.
+  large GEMM per head. On the CPU that path runs on the compiled kernel (`native.NativeOscillator`,
+  workers/attention/native.py: the same function, one (batch, head) at a time in cache, causal blocks
+  skipped) where it builds; `_DenseOscillator` is its fallback and test partner.
 """
 
 from __future__ import annotations
