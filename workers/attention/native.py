@@ -1,24 +1,34 @@
-"""A fused CPU kernel of the Kuramoto tangent update (`kuramoto.kuramoto_tangent`), forward and backward,
-compiled on first use with the system C++ compiler and loaded with ctypes (no torch headers: it builds
-in about a second). Absent a compiler, or when the build fails, `load()` returns None and the
-pure-PyTorch `_FusedTangent` runs instead; tests/test_attention.py checks the two against each other
-and against the reference.
+"""Compiled CPU kernels, forward and backward, of two attention ops: the Kuramoto tangent update
+(`kuramoto.kuramoto_tangent`, `NativeTangent`) and the fused analytic oscillator
+(`oscillator._DenseOscillator`, `NativeOscillator`). The C++ source below is built on first use with
+the system compiler (a few seconds; cached per machine, flags and source under
+~/.cache/oscillator-scaling/kernels) and called through ctypes: no torch headers, no extension ABI.
+Without a compiler, when the build fails, or with SCALING_NATIVE_KERNELS=0, `load()` returns None and
+the callers run their pure-PyTorch paths (`_FusedTangent`, `_DenseOscillator`); tests/test_attention.py
+checks each kernel against its PyTorch path (float32, value and gradients) and against finite
+differences (float64).
 
 Legend: N = B*H heads, T sequence, P phases per head, E = 2P features ([cos, sin]), G gate width (P, 1
-or 0: no gate), W SIMD lanes, Tp / Ep: T / E rounded up to 2W.
+or 0: no gate), K head width, d oscillator dimension, W SIMD lanes (8 float, 4 double), Tp / Ep / Kp /
+dp: T / E / K / d rounded up to W.
 
-Why a kernel: at the WikiText-2 preset shape (B 64, H 4, T 50, P 32) the op is six (T, T) x (T, 2P)
-matrix products and some twenty elementwise passes over (N, T, P) and (N, T, T) tensors. With torch
-ops each pass goes through memory and the batched products do not skip the causal upper triangle;
-here one head at a time lives in the L1/L2 cache: the features are built once, the products are
-register-blocked (4 rows x 2W columns) and skip the blocks above the diagonal, and every elementwise
-step (rotation, gate, softmax, tangent, the softmax backward, the cross products of the backward) is
-folded into the loops that produce its operands.
+Why kernels: at the WikiText-2 preset shape (B 64, H 4, T 50) each op is six (Kuramoto, 64 wide) or
+twelve (oscillator d 32, 32 wide) (T, T)-sized matrix products plus some twenty elementwise passes over
+(N, T, .) and (N, T, T) tensors. With torch ops each pass goes through memory and the batched products
+do not skip the causal upper triangle. Here one (batch, head) at a time lives in the L1/L2 cache: its
+operands are built once, the products are register-blocked (4 rows x 2W columns) and skip the blocks
+above the diagonal, and every elementwise step (sin/cos, rotation, gate, softmax or softplus/sigmoid,
+the tangent or the normalisations, and their backward) is folded into the loops next to the products.
+Threads (torch.get_num_threads()) split the heads; the anchors' gradient is summed per thread, then in
+thread order (deterministic for a given thread count).
 
-The math is `_FusedTangent`'s (kuramoto.py): e = [cos theta, sin theta], k = e rotated by the drift
+Kuramoto (`_FusedTangent`'s math, kuramoto.py): e = [cos theta, sin theta], k = e rotated by the drift
 tables, q = scale * gate * k, A = softmax(q k^T + bias) over the causal range, O = A e,
 delta = c O_s - s O_c; the backward is dO = g (-s, c), dA = dO e^T, dS = A (dA - rowsum(g delta)),
 dQ = dS k, dK = dS^T q, dV = A^T dO and the cross products into theta (and the gate).
+Oscillator (`_DenseOscillator`'s math, oscillator.py): w = softplus(q k^T / sqrt K) on the coupling's
+keys, h = w r, z = h / max(|h|, eps), A = max(0, 1 + z r^T) on the readout's keys, out = A v / rowsum(A);
+w, sigmoid(scores) / sqrt K and A are kept for backward.
 """
 
 from __future__ import annotations
@@ -754,7 +764,7 @@ def _build(compiler: str, flags: list[str]) -> str:
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = os.path.join(tmp, "kuramoto.cpp"), os.path.join(tmp, "kuramoto.so")
+        src, out = os.path.join(tmp, "attention.cpp"), os.path.join(tmp, "attention.so")
         with open(src, "w") as handle:
             handle.write(SOURCE)
         subprocess.run([compiler, *flags, src, "-o", out], check=True, capture_output=True, timeout=300)
@@ -765,7 +775,7 @@ def _build(compiler: str, flags: list[str]) -> str:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per machine and source (cached under ~/.cache/oscillator-scaling);
+    """The compiled kernels, built once per machine and source (cached under ~/.cache/oscillator-scaling);
     None when disabled (`SCALING_NATIVE_KERNELS=0`), no C++ compiler is found, or the build fails."""
     global _lib, _tried
     if _tried:
