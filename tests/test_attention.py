@@ -158,6 +158,75 @@ def test_short_sequence_paths_equal_dense_formula_with_gradients(causal, d_osc, 
         torch.testing.assert_close(g_fast, g_dense, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padding,readout_padding", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("anchor_scale", [1.0, 1.6])
+def test_oscillator_compiled_kernel_matches_the_pytorch_path_in_float32(causal, padding, readout_padding, anchor_scale,
+                                                                      native_kernel):
+    """The compiled kernel (`NativeOscillator`) against `_DenseOscillator` at the preset's head shape
+    (T 50, K 32, d 32) and at odd sizes (T 19, K 6, d 12), anchors at and past norm 1 (the clamp),
+    value and gradients, on two threads (the kernel splits the heads and sums the anchors' gradient)."""
+    import workers.attention.oscillator as osc
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for Bq, Hq, Tq, K, d in ((3, 4, 50, 32, 32), (2, 2, 19, 6, 12)):
+            torch.manual_seed(4)
+            q, k, v = ((torch.randn(Bq, Hq, Tq, K) * 1.5).requires_grad_() for _ in range(3))
+            anchors = (F.normalize(torch.randn(Hq, Tq + 2, d), dim=-1) * anchor_scale).requires_grad_()
+            pad = keep = None
+            if padding:
+                pad = torch.zeros(Bq, Tq, dtype=torch.bool)
+                pad[0, -4:] = True
+                pad[-1, :3] = True
+                keep = (~pad).float()
+            keep_read = keep if readout_padding else None
+            r = anchors[:, :Tq]
+            native = native_kernel.NativeOscillator.apply(q, k, v, r, keep, keep_read, causal, 1e-8)
+            torch_path = osc._DenseOscillator.apply(q, k, v, r, osc._score_bias(Tq, causal, pad, q), keep_read, causal, 1e-8)
+            torch.testing.assert_close(native, torch_path, atol=2e-6, rtol=1e-5)
+            upstream = torch.randn_like(native)
+            for got, want in zip(torch.autograd.grad(native, (q, k, v, anchors), upstream),
+                                 torch.autograd.grad(torch_path, (q, k, v, anchors), upstream)):
+                torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_oscillator_compiled_kernel_passes_gradcheck_in_float64(causal, native_kernel, one_thread):
+    q, k, v, anchors = qkv_anchors(5, T_=6, anchor_scale=1.4, Bq=2)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    keep = (~pad).double()
+    tensors = [t.requires_grad_() for t in (q, k, v, anchors)]
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_, r_: native_kernel.NativeOscillator.apply(q_, k_, v_, r_[:, :6], keep, keep, causal, 1e-8),
+        tensors)
+
+
+def test_oscillator_layer_is_the_same_with_and_without_the_compiled_kernel(native_kernel, monkeypatch, one_thread):
+    """The module in float32 at d_osc 16 (the fused path), kernel against the `_DenseOscillator`
+    fallback taken when the kernel is unavailable."""
+    torch.manual_seed(0)
+    module = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=T, causal=True, d_osc=16)
+    x = torch.randn(3, T, D)
+    pad = torch.zeros(3, T, dtype=torch.bool)
+    pad[1, -2:] = True
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setattr(native_kernel, "load", lambda: None)
+        out = module(x, pad)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(module.parameters()))))
+        assert module.last_path == "fused"
+    (out_native, grads_native), (out_torch, grads_torch) = results
+    torch.testing.assert_close(out_native, out_torch, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_native, grads_torch):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("per_query", [32, 0], ids=["sparse-pairs", "dense-columns"])
 def test_clamp_correction_both_ways(per_query, monkeypatch):
     import workers.attention.oscillator as osc
@@ -340,6 +409,117 @@ def test_kuramoto_fused_tangent_matches_the_reference_in_value_and_gradient(gate
             lambda th, *g: _FusedTangent.apply(th, g[0] if g else None, cos, sin, bias, 0.3), inputs)
 
 
+@pytest.fixture
+def native_kernel():
+    from workers.attention import native
+
+    if native.load() is None:
+        pytest.skip("no C++ compiler: the compiled attention kernels are not built (the PyTorch paths run)")
+    return native
+
+
+def _tangent_case(dtype, Bq, Hq, Tq, P, gate_per, drift, padding, seed=5, theta_scale=2.0):
+    torch.manual_seed(seed)
+    theta = (torch.randn(Bq, Hq, Tq, P, dtype=dtype) * theta_scale).requires_grad_()
+    gate = None if gate_per is None else F.softplus(
+        torch.randn(Bq, Hq, Tq, P if gate_per == "coordinate" else 1, dtype=dtype)).requires_grad_()
+    cos, sin = (t.to(dtype) for t in rotary_tables(Tq, 2 * P)) if drift else (None, None)
+    pad = None
+    if padding:
+        pad = torch.zeros(Bq, Tq, dtype=torch.bool)
+        pad[0, -3:] = True
+        pad[-1, :] = True
+    return theta, gate, cos, sin, pad
+
+
+@pytest.mark.parametrize("gate_per", ["coordinate", "head", None])
+@pytest.mark.parametrize("drift", [True, False])
+@pytest.mark.parametrize("causal,padding", [(True, False), (True, True), (False, False), (False, True)])
+def test_kuramoto_compiled_kernel_matches_the_pytorch_path_in_float32(gate_per, drift, causal, padding, native_kernel):
+    """The compiled kernel (`NativeTangent`) against the pure-PyTorch `_FusedTangent` at the preset's
+    head shape (T 50, P 32: the kernel's vector tails and causal blocks) and at odd sizes (T 13, P 3),
+    value and gradients, on two threads (the kernel splits the heads between them)."""
+    from workers.attention.kuramoto import _FusedTangent, _score_bias
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in ((3, 4, 50, 32), (2, 3, 13, 3)):
+            theta, gate, cos, sin, pad = _tangent_case(torch.float32, *shape, gate_per, drift, padding)
+            scale = (2 * shape[-1]) ** -0.5
+            inputs = (theta,) if gate is None else (theta, gate)
+            bias = _score_bias(shape[2], causal, pad, theta)
+            native = native_kernel.NativeTangent.apply(theta, gate, cos, sin, None if pad is None else bias, scale, causal)
+            torch_path = _FusedTangent.apply(theta, gate, cos, sin, bias, scale)
+            torch.testing.assert_close(native, torch_path, atol=2e-6, rtol=0)
+            upstream = torch.randn_like(native)
+            for got, want in zip(torch.autograd.grad(native, inputs, upstream),
+                                 torch.autograd.grad(torch_path, inputs, upstream)):
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("causal,padding", [(True, False), (True, True), (False, True)])
+def test_kuramoto_compiled_kernel_passes_gradcheck_in_float64(causal, padding, native_kernel, one_thread):
+    from workers.attention.kuramoto import _score_bias
+
+    theta, gate, cos, sin, pad = _tangent_case(torch.float64, 2, 2, 6, 3, "coordinate", True, padding, seed=7)
+    bias = None if pad is None else _score_bias(6, causal, pad, theta)
+    assert torch.autograd.gradcheck(
+        lambda th, g: native_kernel.NativeTangent.apply(th, g, cos, sin, bias, 0.3, causal), (theta, gate))
+    head_gate = F.softplus(torch.randn(2, 2, 6, 1, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda th, g: native_kernel.NativeTangent.apply(th, g, None, None, bias, 0.3, causal), (theta, head_gate))
+
+
+def test_kuramoto_compiled_kernel_handles_large_phases_and_strided_inputs(native_kernel, one_thread):
+    """Angles past the kernel's fast sine range (|theta| > 8192) and heads read in place from a
+    (B, T, H, P) layout give what the PyTorch path gives."""
+    from workers.attention.kuramoto import _FusedTangent
+
+    torch.manual_seed(11)
+    Bq, Tq, Hq, P = 2, 21, 2, 9
+    theta_BTHP = torch.randn(Bq, Tq, Hq, P) * 3
+    theta_BTHP[0, 3, 1, 2] = 9000.5
+    theta_BTHP[1, 7, 0, :] = -20000.25
+    theta = theta_BTHP.transpose(1, 2).requires_grad_()  # (B, H, T, P), strided
+    gate = F.softplus(torch.randn(Bq, Tq, Hq, P)).transpose(1, 2).requires_grad_()
+    cos, sin = rotary_tables(Tq, 2 * P)
+    bias = torch.full((Tq, Tq), float("-inf")).triu_(1)
+    native = native_kernel.NativeTangent.apply(theta, gate, cos, sin, None, 0.25, True)
+    torch_path = _FusedTangent.apply(theta, gate, cos, sin, bias, 0.25)
+    torch.testing.assert_close(native, torch_path, atol=2e-6, rtol=0)
+    upstream = torch.randn_like(native)
+    for got, want in zip(torch.autograd.grad(native, (theta, gate), upstream),
+                         torch.autograd.grad(torch_path, (theta, gate), upstream)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"gate_per": "head", "steps": 2}, {"gate": "none", "phase_drift": "none",
+                                                                          "readout": "delta"}])
+def test_kuramoto_layer_is_the_same_with_and_without_the_compiled_kernel(options, native_kernel, monkeypatch, one_thread):
+    """The whole layer (steps > 1 included) in float32, kernel against the PyTorch fallback taken when
+    the kernel is unavailable (`load()` None: no compiler, a failed build or SCALING_NATIVE_KERNELS=0)."""
+    torch.manual_seed(0)
+    module = build_attention("kuramoto", d_model=D, n_heads=H, max_seq_len=T, causal=True, **options)
+    x = torch.randn(3, T, D)
+    pad = torch.zeros(3, T, dtype=torch.bool)
+    pad[1, -2:] = True
+    results = []
+    for available in (True, False):
+        if not available:
+            monkeypatch.setattr(native_kernel, "load", lambda: None)
+        out = module(x, pad)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(module.parameters()), allow_unused=True)))
+    (out_native, grads_native), (out_torch, grads_torch) = results
+    torch.testing.assert_close(out_native, out_torch, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_native, grads_torch):  # kappa is unused with the delta read-out
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_kuramoto_long_sequences_take_the_sdpa_path_with_the_same_result():
     from workers.attention import kuramoto as km
 
@@ -445,13 +625,14 @@ PATH_CASES = [  # T, d_osc, p, return_weights, readout, mode, causal -> path
 
 @pytest.mark.parametrize("T_,d,p,weights,readout,mode,causal,expected", PATH_CASES)
 def test_the_chosen_path_is_the_one_that_runs(T_, d, p, weights, readout, mode, causal, expected, monkeypatch):
-    """`choose_path` decides; spies on the kernels show that exactly that one ran."""
+    """`choose_path` decides; spies on the kernels show that exactly that one ran (the fused path on
+    the compiled kernel where it builds, else on `_DenseOscillator`)."""
     import workers.attention.oscillator as osc
 
     ran = []
-    spies = {"fused": (osc._DenseOscillator, "apply"), "dense": (osc._DenseReadout, "apply"),
-             "linear": (osc, "readout_linear"), "reference": (osc, "readout_dense")}
-    for path, (owner, name) in spies.items():
+    spies = [("fused", osc._DenseOscillator, "apply"), ("fused", osc.native.NativeOscillator, "apply"),
+             ("dense", osc._DenseReadout, "apply"), ("linear", osc, "readout_linear"), ("reference", osc, "readout_dense")]
+    for path, owner, name in spies:
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _p=path, **k: (ran.append(_p), _f(*a, **k))[1])
     assert osc.choose_path(T_, d, causal=causal, mode=mode, p=p, return_weights=weights, readout=readout) == expected

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.attention import native
 from workers.attention.softmax import apply_rotary, rotary_tables, softmax_attention
 from workers.variants import KuramotoConfig
 
@@ -61,13 +62,19 @@ def kuramoto_tangent_reference(theta_BHTP, gate_BHTG, cos_TP, sin_TP, *, causal:
 def kuramoto_tangent(theta_BHTP, gate_BHTG, cos_TP, sin_TP, *, causal: bool,
                      key_padding_BT: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """The same function as `kuramoto_tangent_reference`; up to FUSED_MAX_T positions (float32/64) one
-    autograd Function with a hand-written backward (`_FusedTangent`), else the reference."""
+    autograd Function with a hand-written backward: on the CPU the compiled kernel
+    (`native.NativeTangent`) where it builds, else `_FusedTangent` (pure PyTorch, any device);
+    past FUSED_MAX_T the reference."""
     T = theta_BHTP.shape[-2]
     if T > FUSED_MAX_T or theta_BHTP.dtype not in (torch.float32, torch.float64):
         return kuramoto_tangent_reference(theta_BHTP, gate_BHTG, cos_TP, sin_TP, causal=causal,
                                           key_padding_BT=key_padding_BT, scale=scale)
     P = theta_BHTP.shape[-1]
     scale = (2 * P) ** -0.5 if scale is None else float(scale)
+    if theta_BHTP.device.type == "cpu" and native.load() is not None:
+        # causal without padding needs no bias: the kernel stops each query's keys at itself
+        bias = None if key_padding_BT is None else _score_bias(T, causal, key_padding_BT, theta_BHTP)
+        return native.NativeTangent.apply(theta_BHTP, gate_BHTG, cos_TP, sin_TP, bias, scale, causal)
     bias = _score_bias(T, causal, key_padding_BT, theta_BHTP)
     return _FusedTangent.apply(theta_BHTP, gate_BHTG, cos_TP, sin_TP, bias, scale)
 

@@ -25,7 +25,9 @@ Two implementations of the same function:
   added. Both equal the dense formula to float rounding, gradients included (tests/test_attention.py).
   For T <= 128 and d_osc > 8, coupling and readout are instead one autograd Function in (H, B, T, .)
   layout (`_DenseOscillator`), where every product with the anchors, which the batch shares, is one
-  large GEMM per head.
+  large GEMM per head. On the CPU that path runs on the compiled kernel (`native.NativeOscillator`,
+  workers/attention/native.py: the same function, one (batch, head) at a time in cache, causal blocks
+  skipped) where it builds; `_DenseOscillator` is its fallback and test partner.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.attention import native
 from workers.attention.dynamics import MODES, integrate_fixed_points
 from workers.attention.oscillator_reference import oscillator_attention_reference, readout_dense
 from workers.attention.softmax import SoftmaxAttention
@@ -479,6 +482,14 @@ def choose_path(T: int, d_osc: int, *, causal: bool, mode: str = "analytic", p: 
 
 
 
+def _native_oscillator(*tensors: torch.Tensor) -> bool:
+    """The fused path runs on the compiled kernel (workers/attention/native.py) for CPU float32/64
+    inputs of one dtype, where the kernel builds; else `_DenseOscillator`."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and native.load() is not None)
+
+
 def oscillator_attention(
     q_BHTK: torch.Tensor,
     k_BHTK: torch.Tensor,
@@ -528,6 +539,8 @@ def oscillator_attention(
     keep_BT = None if key_padding_BT is None else (~key_padding_BT).to(q_BHTK.dtype)
     keep_read = keep_BT if readout_padding_mask else None  # False: the reference code's readout
     if path == "fused":
+        if _native_oscillator(q_BHTK, k_BHTK, v_BHTK, anchors_HLd):
+            return native.NativeOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], keep_BT, keep_read, causal, eps), None
         bias_bTT = _score_bias(T, causal, key_padding_BT, q_BHTK)
         return _DenseOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], bias_bTT, keep_read, causal, eps), None
     r_coupling = r_1HTd if keep_BT is None else r_1HTd * keep_BT[:, None, :, None]  # padding keys: r = 0
