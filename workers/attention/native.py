@@ -33,6 +33,7 @@ w, sigmoid(scores) / sqrt K and A are kept for backward.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -774,10 +775,27 @@ def _build(compiler: str, flags: list[str]) -> str:
     return path
 
 
+_off = [0]  # > 0 inside `pytorch_only()`
+
+
+@contextlib.contextmanager
+def pytorch_only():
+    """The pure-PyTorch paths for the duration, even where the kernels build: for what must see every
+    operation as torch ops (torch's FLOP counter, profilers, comparisons of the two paths)."""
+    _off[0] += 1
+    try:
+        yield
+    finally:
+        _off[0] -= 1
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, built once per machine and source (cached under ~/.cache/oscillator-scaling);
-    None when disabled (`SCALING_NATIVE_KERNELS=0`), no C++ compiler is found, or the build fails."""
+    None when disabled (`SCALING_NATIVE_KERNELS=0`, or inside `pytorch_only()`), no C++ compiler is
+    found, or the build fails."""
     global _lib, _tried
+    if _off[0]:
+        return None
     if _tried:
         return _lib
     with _lock:
