@@ -30,6 +30,10 @@ The rules, in order (identifiability and honest intervals first, then efficiency
      with its baseline; or a new x at two seeds) is scored by its expected reduction of the target
      width per trial, and the first run of the best move is proposed. A move is feasible when its
      trials fit the budget left and no x exceeds the cap on seeds per point.
+  3'. PLAN (strategy "plan", instead of GAIN): the pseudo-Bayesian c-optimal augmentation of the
+     design for the whole budget left (scaling.optimal_design), in whole blocks (a new seed with its
+     baseline and some x, or one run more on a seed made); its most valuable block is proposed, a
+     block begun is finished first, and the plan is made again at the next block (see `plan`).
 Runs in flight count as runs already made (the "kriging believer" form of the constant liar: the
 believed value is the current fit's, so the fit is unchanged and only the design grows), so a batch
 of proposals for concurrent workers spreads instead of repeating the same point.

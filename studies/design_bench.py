@@ -11,9 +11,11 @@ seeds as it wants (the pool is large), proposing `batch` trials at a time for co
 Both are fitted by the service's fits (scaling.fits, nonlinear method). Width: the median over all
 studies, an unidentified fit counted as an infinitely wide interval; coverage: the share of
 identified fits whose interval holds the true alpha. A reference column: the same rules with the
-criterion evaluated at the TRUE law (an oracle: what the design would do if it knew alpha).
+criterion evaluated at the TRUE law (an oracle: what the design would do if it knew alpha), and the
+asymptotic floor: the locally c-optimal design's width against the grid's (scaling.optimal_design).
+A study's seed effects and run noise are common to its three designs (common random numbers).
 
-    python -m studies.design_bench [--reps 50] [--budgets 30 60] [--noise 1] [--batch 5] [--json FILE]
+    python -m studies.design_bench [--reps 50] [--budgets 30 60] [--noise 1] [--batch 5] [--strategy gain|plan] [--json FILE]
     scaling bench --design --json FILE
 """
 
