@@ -30,6 +30,10 @@ The rules, in order (identifiability and honest intervals first, then efficiency
      with its baseline; or a new x at two seeds) is scored by its expected reduction of the target
      width per trial, and the first run of the best move is proposed. A move is feasible when its
      trials fit the budget left and no x exceeds the cap on seeds per point.
+  3'. PLAN (strategy "plan", instead of GAIN): the pseudo-Bayesian c-optimal augmentation of the
+     design for the whole budget left (scaling.optimal_design), in whole blocks (a new seed with its
+     baseline and some x, or one run more on a seed made); its most valuable block is proposed, a
+     block begun is finished first, and the plan is made again at the next block (see `plan`).
 Runs in flight count as runs already made (the "kriging believer" form of the constant liar: the
 believed value is the current fit's, so the fit is unchanged and only the design grows), so a batch
 of proposals for concurrent workers spreads instead of repeating the same point.
@@ -48,6 +52,8 @@ from scaling import profile as P
 
 BASELINE, VARIANT = "baseline", "variant"
 N_DRAWS = 9  # alpha values the criterion averages over
+STRATEGIES = ("gain", "plan")
+DEFAULT_STRATEGY = "gain"
 
 
 @dataclass(frozen=True)
@@ -88,16 +94,25 @@ class State:
     floor: bool = False
     initial_seeds: int = 2
     known: tuple[float, float] | None = None  # (alpha, C) of a simulated law: the oracle reference of a benchmark
+    strategy: str = DEFAULT_STRATEGY  # after start and completion: "gain" (greedy) or "plan" (c-optimal plan)
+    blocks: list[list[Point]] = field(default_factory=list)  # the moves of earlier "plan" proposals
 
     @property
     def spent(self) -> set[Point]:
         return {p for p, _ in self.observed} | set(self.pending) | set(self.lost)
 
+    def take(self, proposal: "Proposal") -> None:
+        """The proposal is in flight: its run is pending, its trial spent, its block remembered."""
+        self.pending.append(proposal.point)
+        self.remaining -= 1
+        if proposal.rule == "plan":
+            self.blocks.append(list(proposal.move))
+
 
 @dataclass
 class Proposal:
     point: Point
-    rule: str  # start | complete | gain
+    rule: str  # start | complete | gain | plan
     reason: str
     expected_gain: float | None  # expected reduction of the target width by the move (data units)
     gain_per_trial: float | None
@@ -249,14 +264,17 @@ def _new_seeds(state: State, spent: set[Point], n: int) -> list[int]:
 
 
 def _add_seed_moves(state: State, spent: set[Point], x: float) -> list[list[Point]]:
-    """One more seed at x: an existing seed whose baseline ran (1 trial), or a new seed (2 trials)."""
+    """One more seed at x: an existing seed whose baseline ran (1 trial: the first such seed, and
+    every seed that has only its baseline so far, which a variant run pairs with), or a new seed (2
+    trials)."""
     have = _runs_at(spent, x)
     if len(have) >= state.cap:
         return []
     out = []
     paired = [s for s in _baseline_seeds(spent) if s not in have]
-    if paired:
-        out.append([Point(VARIANT, x, paired[0])])
+    with_variant = {p.seed for p in spent if p.arm == VARIANT}
+    for s in paired[:1] + [s for s in paired[1:] if s not in with_variant]:
+        out.append([Point(VARIANT, x, s)])
     new = _new_seeds(state, spent, 1)
     if new:
         out.append([Point(BASELINE, None, new[0]), Point(VARIANT, x, new[0])])
@@ -330,8 +348,24 @@ def propose(state: State) -> Proposal | None:
     draws, sigma, how = _draws(fit, state)
     design = [p for p, _ in state.observed] + list(state.pending)
     before = expected_width(design, draws, state.target, sigma, floor=state.floor)
+    if state.strategy == "plan":
+        rest = _planned_rest(state, spent)
+        if rest:
+            after = expected_width(design + rest, draws, state.target, sigma, floor=state.floor)
+            gain = before - after if math.isfinite(before) else None
+            return Proposal(rest[0], "plan", f"continues its planned block ({_move_label(rest)})", _finite(gain),
+                            _finite(gain / len(rest)) if gain is not None else None, _finite(before), _finite(after),
+                            rest, **common)
     scored = []
     forced = _forced_moves(state, spent)
+    if not forced and state.strategy == "plan":
+        planned = plan(state, draws, how)
+        if planned is not None:
+            move, reason = planned
+            after = expected_width(design + move, draws, state.target, sigma, floor=state.floor)
+            gain = before - after if math.isfinite(before) else None
+            return Proposal(move[0], "plan", reason, _finite(gain), _finite(gain / len(move)) if gain is not None else None,
+                            _finite(before), _finite(after), move, **common)
     candidates = forced[1] if forced else _all_moves(state, spent)
     for move in candidates:
         if len(move) > state.remaining:
@@ -350,6 +384,121 @@ def propose(state: State) -> Proposal | None:
         reason = f"largest expected reduction of the target width per trial ({how})"
     return Proposal(move[0], rule, reason, _finite(gain), _finite(gain / len(move)), _finite(before), _finite(after),
                     move, **common)
+
+
+# ---- the plan: a c-optimal design for the whole budget left ---------------------------------------
+
+def _planned_rest(state: State, spent: set[Point]) -> list[Point]:
+    """The runs of the first planned block not yet asked (a block with a lost run is dropped: a seed
+    that lost its baseline or a run says less than planned, and the plan is made again)."""
+    lost = set(state.lost)
+    for move in state.blocks:
+        rest = [p for p in move if p not in spent]
+        if not rest or any(p in lost for p in move) or len(rest) > state.remaining:
+            continue
+        if any(p.arm == VARIANT and len(_runs_at(spent, p.x)) >= state.cap for p in rest):
+            continue
+        return rest
+    return []
+
+
+def plan(state: State, draws: list[tuple[float, np.ndarray]], how: str = "") -> tuple[list[Point], str] | None:
+    """The c-optimal plan for the trials left, in whole blocks, and the first block to run.
+
+    The approximate design (scaling.optimal_design.c_optimal) is the augmentation of the runs made
+    or in flight that minimises the target's variance averaged (in logs) over the alpha draws: the
+    pseudo-Bayesian c-optimal design over new seeds' blocks (each with its baseline, the pairing
+    the fits and reports rest on). Its blocks are rounded down, filled greedily and improved by
+    exchanges on the finite-sample criterion (t quantile on the degrees of freedom, two seeds per
+    new x, the seed pool and cap), where one run more on a seed already made is also an option.
+    The block proposed first is the plan's most valuable per trial (the one whose removal would
+    cost the most); the rest of the plan is made again at the next block, with the fit of then.
+    None when no block fits (the gain rule takes the last trials)."""
+    from scaling import optimal_design as O
+
+    spent = state.spent
+    lost = set(state.lost)
+    design = [p for p in spent if p not in lost]
+    by_seed: dict[int, list] = {}
+    for p in design:
+        by_seed.setdefault(p.seed, []).append(None if p.arm == BASELINE else float(p.x))
+    alphas = [float(a) for a, _ in draws]
+    floor = state.floor
+    target = state.target
+
+    def info(block) -> np.ndarray:
+        return np.array([O.block_info(tuple(block), a, floor=floor) for a in alphas])
+
+    cache: dict[tuple, np.ndarray] = {}
+
+    def seed_info(arms) -> np.ndarray:
+        key = tuple(sorted(arms, key=lambda a: -1.0 if a is None else a))
+        if key not in cache:
+            cache[key] = info(key)
+        return cache[key]
+
+    M0 = sum((seed_info(arms) for arms in by_seed.values()), np.zeros((len(alphas), 2 + floor, 2 + floor)))
+    c = np.array([O.target_vector(target.kind, a, x0=target.x0, floor=floor) for a in alphas])
+    counts_x = {x: len(_runs_at(spent, x)) for x in state.xs}
+    open_x = [x for x in state.xs if counts_x[x] < state.cap]
+    seed_room = len(_new_seeds(state, spent, len(state.seeds)))
+    items = []
+    if seed_room:
+        for block in O.block_types(open_x, paired=True):
+            items.append(O.Item(("new", block), len(block), 1, seed_info(block), tuple(block[1:])))
+    for s, arms in sorted(by_seed.items()):
+        if None not in arms:
+            continue
+        for x in open_x:
+            if x not in arms:
+                gain = seed_info(arms + [x]) - seed_info(arms)
+                items.append(O.Item(("extend", s, x), 1, 0, gain, (x,), group=s))
+    items = [it for it in items if it.cost <= state.remaining]
+    if not items:
+        return None
+    crit = O.ExactCriterion(items, M0, c, n_runs=len(design), n_seeds=len(by_seed), linear=1 + int(floor),
+                            x_counts=counts_x, extra=2.0 if target.kind == "predict" else 0.0)
+    new = [i for i, it in enumerate(items) if it.key[0] == "new"]
+    start = np.zeros(len(items))
+    if new:
+        try:
+            sol = O.c_optimal(crit.infos[new].transpose(1, 0, 2, 3), crit.costs[new], c, M0=M0,
+                              budget=float(state.remaining), tol=1e-6, max_iter=300)
+            start[new] = np.floor(sol.weights * state.remaining / crit.costs[new] + 1e-9)
+        except (ValueError, np.linalg.LinAlgError):
+            pass
+    counts = O.integer_plan(crit, start, budget=state.remaining, seed_room=seed_room)
+    chosen = np.flatnonzero(counts)
+    if not len(chosen):
+        return None
+    value = float(crit(counts)[0])
+    worth = []
+    for i in chosen:
+        less = counts.copy()
+        less[i] -= 1
+        worth.append(((float(crit(less)[0]) - value) / items[i].cost, -i))
+    first = items[int(chosen[max(range(len(chosen)), key=lambda j: worth[j])])]
+    if first.key[0] == "new":
+        seed = _new_seeds(state, spent, 1)[0]
+        move = [Point(BASELINE, None, seed)] + [Point(VARIANT, float(x), seed) for x in first.key[1][1:]]
+    else:
+        move = [Point(VARIANT, float(first.key[2]), first.key[1])]
+    parts = [f"{int(counts[i])} x {_item_label(items[i])}" for i in chosen]
+    reason = (f"c-optimal plan for the {state.remaining} trial(s) left ({how}): " + ", ".join(parts)
+              + f"; this block: {_move_label(move)}")
+    return move, reason
+
+
+def _item_label(item) -> str:
+    if item.key[0] == "new":
+        return "{" + ", ".join("baseline" if a is None else _num(a) for a in item.key[1]) + "}"
+    return f"{_num(item.key[2])} on seed {item.key[1]}"
+
+
+def _move_label(move: list[Point]) -> str:
+    seeds = sorted({p.seed for p in move})
+    arms = ", ".join("baseline" if p.arm == BASELINE else _num(p.x) for p in move)
+    return f"seed {', '.join(map(str, seeds))}: {arms}"
 
 
 def _draws(fit: Fit, state: State) -> tuple[list, float, str]:

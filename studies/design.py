@@ -41,12 +41,15 @@ class DesignSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, *, xs: list[float], seeds: list[int], cap: int, budget: int, target: D.Target,
                  floor: bool = False, initial_seeds: int = 2, sign: float = 1.0,
-                 prior: Callable[[], tuple[list, list]] | None = None) -> None:
+                 prior: Callable[[], tuple[list, list]] | None = None, strategy: str | None = None) -> None:
         self.xs = tuple(sorted(float(x) for x in xs))
         self.seeds = tuple(int(s) for s in seeds)
         self.cap, self.budget, self.target = cap, budget, target
         self.floor, self.initial_seeds, self.sign = floor, initial_seeds, sign
         self.prior = prior or (lambda: ([], []))
+        self.strategy = strategy or D.DEFAULT_STRATEGY
+        if self.strategy not in D.STRATEGIES:
+            raise ValueError(f"strategy must be one of {D.STRATEGIES} (got {self.strategy!r})")
         self._cached: tuple[int, D.Proposal | None] | None = None
 
     # the three parameters of every proposal
@@ -59,6 +62,7 @@ class DesignSampler(optuna.samplers.BaseSampler):
         observed, lost = self.prior()
         observed, lost = list(observed), list(lost)
         pending: list[D.Point] = []
+        blocks: list[list[D.Point]] = []  # the plan's blocks, so a block begun is finished after a restart
         asked = 0
         for trial in study.get_trials(deepcopy=False):
             info = trial.system_attrs.get(ATTR)
@@ -66,6 +70,8 @@ class DesignSampler(optuna.samplers.BaseSampler):
                 continue
             asked += 1
             point = D.Point(**info["point"])
+            if info.get("rule") == "plan":
+                blocks.append([D.Point(**p) for p in info["move"]])
             if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
                 observed.append((point, self.sign * float(trial.value)))
             elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -74,7 +80,7 @@ class DesignSampler(optuna.samplers.BaseSampler):
                 lost.append(point)
         remaining = self.budget - asked  # the design's own trials; the grid's are not in this budget
         return D.State(self.xs, self.seeds, self.cap, remaining, self.target, observed, pending, lost,
-                       self.floor, self.initial_seeds)
+                       self.floor, self.initial_seeds, strategy=self.strategy, blocks=blocks)
 
     def next_proposal(self, study: optuna.Study) -> D.Proposal | None:
         """The proposal the next trial will get (computed once per state of the design)."""

@@ -94,8 +94,7 @@ def _run(state: D.State, rng, batch: int = 1, sd: float = 2.2):
             proposal = D.propose(state)
             if proposal is None:
                 break
-            state.pending.append(proposal.point)
-            state.remaining -= 1
+            state.take(proposal)
             asked.append(proposal)
         if not asked:
             break
@@ -284,6 +283,8 @@ def test_scaling_bench_design_writes_the_issue_schema(tmp_path):
     for name in ("grid_width", "adaptive_width", "ratio", "grid_coverage", "adaptive_coverage"):
         assert name in result
     assert result["adaptive_trials"] == 12 and len(result["first_sequence"]) == 12
+    assert result["c_optimal_bound"]["ratio"] == pytest.approx(0.8557, abs=2e-4)
+    assert len(result["widths"]["grid"]) == 2 and "ratio_ci" in result
 
 
 # ---- end to end on local Ray ------------------------------------------------------------------------
@@ -307,3 +308,151 @@ def test_a_grid_then_a_design_runs_end_to_end_and_a_rerun_repeats_nothing(tmp_pa
     assert "Adaptive design" in (tmp_path / "study" / "report.md").read_text()
     again = run_study(study, num_cpus=2, progress=False, report=False)
     assert again.ran == 0 and len(Ledger(study.storage_uri()).rows()) == 13
+
+
+# ---- c-optimal designs (scaling.optimal_design) and the plan rule -------------------------------------
+
+def _slr(xs):
+    return np.array([np.outer([1.0, x], [1.0, x]) for x in xs])
+
+
+@pytest.mark.parametrize("method", ["multiplicative", "slsqp"])
+def test_c_optimal_matches_simple_linear_regression_analytically(method):
+    from scaling import optimal_design as O
+
+    xs = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    # the slope: half the runs at each end, variance 1
+    slope = O.c_optimal(_slr(xs), np.ones(5), np.array([0.0, 1.0]), method=method, tol=1e-10)
+    assert np.allclose(slope.weights, [0.5, 0, 0, 0, 0.5], atol=1e-3) and math.exp(slope.value) == pytest.approx(1.0, rel=1e-6)
+    # the mean at x0 = 2 (an extrapolation): Elfving's weights (1 + x0) / 2x0 = 3/4 at +1, variance x0^2 = 4
+    far = O.c_optimal(_slr(xs), np.ones(5), np.array([1.0, 2.0]), method=method, tol=1e-10)
+    assert np.allclose(far.weights, [0.25, 0, 0, 0, 0.75], atol=1e-3) and math.exp(far.value) == pytest.approx(4.0, rel=1e-6)
+    assert 0 <= far.gap < 1e-6  # the certificate: no design is better by more than the gap
+
+
+def test_block_information_is_the_fits_information():
+    """The blocks' information adds up to what expected_width computes from the runs (seed levels
+    projected out), so the plan and the gain rule speak of the same variance."""
+    from scipy.special import stdtrit
+
+    from scaling import optimal_design as O
+
+    blocks = [(None, 2.0, 8.0, 32.0), (None, 2.0, 8.0, 32.0), (None, 16.0), (2.0, 16.0)]
+    points = [D.Point(D.BASELINE, None, s) if x is None else D.Point(D.VARIANT, x, s)
+              for s, block in enumerate(blocks) for x in block]
+    M = sum(O.block_info(b, 0.45) for b in blocks)
+    df = len(points) - len(blocks) - 2
+    width = D.expected_width(points, [(0.45, np.array([1.0]))], D.Target("alpha"), 1.0)
+    assert width == pytest.approx(2 * stdtrit(df, 0.975) * math.sqrt(np.linalg.inv(M)[1, 1]), rel=1e-9)
+    assert np.allclose(O.block_info((None,), 0.45), 0)  # a lone run says nothing once its seed level is fitted
+
+
+def test_the_c_optimal_bound_at_the_benchmark_law():
+    """The finding behind the benchmark's bound column: for alpha at C 15, alpha 0.45, d 2-32, the
+    c-optimal design is 0.856x the grid's width in the limit, its blocks {baseline, 16} and {2, 16};
+    0.863x with the baseline in every block; the same whether the seed level is a fixed effect or a
+    random one sharing any part of the noise (the ratio is the same under both models)."""
+    from scaling import optimal_design as O
+
+    xs = [2, 4, 8, 16, 32]
+    any_block = O.bound(xs, 0.45, C=15.0)
+    assert any_block["ratio"] == pytest.approx(0.8557, abs=2e-4) and any_block["gap"] < 1e-8
+    assert [s["block"] for s in any_block["support"]] == [["baseline", 16.0], [2.0, 16.0]]
+    assert [round(s["share"], 2) for s in any_block["support"]] == [0.61, 0.39]
+    paired = O.bound(xs, 0.45, paired=True)
+    assert paired["ratio"] == pytest.approx(0.8628, abs=2e-4)
+    assert [s["block"] for s in paired["support"]] == [["baseline", 2.0, 16.0, 32.0], ["baseline", 16.0]]
+    for shared in (0.0, 0.5, 0.9):
+        assert O.bound(xs, 0.45, model="random", shared=shared)["ratio"] == pytest.approx(any_block["ratio"], abs=2e-4)
+    assert O.bound(xs, 0.45, against=[((None, 2.0, 4.0, 8.0, 16.0, 32.0), 1.0)])["ratio"] == pytest.approx(any_block["ratio"])
+    assert O.bound(xs, 0.45, against=[((None, 16.0), 0.608), ((2.0, 16.0), 0.392)])["ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_two_solvers_agree_on_a_pseudo_bayesian_augmentation():
+    from scaling import optimal_design as O
+
+    blocks = O.block_types([2, 4, 8, 16, 32], paired=True)
+    alphas = [0.2, 0.45, 0.9]
+    infos = O.stack_infos(blocks, alphas)
+    c = np.array([O.target_vector("alpha", a) for a in alphas])
+    made = np.array([O.block_info((None, 2.0, 8.0, 32.0), a) * 2 for a in alphas])  # the start, two seeds
+    costs = [len(b) for b in blocks]
+    one = O.c_optimal(infos, costs, c, M0=made, budget=22, tol=1e-9)
+    two = O.c_optimal(infos, costs, c, M0=made, budget=22, method="slsqp")
+    assert one.value == pytest.approx(two.value, abs=1e-6) and one.gap < 1e-6 and two.gap < 1e-6
+    # averaging over alpha spreads the design: more block types than at one alpha
+    local = O.c_optimal(infos[1:2], costs, c[1:2], tol=1e-9)
+    spread = O.c_optimal(infos, costs, c, tol=1e-9)
+    assert (spread.weights > 1e-3).sum() >= 2 and {blocks[i] for i in np.flatnonzero(local.weights > 1e-3)} != \
+        {blocks[i] for i in np.flatnonzero(spread.weights > 1e-3)}
+
+
+def test_the_plan_rule_spends_the_budget_in_whole_blocks_and_keeps_the_fits_rules():
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(20)), 20, 30, D.Target("alpha"), strategy="plan")
+    made = _run(state, np.random.default_rng(5), batch=5)
+    assert len(made) == 30 and len({p.point for p in made}) == 30
+    assert [p.rule for p in made[:8]] == ["start"] * 8 and {p.rule for p in made[8:]} <= {"plan", "complete", "gain"}
+    plans = [p for p in made if p.rule == "plan"]
+    assert len(plans) >= 15 and any("c-optimal plan for the 22 trial(s) left" in p.reason for p in plans)
+    assert all(p.expected_gain is not None and p.point == p.move[0] for p in plans)
+    points = [p.point for p in made]
+    base = {p.seed for p in points if p.arm == D.BASELINE}
+    for x in {p.x for p in points if p.x}:
+        assert len({p.seed for p in points if p.x == x}) >= 2
+    assert {p.seed for p in points} == base  # every seed has its baseline
+    for p in made:  # a block begun is finished: a seed's baseline is followed by its planned variant runs
+        if p.rule == "plan" and p.point.arm == D.BASELINE:
+            assert all(q in points for q in p.move)
+    assert D.current_fit(state.observed, state.target).reason == ""
+
+
+def test_the_plan_at_the_known_law_follows_the_c_optimal_blocks():
+    """Knowing alpha, after the start the plan runs the c-optimal paired blocks {baseline, 2, 16, 32}
+    and {baseline, 16} (and 16 on the start's seeds), and never d 4."""
+    state = D.State((2.0, 4.0, 8.0, 16.0, 32.0), tuple(range(60)), 60, 60, D.Target("alpha"), known=(0.45, 15.0),
+                    strategy="plan")
+    made = []
+    while (proposal := D.propose(state)) is not None:
+        state.take(proposal)
+        made.append(proposal.point)
+    assert len(made) == 60
+    seeds = {}
+    for p in made:
+        seeds.setdefault(p.seed, set()).add(p.x)
+    blocks = {tuple(sorted(b, key=lambda x: -1 if x is None else x)) for s, b in seeds.items() if s >= 2}
+    assert blocks <= {(None, 16.0), (None, 2.0, 16.0, 32.0), (None, 2.0, 8.0, 16.0, 32.0)}, blocks
+    assert not any(p.x == 4.0 for p in made)
+
+
+def test_a_plan_block_begun_before_a_restart_is_finished_after_it(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from studies.design import ATTR, DesignSampler, ask
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = str(tmp_path / "design.log")
+    rng, shared = np.random.default_rng(6), {}
+
+    def open_study():
+        sampler = DesignSampler(xs=[2, 4, 8, 16, 32], seeds=list(range(12)), cap=12, budget=16,
+                                target=D.Target("alpha"), strategy="plan")
+        return optuna.create_study(study_name="s/design", storage=JournalStorage(JournalFileBackend(path)),
+                                   sampler=sampler, load_if_exists=True), sampler
+
+    study, sampler = open_study()
+    while True:
+        number, point, info = ask(study, sampler)
+        study.tell(number, _value(point, rng, shared, 2.2))
+        if info["rule"] == "plan" and len(info["move"]) > 1:
+            break  # a new seed's baseline: the driver dies before its variant runs are asked
+    planned = [D.Point(**p) for p in info["move"][1:]]
+    del study, sampler
+    study, sampler = open_study()
+    for want in planned:
+        number, point, info = ask(study, sampler)
+        assert point == want and info["rule"] == "plan" and info["reason"].startswith("continues its planned block")
+        study.tell(number, _value(point, rng, shared, 2.2))
+    with pytest.raises(ValueError, match="strategy"):
+        DesignSampler(xs=[2, 4], seeds=[0], cap=1, budget=1, target=D.Target("alpha"), strategy="nope")
