@@ -32,7 +32,7 @@ class DesignSearcher(StudySearcher):
         self.sampler = SD.DesignSampler(
             xs=self.axes["xs"], seeds=study.seeds, cap=self.axes["cap"], budget=self.budget,
             target=SD.target_of(self.axes), floor=study.fits.floor, initial_seeds=study.design.initial_seeds,
-            sign=self.sign, prior=self._prior)
+            sign=self.sign, prior=self._prior, strategy=study.design.rule)
         self.optuna_study = optuna.create_study(study_name=f"{study.name}/design", storage=SD.design_storage(study),
                                                 sampler=self.sampler, direction="minimize", load_if_exists=True)
         self.rerun: list[tuple[int, SD.D.Point]] = []

@@ -339,6 +339,9 @@ class DesignEntry(_Strict):
     initial_seeds: int = Field(2, ge=2, le=64)  # seeds of the space-filling start
     batch: int | None = Field(None, ge=1, le=1024)  # report's batch (default: resources.max_concurrent_trials)
     sampler_seed: int = 0
+    # after the start and completion rules: "gain" (greedy, one batch ahead; the default) or "plan"
+    # (the c-optimal design of the whole remaining budget, scaling/optimal_design.py)
+    rule: Literal["gain", "plan"] = "gain"
     storage: str | None = None  # Optuna RDB URL; default: a journal file under the study's storage
 
     @field_validator("target")

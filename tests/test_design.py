@@ -456,3 +456,26 @@ def test_a_plan_block_begun_before_a_restart_is_finished_after_it(tmp_path):
         study.tell(number, _value(point, rng, shared, 2.2))
     with pytest.raises(ValueError, match="strategy"):
         DesignSampler(xs=[2, 4], seeds=[0], cap=1, budget=1, target=D.Target("alpha"), strategy="nope")
+
+
+def test_the_design_rule_is_chosen_in_the_study_file(tmp_path):
+    """`design.rule` reaches the sampler; a rule that does not exist is refused naming the field."""
+    import yaml
+
+    from studies.spec import StudyError, load_study
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "docs/results/quickstart_adaptive/study.yaml").read_text())
+    data["storage"] = str(tmp_path / "run")
+    data["design"]["rule"] = "plan"
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(path)
+    assert study.design.rule == "plan"
+    from studies.design_search import DesignSearcher
+
+    assert DesignSearcher(study, [], 0).sampler.strategy == "plan"
+    data["design"]["rule"] = "greedy"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(StudyError, match=r"design.rule.*'gain' or 'plan'"):
+        load_study(path)
