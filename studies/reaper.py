@@ -16,8 +16,9 @@ setproctitle, which may overwrite the memory that /proc/PID/environ reads, so on
 token is simply gone from it. Open files in the session directory, which is unique to the run, are
 not touched by that. The watchdog blocks on the pipe; the kernel closes the driver's end however the
 driver ends, and then the watchdog terminates every process of this user that carries the token or
-holds a file in the session directory (SIGTERM, then SIGKILL after a grace period). Other Ray
-instances on the machine, and the user's shell, are not touched.
+holds a file in the session directory and is a Ray process by its command line (SIGTERM, then
+SIGKILL after a grace period). Other Ray instances on the machine, and the user's shell (a `tail -f`
+of a session log included), are not touched.
 
     owner = RayOwner.start()           # before ray.init
     ray.init(...)
@@ -61,6 +62,22 @@ def _holds_file_under(pid: str, dirs: tuple[str, ...]) -> bool:
     return False
 
 
+def _is_ray_process(pid: str) -> bool:
+    """A Ray process by its command line: a `ray::...` title, a Ray binary (raylet, gcs_server), or a
+    Python script of the ray package (workers, agents, monitors) -- not, say, a user's `tail -f` of
+    one of the session's log files."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    if not argv:
+        return False
+    if argv[0].startswith("ray::") or os.path.basename(argv[0]) in ("raylet", "gcs_server", "plasma_store"):
+        return True
+    return any(f"{os.sep}ray{os.sep}" in a and a.endswith(".py") for a in argv[1:4])
+
+
 def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: tuple[str, ...] = ()) -> list[int]:
     """PIDs of this user's processes whose environment carries `TOKEN_ENV=token`, or that hold a file
     open under one of `session_dirs` (the Ray session directories of the run)."""
@@ -77,7 +94,7 @@ def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: 
                     environ = f.read()
             except OSError:  # gone, or another user's process
                 continue
-            if needle in environ.split(b"\0") or _holds_file_under(name, dirs):
+            if needle in environ.split(b"\0") or (_holds_file_under(name, dirs) and _is_ray_process(name)):
                 found.append(int(name))
         return found
     try:  # macOS and others: psutil reads other processes' environments and files where the OS allows it
@@ -88,7 +105,10 @@ def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: 
         if proc.pid in exclude:
             continue
         try:
-            if proc.environ().get(TOKEN_ENV) == token or any(_under(f.path, dirs) for f in proc.open_files()):
+            argv = proc.cmdline()
+            ray_like = bool(argv) and (argv[0].startswith("ray::") or os.path.basename(argv[0]) in ("raylet", "gcs_server")
+                                       or any(f"{os.sep}ray{os.sep}" in a and a.endswith(".py") for a in argv[1:4]))
+            if proc.environ().get(TOKEN_ENV) == token or (ray_like and any(_under(f.path, dirs) for f in proc.open_files())):
                 found.append(proc.pid)
         except (psutil.Error, OSError):
             continue

@@ -161,3 +161,33 @@ def test_reaper_ends_every_process_carrying_the_token_and_nothing_else(tmp_path)
         for p in (*ours, stranger):
             p.kill()
             p.wait()
+
+
+def test_reaper_ends_ray_processes_holding_the_session_dir_and_not_a_users_tail(tmp_path):
+    """Without the token (a process title set with setproctitle can erase it from /proc/PID/environ):
+    a Ray process with a file open in the run's session directory is reaped; a user's `tail -f` of a
+    log there is not."""
+    import shutil as sh
+
+    from studies.reaper import reap
+
+    if not os.path.isdir("/proc") or sh.which("tail") is None:
+        pytest.skip("needs /proc and tail")
+    session = tmp_path / "session_2026-01-01_00-00-00_000000_1"
+    (session / "logs").mkdir(parents=True)
+    log = session / "logs" / "worker.out"
+    log.write_text("")
+    fake = tmp_path / "site" / "ray" / "_private" / "workers" / "default_worker.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import sys, time\nf = open(sys.argv[1], 'a')\nprint('up', flush=True)\ntime.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, str(fake), str(log)], stdout=subprocess.PIPE, text=True)
+    tail = subprocess.Popen(["tail", "-f", str(log)], stdout=subprocess.DEVNULL)
+    try:
+        assert worker.stdout.readline().strip() == "up"  # its file is open
+        assert reap(uuid.uuid4().hex, grace_s=5, session_dirs=(str(session),)) == [worker.pid]
+        assert worker.wait(10) == -15
+        assert tail.poll() is None
+    finally:
+        for p in (worker, tail):
+            p.kill()
+            p.wait()
