@@ -7,6 +7,7 @@ Legend: B batch, T sequence, D model width, H heads, K head width, d oscillator 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -79,11 +80,25 @@ def qkv_anchors(d_osc, T_=T, anchor_scale=0.7, seed=3, Bq=B):
     return q, k, v, anchors
 
 
+@pytest.fixture(params=["default", "pytorch"])
+def kernels(request):
+    """Each test twice: as it runs by default (the short-sequence analytic variant on the compiled
+    kernel where it builds) and with the pure-PyTorch paths (`native.pytorch_only()`: the
+    two-Function dense path at d_osc <= 8, `_DenseOscillator` above)."""
+    from workers.attention import native
+
+    if request.param == "default":
+        yield request.param
+    else:
+        with native.pytorch_only():
+            yield request.param
+
+
 @pytest.mark.parametrize("readout", ["auto", "dense", "linear"])
 @pytest.mark.parametrize("p", [1.0, 2.0])
 @pytest.mark.parametrize("d_osc", [2, 5])
 @pytest.mark.parametrize("causal", [True, False])
-def test_oscillator_matches_naive_loop(readout, p, d_osc, causal):
+def test_oscillator_matches_naive_loop(readout, p, d_osc, causal, kernels):
     # anchors up to norm 1.6: the readout clamp at 0 is active for some pairs
     q, k, v, anchors = qkv_anchors(d_osc, anchor_scale=1.1)
     pad = torch.zeros(B, T, dtype=torch.bool)
@@ -138,9 +153,10 @@ def test_fast_path_equals_dense_formula_with_gradients_at_long_sequences(anchor_
 
 @pytest.mark.parametrize("readout_padding_mask", [True, False])
 @pytest.mark.parametrize("anchor_scale", [0.9, 1.6])
-@pytest.mark.parametrize("d_osc", [3, 16])  # d_osc > NARROW_D runs _DenseOscillator, below the two-Function path
+@pytest.mark.parametrize("d_osc", [3, 16])  # the kernel at both; without it: d 3 dense, d 16 _DenseOscillator
 @pytest.mark.parametrize("causal", [True, False])
-def test_short_sequence_paths_equal_dense_formula_with_gradients(causal, d_osc, anchor_scale, readout_padding_mask):
+def test_short_sequence_paths_equal_dense_formula_with_gradients(causal, d_osc, anchor_scale, readout_padding_mask,
+                                                                 kernels):
     q, k, v, anchors = qkv_anchors(d_osc, T_=40, anchor_scale=anchor_scale, Bq=3)
     q, k = q * 2, k * 2
     if anchor_scale > 1 and causal:
@@ -206,11 +222,13 @@ def test_oscillator_compiled_kernel_passes_gradcheck_in_float64(causal, native_k
         tensors)
 
 
-def test_oscillator_layer_is_the_same_with_and_without_the_compiled_kernel(native_kernel, monkeypatch, one_thread):
-    """The module in float32 at d_osc 16 (the fused path), kernel against the `_DenseOscillator`
-    fallback taken when the kernel is unavailable."""
+@pytest.mark.parametrize("d_osc,fallback", [(16, "fused"), (4, "dense")])
+def test_oscillator_layer_is_the_same_with_and_without_the_compiled_kernel(d_osc, fallback, native_kernel, monkeypatch,
+                                                                           one_thread):
+    """The module in float32 on the fused path (the kernel, at any d_osc) against the path taken when
+    the kernel is unavailable: `_DenseOscillator` at d_osc 16, the two-Function dense path at d_osc 4."""
     torch.manual_seed(0)
-    module = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=T, causal=True, d_osc=16)
+    module = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=T, causal=True, d_osc=d_osc)
     x = torch.randn(3, T, D)
     pad = torch.zeros(3, T, dtype=torch.bool)
     pad[1, -2:] = True
@@ -220,7 +238,7 @@ def test_oscillator_layer_is_the_same_with_and_without_the_compiled_kernel(nativ
             monkeypatch.setattr(native_kernel, "load", lambda: None)
         out = module(x, pad)
         results.append((out, torch.autograd.grad(out.square().sum(), list(module.parameters()))))
-        assert module.last_path == "fused"
+        assert module.last_path == ("fused" if available else fallback) == module.path(T)
     (out_native, grads_native), (out_torch, grads_torch) = results
     torch.testing.assert_close(out_native, out_torch, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads_native, grads_torch):
@@ -264,7 +282,7 @@ def test_oscillator_rank_bounded_by_d_plus_one():
 
 
 @pytest.mark.parametrize("d_osc", [3, 16])
-def test_all_padding_row_has_finite_gradients(d_osc):
+def test_all_padding_row_has_finite_gradients(d_osc, kernels):
     q, k, v, anchors = qkv_anchors(d_osc)
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, :3] = True  # left padding: queries 0-2 of batch 1 have no key at all
@@ -610,39 +628,64 @@ def test_anchor_norm_always_renormalises():
 # ---- oscillator: which path runs --------------------------------------------------------------
 
 
-PATH_CASES = [  # T, d_osc, p, return_weights, readout, mode, causal -> path
-    (16, 2, 1.0, False, "auto", "analytic", True, "dense"),
-    (16, 16, 1.0, False, "auto", "analytic", True, "fused"),
-    (200, 16, 1.0, False, "auto", "analytic", True, "linear"),
-    (200, 2, 1.0, False, "auto", "analytic", False, "linear"),
-    (16, 2, 2.0, False, "auto", "analytic", True, "reference"),
-    (16, 16, 1.0, True, "auto", "analytic", True, "reference"),
-    (200, 2, 1.0, False, "auto", "euler", True, "dense"),
-    (16, 16, 1.0, False, "auto", "euler", True, "dense"),
-    (16, 2, 1.0, False, "linear", "analytic", True, "linear"),
+PATH_CASES = [  # T, d_osc, p, return_weights, readout, mode, causal -> path without / with the compiled kernel
+    (16, 2, 1.0, False, "auto", "analytic", True, "dense", "fused"),
+    (2, 2, 1.0, False, "auto", "analytic", False, "dense", "fused"),
+    (128, 8, 1.0, False, "auto", "analytic", True, "dense", "fused"),
+    (129, 8, 1.0, False, "dense", "analytic", True, "dense", "dense"),  # two coupling blocks
+    (16, 2, 1.0, False, "dense", "analytic", True, "dense", "fused"),
+    (16, 16, 1.0, False, "auto", "analytic", True, "fused", "fused"),
+    (200, 16, 1.0, False, "auto", "analytic", True, "linear", "linear"),
+    (200, 2, 1.0, False, "auto", "analytic", False, "linear", "linear"),
+    (16, 2, 2.0, False, "auto", "analytic", True, "reference", "reference"),
+    (16, 16, 1.0, True, "auto", "analytic", True, "reference", "reference"),
+    (200, 2, 1.0, False, "auto", "euler", True, "dense", "dense"),
+    (16, 16, 1.0, False, "auto", "euler", True, "dense", "dense"),
+    (16, 2, 1.0, False, "linear", "analytic", True, "linear", "linear"),
 ]
 
 
-@pytest.mark.parametrize("T_,d,p,weights,readout,mode,causal,expected", PATH_CASES)
-def test_the_chosen_path_is_the_one_that_runs(T_, d, p, weights, readout, mode, causal, expected, monkeypatch):
-    """`choose_path` decides; spies on the kernels show that exactly that one ran (the fused path on
-    the compiled kernel where it builds, else on `_DenseOscillator`)."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch", "kernel"])
+@pytest.mark.parametrize("T_,d,p,weights,readout,mode,causal,without,with_kernel", PATH_CASES)
+def test_the_chosen_path_is_the_one_that_runs(T_, d, p, weights, readout, mode, causal, without, with_kernel, kernel,
+                                              monkeypatch):
+    """`choose_path` decides, given whether the compiled kernel runs for the inputs (CPU float32/64,
+    built, not `pytorch_only()`); spies on the implementations show that exactly that one ran (the
+    fused path on the kernel where it runs, else on `_DenseOscillator`)."""
     import workers.attention.oscillator as osc
 
+    if kernel and osc.native.load() is None:
+        pytest.skip("no C++ compiler: the compiled attention kernels are not built (the PyTorch paths run)")
+    expected = with_kernel if kernel else without
     ran = []
-    spies = [("fused", osc._DenseOscillator, "apply"), ("fused", osc.native.NativeOscillator, "apply"),
+    spies = [("fused", osc._DenseOscillator, "apply"), ("fused kernel", osc.native.NativeOscillator, "apply"),
              ("dense", osc._DenseReadout, "apply"), ("linear", osc, "readout_linear"), ("reference", osc, "readout_dense")]
     for path, owner, name in spies:
         original = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _f=original, _p=path, **k: (ran.append(_p), _f(*a, **k))[1])
-    assert osc.choose_path(T_, d, causal=causal, mode=mode, p=p, return_weights=weights, readout=readout) == expected
+    assert osc.choose_path(T_, d, causal=causal, mode=mode, p=p, return_weights=weights, readout=readout,
+                           kernel=kernel) == expected
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, T_, 4, generator=g) for _ in range(3))
     anchors = F.normalize(torch.randn(1, T_, d, generator=g), dim=-1)
     stats: dict = {}
-    osc.oscillator_attention(q, k, v, anchors, causal=causal, p=p, return_weights=weights, readout=readout, mode=mode,
-                             t_max=1.0, stats=stats)
-    assert ran == [expected] and stats["path"] == expected
+    with contextlib.nullcontext() if kernel else osc.native.pytorch_only():
+        assert osc.kernel_runs(q, k, v, anchors) == kernel
+        osc.oscillator_attention(q, k, v, anchors, causal=causal, p=p, return_weights=weights, readout=readout,
+                                 mode=mode, t_max=1.0, stats=stats)
+    implementation = "fused kernel" if expected == "fused" and kernel else expected
+    assert ran == [implementation] and stats["path"] == expected
+
+
+def test_the_kernel_runs_only_for_cpu_float32_or_float64_tensors_of_one_dtype(native_kernel):
+    import workers.attention.oscillator as osc
+
+    x32, x64 = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    assert osc.kernel_runs(x32, x32) and osc.kernel_runs(x64, x64)
+    assert not osc.kernel_runs(x32, x64) and not osc.kernel_runs(x32.bfloat16())
+    assert not osc.kernel_runs(torch.zeros(1, 1, 2, 2, device="meta"))
+    with native_kernel.pytorch_only():
+        assert not osc.kernel_runs(x32)
 
 
 def test_module_records_its_path_and_counts_the_flops_of_that_path():
@@ -650,7 +693,9 @@ def test_module_records_its_path_and_counts_the_flops_of_that_path():
     short(torch.randn(B, T, D, dtype=torch.float64))
     assert short.last_path == "fused" == short.path(T)
     long_ = build_attention("oscillator", d_model=D, n_heads=H, max_seq_len=256, causal=False, d_osc=2)
-    assert long_.path(256) == "linear" and long_.path(100) == "dense"
+    assert long_.path(256) == "linear" and long_.path(100, kernel=False) == "dense"
+    assert long_.path(100, kernel=True) == "fused"
+    assert long_.attention_flops_per_token(100, D) == 2 * 100 * (D + H * 2) + 2 * 100 * (H * 2 + D)  # either way
     # the linear readout's cost does not grow with T; the dense one's does
     per_T = [long_.attention_flops_per_token(t, D) - 2 * t * (D + H * 2) for t in (160, 256)]
     assert per_T[0] == per_T[1]

@@ -208,6 +208,16 @@ def test_the_stacked_forward_is_each_seeds_own_model(name):
         assert not stacked.params["embed.weight"].grad[:, 0].any()
 
 
+@pytest.mark.parametrize("name", ["oscillator-d2-folded", "oscillator-token-padding"])
+def test_the_stacked_oscillator_is_each_seeds_own_model_on_the_pytorch_paths(name):
+    """Where the compiled kernel builds it runs the oscillator at every d_osc (T <= 128); its
+    pure-PyTorch fallback (the two-Function dense path at these d_osc) stacks the same way."""
+    from workers.attention import native
+
+    with native.pytorch_only():
+        test_the_stacked_forward_is_each_seeds_own_model(name)
+
+
 def test_an_attention_module_the_stacked_forward_does_not_know_runs_seed_by_seed():
     from workers.stacked import StackedModel
     from workers.stacked_forward import _per_seed_attention

@@ -23,11 +23,12 @@ Two implementations of the same function:
   anchors may grow past norm 1 (anchor_norm=init never re-normalises them), so those keys are
   checked exactly and, where the clamp is active, a sparse correction max(0, -1 - <z_i, r_j>) is
   added. Both equal the dense formula to float rounding, gradients included (tests/test_attention.py).
-  For T <= 128 and d_osc > 8, coupling and readout are instead one autograd Function in (H, B, T, .)
-  layout (`_DenseOscillator`), where every product with the anchors, which the batch shares, is one
-  large GEMM per head. On the CPU that path runs on the compiled kernel (`native.NativeOscillator`,
-  workers/attention/native.py: the same function, one (batch, head) at a time in cache, causal blocks
-  skipped) where it builds; `_DenseOscillator` is its fallback and test partner.
+  For T <= 128, coupling and readout are instead one autograd Function (the "fused" path): on CPU
+  float32/64 tensors the compiled kernel (`native.NativeOscillator`, workers/attention/native.py: one
+  (batch, head) at a time in cache, causal blocks skipped), at every d_osc, where it builds; else, for
+  d_osc > 8 only, `_DenseOscillator` in (H, B, T, .) layout, where every product with the anchors,
+  which the batch shares, is one large GEMM per head (for d_osc <= 8 the two Functions above beat it).
+  `_DenseOscillator` is also the kernel's test partner.
 """
 
 from __future__ import annotations
@@ -455,17 +456,23 @@ PATHS = ("fused", "dense", "linear", "reference")
 
 
 def choose_path(T: int, d_osc: int, *, causal: bool, mode: str = "analytic", p: float = 1.0,
-                return_weights: bool = False, readout: str = "auto", block_size: int | None = None) -> str:
+                return_weights: bool = False, readout: str = "auto", block_size: int | None = None,
+                kernel: bool = False) -> str:
     """Which implementation computes the variant, the one place that decides (the forward pass and
     the FLOP count both ask here):
 
     - `reference`: coupling kernel, then the dense formula's readout (p != 1, or weights requested);
     - `linear`: coupling kernel, then the chunked linear-time readout (p = 1, T > 128 by default);
-    - `fused`: the whole analytic variant as one (T, T) autograd Function (`_DenseOscillator`), for
-      d_osc > 8 when the coupling is one block (T <= 128 by default);
+    - `fused`: the whole analytic variant as one (T, T) autograd Function when the coupling is one
+      block (T <= 128 by default): the compiled kernel at any d_osc where `kernel` (it runs for these
+      tensors: `kernel_runs`), else `_DenseOscillator` for d_osc > 8;
     - `dense`: coupling kernel, then the (T, T) readout Function (`_DenseReadout`).
     `readout` (auto | dense | linear) forces the readout form; auto takes the linear one only past
-    T = 128 in the analytic mode (its clamp check assumes |z| <= 1, exact only for the closed form)."""
+    T = 128 in the analytic mode (its clamp check assumes |z| <= 1, exact only for the closed form).
+
+    Measured on CPU, one thread, fwd+bwd (tools/oscillator_paths.py): the kernel takes 0.35-0.66x the
+    dense path's time at d_osc 2-8 for every T from 2 to 128 and batch 4 to 64, so with the kernel
+    small d_osc goes fused too; without it `_DenseOscillator` only wins past d_osc 8."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
     if readout not in READOUTS:
@@ -476,15 +483,15 @@ def choose_path(T: int, d_osc: int, *, causal: bool, mode: str = "analytic", p: 
         return "reference"
     if readout == "linear":
         return "linear"
-    if mode == "analytic" and d_osc > NARROW_D and len(_coupling_blocks(T, causal, block_size)) == 1:
+    if mode == "analytic" and (kernel or d_osc > NARROW_D) and len(_coupling_blocks(T, causal, block_size)) == 1:
         return "fused"
     return "dense"
 
 
-
-def _native_oscillator(*tensors: torch.Tensor) -> bool:
-    """The fused path runs on the compiled kernel (workers/attention/native.py) for CPU float32/64
-    inputs of one dtype, where the kernel builds; else `_DenseOscillator`."""
+def kernel_runs(*tensors: torch.Tensor) -> bool:
+    """Whether the fused path runs on the compiled kernel (workers/attention/native.py) for these
+    inputs: CPU float32/64 tensors of one dtype, where the kernel builds (and outside
+    `native.pytorch_only()`); else it runs on `_DenseOscillator`."""
     dtype = tensors[0].dtype
     return (dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
             and native.load() is not None)
@@ -530,7 +537,7 @@ def oscillator_attention(
     T = q_BHTK.shape[-2]
     if path is None:
         path = choose_path(T, anchors_HLd.shape[-1], causal=causal, mode=mode, p=p, return_weights=return_weights,
-                           readout=readout, block_size=block_size)
+                           readout=readout, block_size=block_size, kernel=kernel_runs(q_BHTK, k_BHTK, v_BHTK, anchors_HLd))
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {list(PATHS)}")
     if stats is not None:
@@ -539,7 +546,7 @@ def oscillator_attention(
     keep_BT = None if key_padding_BT is None else (~key_padding_BT).to(q_BHTK.dtype)
     keep_read = keep_BT if readout_padding_mask else None  # False: the reference code's readout
     if path == "fused":
-        if _native_oscillator(q_BHTK, k_BHTK, v_BHTK, anchors_HLd):
+        if kernel_runs(q_BHTK, k_BHTK, v_BHTK, anchors_HLd):
             return native.NativeOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], keep_BT, keep_read, causal, eps), None
         bias_bTT = _score_bias(T, causal, key_padding_BT, q_BHTK)
         return _DenseOscillator.apply(q_BHTK, k_BHTK, v_BHTK, r_1HTd[0], bias_bTT, keep_read, causal, eps), None
@@ -591,10 +598,11 @@ class OscillatorAttention(SoftmaxAttention):
         self, x_BTD: torch.Tensor, key_padding_BT: torch.Tensor | None = None, return_weights: bool = False
     ):
         q, k, v = self.project(x_BTD)
+        anchors = self.anchors()
         stats: dict[str, Any] | None = {} if self.ode["mode"] != "analytic" else None
-        self.last_path = self.path(x_BTD.shape[1], return_weights)
+        self.last_path = self.path(x_BTD.shape[1], return_weights, kernel=kernel_runs(q, k, v, anchors))
         o_BHTK, a_BHTT = oscillator_attention(
-            q, k, v, self.anchors(), causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
+            q, k, v, anchors, causal=self.causal, key_padding_BT=key_padding_BT, p=self.p,
             readout_padding_mask=self.readout_padding_mask, return_weights=return_weights, stats=stats, **self.ode,
             path=self.last_path,
         )
@@ -602,10 +610,14 @@ class OscillatorAttention(SoftmaxAttention):
         out = self.w_o(self.merge_heads(o_BHTK))
         return (out, a_BHTT) if return_weights else out
 
-    def path(self, seq_len: int, return_weights: bool = False) -> str:
-        """The implementation a forward pass at this length takes (`choose_path`)."""
+    def path(self, seq_len: int, return_weights: bool = False, kernel: bool | None = None) -> str:
+        """The implementation a forward pass at this length takes (`choose_path`). `kernel`: whether the
+        compiled kernel runs for the inputs (`kernel_runs`); None: for inputs on the module's own device
+        and dtype (its anchors')."""
+        if kernel is None:
+            kernel = kernel_runs(self.anchors_HLd)
         return choose_path(seq_len, self.d_osc, causal=self.causal, mode=self.ode["mode"], p=self.p,
-                           return_weights=return_weights)
+                           return_weights=return_weights, kernel=kernel)
 
     def attention_flops_per_token(self, seq_len: int, d_model: int) -> float:
         """Forward matmul FLOPs of the mixing per token, for the path `oscillator_attention` takes,
@@ -619,7 +631,9 @@ class OscillatorAttention(SoftmaxAttention):
         T, H, d = seq_len, self.n_heads, self.d_osc
         K = d_model // H
         coupling = 2 * T * (d_model + H * d)
-        if self.path(T) != "linear":  # fused, dense and reference readouts: (T, T) products
+        # fused (kernel or not), dense and reference readouts alike: (T, T) products; kernel=False
+        # gives the same answer here without building the kernel
+        if self.path(T, kernel=False) != "linear":
             readout = 2 * T * (H * d + d_model)
         elif self.causal:
             readout = 2 * min(T, LINEAR_CHUNK) * H * (d + K) + 4 * H * d * K
