@@ -133,29 +133,28 @@ def main(argv=None) -> int:
         for title, fns in step_cases(tuple(args.d_osc), args.preset).items():
             times = interleaved_times(fns, repeats=args.rounds, warmup=2, device="cpu")
             print(f"training step, {title}, {args.rounds} rounds: median ms, x softmax's time")
-            for label, ts in times.items():
-                ratio = statistics.median(a / b for a, b in zip(ts, times["softmax"]))
-                line = f"  {label:<18} {1e3 * statistics.median(ts):8.2f} ms  {ratio:5.2f}x"
-                if label.endswith("default"):
-                    old = times[label.replace("default", "pytorch_only")]
-                    line += f"   default / pytorch_only {statistics.median(a / b for a, b in zip(ts, old)):.2f}"
-                print(line)
-            sys.stdout.flush()
+            _print_rows(times, "default", "pytorch_only")
         return 0
     for shape in args.shapes:
         T, D, H = (int(x) for x in shape.split(":"))
         times = interleaved_times(cases(args.batch, T, D, H, tuple(args.d_osc)), repeats=args.rounds, warmup=3,
                                   device="cpu")
         print(f"B {args.batch}, T {T}, D {D}, H {H}, {args.rounds} rounds: fwd+bwd, median ms and x fused softmax")
-        for label, ts in times.items():
-            ratio = statistics.median(a / b for a, b in zip(ts, times["softmax"]))
-            line = f"  {label:<22} {1e3 * statistics.median(ts):7.2f} ms  {ratio:5.2f}x"
-            if label.endswith("kernel"):
-                dense = times[label.replace("kernel", "dense")]
-                line += f"   kernel / dense {statistics.median(a / b for a, b in zip(ts, dense)):.2f}"
-            print(line)
-        sys.stdout.flush()
+        _print_rows(times, "kernel", "dense")
     return 0
+
+
+def _print_rows(times: dict[str, list[float]], new: str, old: str) -> None:
+    """One line per case: median ms, the median paired ratio to softmax, and for a `new` case the
+    median paired ratio to its `old` twin."""
+    for label, ts in times.items():
+        ratio = statistics.median(a / b for a, b in zip(ts, times["softmax"]))
+        line = f"  {label:<22} {1e3 * statistics.median(ts):8.2f} ms  {ratio:5.2f}x"
+        if label.endswith(new):
+            twin = times[label[: -len(new)] + old]
+            line += f"   {new} / {old} {statistics.median(a / b for a, b in zip(ts, twin)):.2f}"
+        print(line)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
