@@ -556,8 +556,12 @@ def _fill_design(cells: dict[str, dict[str, int]], slots: int, rows: list[dict[s
     for cell, state in outcome.values():
         counts = cells.setdefault(cell, {s: 0 for s in STATUS_KEYS})
         counts[state] = counts.get(state, 0) + 1
-    counts = cells.setdefault(DESIGN_CELL, {s: 0 for s in STATUS_KEYS})
     open_slots = max(0, slots - len(outcome))
+    if not open_slots:  # the design is spent: no row of zeros
+        if not any(cells.get(DESIGN_CELL, {}).values()):
+            cells.pop(DESIGN_CELL, None)
+        return
+    counts = cells.setdefault(DESIGN_CELL, {s: 0 for s in STATUS_KEYS})
     running = min(open_slots, len(started - outcome.keys() - known))
     counts["in_progress"] += running
     counts["pending"] += open_slots - running

@@ -249,7 +249,7 @@ def test_the_searcher_serves_the_design_and_settles_a_dead_drivers_trials(tmp_pa
     assert trial_counts(study) == {"completed": 10, "failed": 0, "missing": 0}
     opened = api.open_study(study.storage_uri())
     cells = api.status(opened)
-    assert cells["design"]["pending"] == 0 and cells["mqar/softmax"]["completed"] >= 2
+    assert "design" not in cells and cells["mqar/softmax"]["completed"] >= 2  # a spent design has no row of zeros
     assert sum(c["completed"] for c in cells.values()) == 10
     info = api.design(opened)
     assert [w["after_trials"] for w in info["widths"]] == [0, 4, 8, 10]  # start, then every batch of 4
