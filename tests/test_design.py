@@ -429,7 +429,7 @@ def test_a_plan_block_begun_before_a_restart_is_finished_after_it(tmp_path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from studies.design import ATTR, DesignSampler, ask
+    from studies.design import DesignSampler, ask
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = str(tmp_path / "design.log")
