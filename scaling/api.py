@@ -495,7 +495,9 @@ def status(study: StudyResults) -> dict[str, dict[str, int]]:
                 stages[stage] = stages.get(stage, 0) + 1
         planned = pa.table({"key": pa.array([t["key"] for t in keyed], pa.string()),
                             "cell": pa.array([t["cell"] for t in keyed], pa.string())})
-        cell_order = pc.unique(pa.array([t["cell"] for t in study.plan], pa.string())).to_pylist()
+        # the design's open slots get their row in _fill_design, only while there are some
+        cell_order = pc.unique(pa.array([t["cell"] for t in study.plan if t["cell"] != DESIGN_CELL],
+                                        pa.string())).to_pylist()
     else:
         planned = table.select(["key", "cell"])
         cell_order = pc.unique(planned.column("cell")).to_pylist()
@@ -558,8 +560,6 @@ def _fill_design(cells: dict[str, dict[str, int]], slots: int, rows: list[dict[s
         counts[state] = counts.get(state, 0) + 1
     open_slots = max(0, slots - len(outcome))
     if not open_slots:  # the design is spent: no row of zeros
-        if not any(cells.get(DESIGN_CELL, {}).values()):
-            cells.pop(DESIGN_CELL, None)
         return
     counts = cells.setdefault(DESIGN_CELL, {s: 0 for s in STATUS_KEYS})
     running = min(open_slots, len(started - outcome.keys() - known))

@@ -86,6 +86,16 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _write_temp_sibling(fs: pafs.FileSystem, path: str, data: bytes) -> str:
+    """`data` in a new temporary sibling of `path` (`<path>.tmp-XXXXXXXX`, which ledger readers
+    skip); returns its name. The caller renames or links it into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
+    return tmp
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write to a temporary sibling, then rename: readers never see a partial file.
 
@@ -93,10 +103,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """
     fs.create_dir(posixpath.dirname(path), recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
+        tmp = _write_temp_sibling(fs, path, data)
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as out:
@@ -114,10 +121,7 @@ def write_bytes_exclusive(fs: pafs.FileSystem, path: str, data: bytes, *, replac
     """
     fs.create_dir(posixpath.dirname(path), recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fault_point("fs.temp_written")  # a kill here leaves the temporary sibling behind
+        tmp = _write_temp_sibling(fs, path, data)
         try:
             try:
                 os.link(tmp, path)

@@ -62,20 +62,23 @@ def _holds_file_under(pid: str, dirs: tuple[str, ...]) -> bool:
     return False
 
 
-def _is_ray_process(pid: str) -> bool:
+def _ray_command(argv: list[str]) -> bool:
     """A Ray process by its command line: a `ray::...` title, a Ray binary (raylet, gcs_server), or a
     Python script of the ray package (workers, agents, monitors) -- not, say, a user's `tail -f` of
     one of the session's log files."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return False
     if not argv:
         return False
     if argv[0].startswith("ray::") or os.path.basename(argv[0]) in ("raylet", "gcs_server", "plasma_store"):
         return True
     return any(f"{os.sep}ray{os.sep}" in a and a.endswith(".py") for a in argv[1:4])
+
+
+def _is_ray_process(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return _ray_command([a.decode(errors="replace") for a in f.read().split(b"\0") if a])
+    except OSError:
+        return False
 
 
 def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: tuple[str, ...] = ()) -> list[int]:
@@ -105,10 +108,8 @@ def marked_processes(token: str, exclude: set[int] | None = None, session_dirs: 
         if proc.pid in exclude:
             continue
         try:
-            argv = proc.cmdline()
-            ray_like = bool(argv) and (argv[0].startswith("ray::") or os.path.basename(argv[0]) in ("raylet", "gcs_server")
-                                       or any(f"{os.sep}ray{os.sep}" in a and a.endswith(".py") for a in argv[1:4]))
-            if proc.environ().get(TOKEN_ENV) == token or (ray_like and any(_under(f.path, dirs) for f in proc.open_files())):
+            if proc.environ().get(TOKEN_ENV) == token or (
+                    _ray_command(proc.cmdline()) and any(_under(f.path, dirs) for f in proc.open_files())):
                 found.append(proc.pid)
         except (psutil.Error, OSError):
             continue

@@ -96,6 +96,17 @@ def write_synthetic_study(storage: pathlib.Path, *, C=2.0, alpha=0.7, base=3.0, 
     return storage
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and steady on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3-protocol server on 127.0.0.1 (one per test session), bucket `bkt`, with

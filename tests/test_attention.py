@@ -580,15 +580,6 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is faster, and steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 # ---- errors -------------------------------------------------------------------------------------
 

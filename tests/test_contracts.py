@@ -55,15 +55,6 @@ def cases(**kwargs):
     return pytest.mark.parametrize("variant", CASES, ids=IDS, indirect=True, **kwargs)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is faster, and steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(variant, causal: bool = True, rotary: bool = False):
     name, options = variant
     torch.manual_seed(0)

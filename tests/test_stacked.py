@@ -23,14 +23,6 @@ def small_spec(seed: int, **train):
                      train={**base.train, "batch_size": 8, "eval_batch_size": 16, **train})
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_dropout_masks_are_torch_dropout_from_the_same_generator():
     x = torch.randn(4, 7, 16)
     torch.manual_seed(5)

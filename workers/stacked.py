@@ -341,22 +341,18 @@ def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_che
     windows = [lifecycle.StepLog(hooks["log_every"], tokens_per_step=train["batch_size"] * seq_len) for _ in specs]
     latest: list[dict[str, Any]] = [{} for _ in specs]
     saved_at = [start_step]
-    synced = [False]
-
-    def save(s: int, step: int) -> None:
-        checkpoints[s].save({
-            "model": models[s].state_dict(), "optimizer": _seed_state(optimizer, params, s),
-            "sampler": orders[s].generator.get_state(), "dropout_rng": generators[s].get_state(),
-            "best": bests[s], "history": histories[s], "step": step, "pack": _pack_note(specs),
-        })
+    note = _pack_note(specs)
 
     def save_all(step: int) -> None:
         """Every live seed's checkpoint at `step` (a diverged seed keeps its last one)."""
-        if not synced[0]:
-            stacked.sync_to_models()
+        stacked.sync_to_models()
         for s in range(S):
             if active[s]:
-                save(s, step)
+                checkpoints[s].save({
+                    "model": models[s].state_dict(), "optimizer": _seed_state(optimizer, params, s),
+                    "sampler": orders[s].generator.get_state(), "dropout_rng": generators[s].get_state(),
+                    "best": bests[s], "history": histories[s], "step": step, "pack": note,
+                })
         policy.saved()
         saved_at[0] = step
 
@@ -368,7 +364,6 @@ def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_che
 
     with lifecycle.running_trainer(flush) as stop:
         for step in range(start_step, train["steps"]):
-            synced[0] = False
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, train)
             batches = [task.batch(train_split, orders[s].indices(step)) for s in range(S)]
@@ -422,7 +417,6 @@ def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_che
             evaluated = (step + 1) % train["eval_every_steps"] == 0 or last
             if evaluated:
                 stacked.sync_to_models()
-                synced[0] = True
                 for s in range(S):
                     if not active[s]:
                         continue
@@ -481,7 +475,7 @@ def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_che
         metrics["history"] = histories[s]
         metrics["data_fingerprint"] = prepared.fingerprint
         metrics["selected"] = train["select"]
-        metrics["pack"] = _pack_note(specs)
+        metrics["pack"] = note
         if reasons[s]:
             metrics["diverged_reason"] = reasons[s]
         if not keep_checkpoint:
