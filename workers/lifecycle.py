@@ -327,6 +327,34 @@ class TrialProgress:
             log.warning("progress file %s not removed (%s: %s)", self.path, type(error).__name__, error)
         self.flush_log()
 
+    # -- the trial's milestones (the same words for a trial run alone and for a seed of a pack)
+    def started(self, spec: Any, node_id: str | None, packed_with: list[int] | None = None) -> None:
+        self.say(f"start on {self.state['host']} (pid {os.getpid()}" + (f", Ray node {node_id}" if node_id else "")
+                 + f"): {spec.cell} seed {spec.seed} [{spec.stage}]"
+                 + (f", packed with seeds {packed_with}" if packed_with else ""))
+        self.update(force=True)
+
+    def training(self, start_step: int, total_steps: int, metric: str, params: tuple[int, int]) -> None:
+        total, non_embedding = params
+        self.say(("resumed from the checkpoint at step " if start_step else "training from step ")
+                 + f"{start_step} of {total_steps}; {total:,} parameters ({non_embedding:,} non-embedding)")
+        self.update(force=True, state="running", step=start_step, total_steps=total_steps, metric=metric,
+                    params_total=int(total), resumed_from_step=start_step)
+
+    def interrupted(self, step: int, reason: str) -> None:
+        self.say(f"interrupted at step {step} ({reason}); checkpoint saved, re-run the study to resume")
+        self.update(force=True, state="interrupted", step=step)
+
+    def failed(self, step: int, error: str) -> None:
+        self.say(f"failed at step {step}: {error}")
+        self.remove()
+
+    def finished(self, record: Any) -> None:
+        value = "none" if record.metric_value is None else f"{record.metric_value:.6g}"
+        self.say(f"finished: {record.status}, {record.metric_name or 'metric'} {value} at step {record.best_step} "
+                 f"after {record.steps} steps, {record.wall_seconds:.1f}s" + (f" ({record.error})" if record.error else ""))
+        self.remove()
+
     # -- the trial's log
     def say(self, text: str) -> None:
         self._pending.extend(f"{now_iso()} {line}" for line in text.rstrip("\n").splitlines())

@@ -33,7 +33,6 @@ rounding (the batched GEMMs sum in a different order; tests/test_stacked.py chec
 from __future__ import annotations
 
 import math
-import os
 import time
 import traceback
 from typing import Any, Callable
@@ -200,16 +199,13 @@ def run_pack(
                                                 "study": spec.study, "pack": seeds})
                   for spec in specs]
     for spec, progress in zip(specs, progresses):
-        progress.say(f"start on {progress.state['host']} (pid {os.getpid()}" + (f", Ray node {node_id}" if node_id else "")
-                     + f"): {spec.cell} seed {spec.seed} [{spec.stage}], packed with seeds {seeds}")
-        progress.update(force=True)
+        progress.started(spec, node_id, packed_with=seeds)
     hooks = {"report": report, "log": log, "on_start": on_start, "log_every": log_every,
              "checkpoint_every_s": checkpoint_every_s, "node_id": node_id}
 
     def interrupted(step: int, reason: str) -> None:
         for progress in progresses:
-            progress.say(f"interrupted at step {step} ({reason}); checkpoint saved, re-run the study to resume")
-            progress.update(force=True, state="interrupted", step=step)
+            progress.interrupted(step, reason)
 
     try:
         with lifecycle.sigterm_flush(), lifecycle.thread_log(progresses[0]):
@@ -230,16 +226,12 @@ def run_pack(
     except Exception as exc:  # noqa: BLE001 -- a failure is data
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         for progress, state in zip(progresses, states):
-            progress.say(f"failed at step {state['step']}: {error}")
-            progress.remove()
+            progress.failed(state["step"], error)
         return [_record(spec, state, "failed", None, {"pack": _pack_note(specs)}, None, started, t0, rid, error=error,
                         node_id=node_id)
                 for spec, state, rid in zip(specs, states, ids)]
     for progress, record in zip(progresses, records):
-        value = "none" if record.metric_value is None else f"{record.metric_value:.6g}"
-        progress.say(f"finished: {record.status}, {record.metric_name or 'metric'} {value} at step {record.best_step} "
-                     f"after {record.steps} steps, {record.wall_seconds:.1f}s" + (f" ({record.error})" if record.error else ""))
-        progress.remove()
+        progress.finished(record)
     return records
 
 
@@ -328,10 +320,7 @@ def _train_pack(specs, storage_uri, cache_uri, hooks, num_threads, ids, keep_che
     for s, progress in enumerate(progresses):
         if on_start:
             on_start(s, dict(info))
-        progress.say(("resumed from the checkpoint at step " if start_step else "training from step ")
-                     + f"{start_step} of {train['steps']}; {total:,} parameters ({non_embedding:,} non-embedding)")
-        progress.update(force=True, state="running", step=start_step, total_steps=train["steps"], metric=task.metric,
-                        params_total=int(total), resumed_from_step=start_step)
+        progress.training(start_step, train["steps"], task.metric, states[0]["params"])
 
     sign = 1 if task.lower_is_better else -1
     final = train["select"] == "final"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import socket
 import time
 import traceback
@@ -183,9 +182,7 @@ def run_trial(
         storage_uri, spec.key, node_id=node_id, every_seconds=progress_every_s,
         info={"cell": spec.cell, "stage": spec.stage, "seed": spec.seed, "study": spec.study})
     hooks = {"report": report, "log": log, "on_start": on_start}
-    progress.say(f"start on {progress.state['host']} (pid {os.getpid()}" + (f", Ray node {node_id}" if node_id else "")
-                 + f"): {spec.cell} seed {spec.seed} [{spec.stage}]")
-    progress.update(force=True)
+    progress.started(spec, node_id)
     try:
         with lifecycle.sigterm_flush(), lifecycle.thread_log(progress):
             record = _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_checkpoint, started,
@@ -196,22 +193,16 @@ def run_trial(
             progress.remove()
             raise
         stop = lifecycle.TrialInterrupted(state["step"], lifecycle.stop_reason())
-        progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
-        progress.update(force=True, state="interrupted", step=stop.step)
+        progress.interrupted(stop.step, stop.reason)
         raise stop from None
     except lifecycle.TrialInterrupted as stop:
-        progress.say(f"interrupted at step {stop.step} ({stop.reason}); checkpoint saved, re-run the study to resume")
-        progress.update(force=True, state="interrupted", step=stop.step)
+        progress.interrupted(stop.step, stop.reason)
         raise
     except Exception as exc:  # noqa: BLE001 -- a failure is data
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-        progress.say(f"failed at step {state['step']}: {error}")
-        progress.remove()
+        progress.failed(state["step"], error)
         return _record(spec, state, "failed", None, {}, None, started, t0, wandb_run_id, error=error, node_id=node_id)
-    value = "none" if record.metric_value is None else f"{record.metric_value:.6g}"
-    progress.say(f"finished: {record.status}, {record.metric_name or 'metric'} {value} at step {record.best_step} "
-                 f"after {record.steps} steps, {record.wall_seconds:.1f}s" + (f" ({record.error})" if record.error else ""))
-    progress.remove()
+    progress.finished(record)
     return record
 
 
@@ -274,10 +265,7 @@ def _train(spec, storage_uri, cache_uri, hooks, num_threads, wandb_run_id, keep_
             "resumed_from_step": start_step, "metric": task.metric, "lower_is_better": task.lower_is_better}
     if on_start:
         on_start(dict(info))
-    progress.say(("resumed from the checkpoint at step " if start_step else "training from step ")
-                 + f"{start_step} of {train['steps']}; {total:,} parameters ({non_embedding:,} non-embedding)")
-    progress.update(force=True, state="running", step=start_step, total_steps=train["steps"], metric=task.metric,
-                    params_total=int(total), resumed_from_step=start_step)
+    progress.training(start_step, train["steps"], task.metric, state["params"])
 
     sign = 1 if task.lower_is_better else -1
     final = train["select"] == "final"
